@@ -1,0 +1,204 @@
+"""The public functions: validate, pick the backend, call it.
+
+This is the only module that checks arguments and chooses a backend.  Every
+check runs before any computation, and running statistics are written only
+after the whole forward pass has succeeded, so a call that raises changes
+nothing.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from . import backends as _backends
+from ._layout import Layout, canonical_axis, make_layout
+
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _is_float_dtype(dtype) -> bool:
+    return getattr(dtype, "name", str(dtype)) in SUPPORTED_DTYPES
+
+
+def param_dtype_name(x_dtype) -> str:
+    """dtype of statistics and parameters for data of ``x_dtype``."""
+    return "float64" if getattr(x_dtype, "name", "") == "float64" else "float32"
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNormSaved:
+    """What :func:`batch_norm_backward` needs from the forward pass.
+
+    Fields:
+      x         the forward input itself (a reference, never a copy)
+      mean      per-channel mean used to centre x (batch mean in training,
+                running mean in inference), in the parameter dtype
+      mean_lo   the rounding residual of ``mean``: the mean is ``mean + mean_lo``
+                to twice the parameter precision (zeros when exact)
+      var       biased batch variance (training) or running variance (inference)
+      inv_std   ``1 / sqrt(var + eps)`` per channel
+      gamma     the scale array passed to the forward call, or None
+      beta      the shift array passed to the forward call, or None
+      training  True if batch statistics were used
+      axis      the non-negative channel axis
+      eps       the epsilon used
+      layout    the (outer, C, inner) mapping of x
+      backend   the backend object that ran the forward pass
+
+    The parameter dtype is float32 for float16/bfloat16/float32 data and
+    float64 for float64 data.
+    """
+
+    x: Any
+    mean: Any
+    mean_lo: Any
+    var: Any
+    inv_std: Any
+    gamma: Any
+    beta: Any
+    training: bool
+    axis: int
+    eps: float
+    layout: Layout
+    backend: Any
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+
+# ---- argument checks -------------------------------------------------------
+def _check_x(x):
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not hasattr(x, "shape"):
+        raise TypeError(f"x must be a NumPy or CuPy array, got {type(x).__name__}")
+    if not _is_float_dtype(dtype):
+        raise TypeError(f"x must have a floating dtype ({', '.join(SUPPORTED_DTYPES)}), got {dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}")
+    if x.size == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+
+
+def _check_vector(name, a, channels):
+    if a is None:
+        return
+    dtype = getattr(a, "dtype", None)
+    if dtype is None or not hasattr(a, "shape"):
+        raise TypeError(f"{name} must be an array of shape ({channels},), got {type(a).__name__}")
+    if not _is_float_dtype(dtype):
+        raise TypeError(f"{name} must have a floating dtype, got {dtype}")
+    if tuple(a.shape) != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), got {tuple(a.shape)}")
+
+
+def _check_real(name, value, ok, expected):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
+
+
+def _check_writable(name, a):
+    flags = getattr(a, "flags", None)
+    if flags is not None and not getattr(flags, "writeable", True):
+        raise ValueError(f"{name} must be writeable: it is updated in place in training mode")
+
+
+# ---- public functions ------------------------------------------------------
+def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
+               training=True, momentum=0.1, eps=1e-5, axis=1, backend=None):
+    """Batch Normalization of ``x`` over every axis except ``axis``.
+
+    Returns ``(y, saved)``; ``y`` has x's shape, dtype and memory layout, and
+    ``saved`` (a :class:`BatchNormSaved`) is the input of
+    :func:`batch_norm_backward`.
+
+    training=True normalises with the batch mean and biased variance and, if
+    running_mean/running_var are given, updates them in place:
+    ``new = (1 - momentum) * old + momentum * batch`` with the unbiased batch
+    variance ``var * m / (m - 1)``.  training=False normalises with the running
+    statistics, which are then required.
+    """
+    named = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
+    be = _backends.backend_for(named, backend)
+    _check_x(x)
+    ax = canonical_axis(axis, x.ndim)
+    channels = x.shape[ax]
+    for name in ("gamma", "beta", "running_mean", "running_var"):
+        _check_vector(name, named[name], channels)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    eps = _check_real("eps", eps, lambda v: v > 0, "a finite number > 0")
+    momentum = _check_real("momentum", momentum, lambda v: 0 <= v <= 1, "in [0, 1]")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    layout = make_layout(x.shape, x.strides, ax)
+    if training:
+        if layout.count < 2:
+            raise ValueError(
+                f"training needs at least 2 values per channel to estimate a variance; x of shape "
+                f"{tuple(x.shape)} has {layout.count} per channel (axis={ax}); use training=False")
+        if running_mean is not None:
+            _check_writable("running_mean", running_mean)
+            _check_writable("running_var", running_var)
+    elif running_mean is None:
+        raise ValueError("training=False needs running_mean and running_var")
+
+    xp = be.xp
+    x3 = layout.to3d(x, xp)
+    pdt = param_dtype_name(x.dtype)
+    if training:
+        y3, mean_hi, mean_lo, var, inv_std = be.forward_train(x3, gamma, beta, eps)
+        if running_mean is not None:
+            m = layout.count
+            mean = xp.asarray(mean_hi, "float64") + xp.asarray(mean_lo, "float64")
+            new_mean = (1.0 - momentum) * xp.asarray(running_mean, "float64") + momentum * mean
+            new_var = (1.0 - momentum) * xp.asarray(running_var, "float64") + momentum * var * (m / (m - 1))
+            running_mean[...] = new_mean.astype(running_mean.dtype)
+            running_var[...] = new_var.astype(running_var.dtype)
+        var = xp.asarray(var).astype(pdt)
+    else:
+        y3, inv_std = be.forward_infer(x3, gamma, beta, running_mean, running_var, eps)
+        mean64 = xp.asarray(running_mean, "float64")
+        mean_hi = mean64.astype(pdt)
+        mean_lo = (mean64 - mean_hi).astype(pdt)
+        var = xp.asarray(running_var).astype(pdt)
+    saved = BatchNormSaved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma,
+                           beta=beta, training=training, axis=ax, eps=eps, layout=layout,
+                           backend=be)
+    return layout.from3d(y3, xp), saved
+
+
+def batch_norm_backward(dy, saved, *, backend=None):
+    """Gradients of Batch Normalization: returns ``(dx, dgamma, dbeta)``.
+
+    In training mode dx includes the paths through the batch mean and
+    variance (the paper's formulas); in inference mode the statistics are
+    constants and ``dx = dy * gamma * inv_std``.  dgamma/dbeta are None when
+    gamma/beta were None in the forward call.
+    """
+    if not isinstance(saved, BatchNormSaved):
+        raise TypeError(f"saved must be the BatchNormSaved returned by batch_norm, got {type(saved).__name__}")
+    be = backend if backend is not None else saved.backend
+    _backends.backend_for({"dy": dy, "x (saved)": saved.x}, be)
+    if tuple(dy.shape) != tuple(saved.x.shape):
+        raise ValueError(f"dy must have the shape of x, {tuple(saved.x.shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != saved.x.dtype:
+        raise TypeError(f"dy must have the dtype of x, {saved.x.dtype}, got {dy.dtype}")
+    xp = be.xp
+    layout = saved.layout
+    dx3, dgamma, dbeta = be.backward(layout.to3d(dy, xp), layout.to3d(saved.x, xp), saved.mean,
+                                     saved.mean_lo, saved.inv_std, saved.gamma, saved.training)
+    # the gradients have their parameter's dtype
+    dgamma = None if saved.gamma is None else xp.asarray(dgamma).astype(saved.gamma.dtype)
+    dbeta = None if saved.beta is None else xp.asarray(dbeta).astype(saved.beta.dtype)
+    return layout.from3d(dx3, xp), dgamma, dbeta
