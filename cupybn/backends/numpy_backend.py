@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -45,6 +46,8 @@ GROUP = 16
 # Shortest inner loop wanted for elementwise work in the rows family.
 MIN_LOOP = 1024
 SAMPLE_PER_AXIS = 64
+# Memory-bound loops stop scaling after a few cores.
+MAX_DEFAULT_THREADS = 8
 # |mean * scale| up to which x is scaled before it is centred (see _offset_is_small).
 FUSE_LIMIT = 1.0
 
@@ -162,6 +165,12 @@ def _column_dots(a, b):
     return total.reshape(kc, inner).sum(axis=1)
 
 
+# A forked child inherits each backend's pool object but not its threads.
+_LIVE_BACKENDS: weakref.WeakSet = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: [b._forget_pool() for b in list(_LIVE_BACKENDS)])
+
+
 class NumpyBackend:
     """Batch Normalization on NumPy arrays.
 
@@ -174,13 +183,19 @@ class NumpyBackend:
 
     def __init__(self, threads: int | None = None):
         if threads is None:
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if not isinstance(threads, int) or threads < 1:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = min(cores, MAX_DEFAULT_THREADS)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.threads = threads
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._local = threading.local()
+        _LIVE_BACKENDS.add(self)
+
+    def _forget_pool(self) -> None:
+        self._pool = None
+        self._pool_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"NumpyBackend(threads={self.threads})"
@@ -224,7 +239,7 @@ class NumpyBackend:
     def _channel_sums(self, plan, fn, C):
         """Run ``fn(block) -> (s1, s2)`` over the blocks; add up per channel in block order."""
         s1, s2 = np.zeros(C), np.zeros(C)
-        for (_, c, _), (p1, p2) in zip(plan.blocks, self._map(fn, plan.blocks)):
+        for (_, c, _), (p1, p2) in zip(plan.blocks, self._map(fn, plan.blocks), strict=True):
             s1[c] += p1
             s2[c] += p2
         return s1, s2
