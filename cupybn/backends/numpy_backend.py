@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ._float16 import narrow_to_half, widen_half
+
 # Blocks of about 256 Ki values keep a block of x, dy and a scratch buffer in a
 # 1 MiB L2 cache while amortising Python's per-call overhead.
 BLOCK_VALUES = 1 << 18
@@ -104,11 +106,10 @@ class _Plan:
                 out.append((cols, np.tile(cols, self.fuse_rows)))
         return out
 
-    def operands(self, blk, arrays, coefficients):
-        """Block views of ``arrays`` (shaped like x3) and the matching
+    def operands(self, blk, views, coefficients):
+        """Block views (x3[blk] and arrays shaped like it) and the matching
         coefficient operands, reshaped alike for elementwise work."""
-        o, c, i = blk
-        views = [a[o, c, i] for a in arrays]
+        _, c, _ = blk
         if self.planar:
             n = views[0].shape[2]
             return views, [k[c, :n] if self.use_planes else k[c] for k in coefficients]
@@ -219,7 +220,7 @@ class NumpyBackend:
         return [res for f in futures for res in f.result()]
 
     def _scratch(self, slot: int, shape, dtype):
-        """Per-thread reusable buffer (two slots), grown on demand."""
+        """Per-thread reusable buffer, one per (slot, dtype), grown on demand."""
         cache = self._local.__dict__.setdefault("buffers", {})
         n = math.prod(shape)
         key = (slot, np.dtype(dtype))
@@ -229,12 +230,36 @@ class NumpyBackend:
         return buf[:n].reshape(shape)
 
     def _widen(self, slot, a, cdt):
-        """A block in the compute dtype (a scratch copy only for narrow types)."""
+        """A block in the compute dtype: ``a`` itself, or a widened scratch copy.
+
+        NumPy's own float16 -> float32 cast is slow and mixed-dtype ufuncs
+        slower still, so narrow blocks are widened once, by table look-up
+        (float16) or a bit shift (bfloat16), and all arithmetic is float32.
+        """
         if a.dtype == cdt:
             return a
         buf = self._scratch(slot, a.shape, cdt)
-        np.copyto(buf, a, casting="unsafe")
+        if a.dtype == np.float16:
+            widen_half(a, buf)
+        elif a.dtype.name == "bfloat16":
+            np.left_shift(a.view(np.uint16), 16, out=buf.view(np.uint32), dtype=np.uint32)
+        else:
+            np.copyto(buf, a, casting="unsafe")
         return buf
+
+    def _result(self, slot, out, cdt):
+        """Where to compute a block of ``out``: ``out`` itself if it has the
+        compute dtype, else a scratch buffer for :meth:`_store`."""
+        return out if out.dtype == cdt else self._scratch(slot, out.shape, cdt)
+
+    def _store(self, out, res):
+        """Write a block computed by :meth:`_result` into ``out``."""
+        if res is out:
+            return
+        if out.dtype == np.float16:
+            narrow_to_half(res, out, self._scratch(5, res.shape, np.uint32), self._scratch(6, res.shape, np.uint32))
+        else:
+            np.copyto(out, res, casting="unsafe")
 
     def _channel_sums(self, plan, fn, C):
         """Run ``fn(block) -> (s1, s2)`` over the blocks; add up per channel in block order."""
@@ -244,6 +269,13 @@ class NumpyBackend:
             s2[c] += p2
         return s1, s2
 
+    def _centred(self, plan, b, xw, kcentre, cdt):
+        """``xw - centre`` for a widened block, as a scratch array shaped like xw."""
+        (xv,), (kb,) = plan.operands(b, [xw], [kcentre])
+        d = self._scratch(1, xv.shape, cdt)
+        np.subtract(xv, kb, out=d)
+        return d.reshape(xw.shape)
+
     # ---- statistics -------------------------------------------------------------
     def _shifted_sums(self, x3, plan, shift, cdt):
         """Per channel float64 ``sum(x - shift)`` and ``sum((x - shift)**2)``."""
@@ -251,13 +283,8 @@ class NumpyBackend:
         unshifted = not shift.any()
 
         def block(b):
-            if unshifted:
-                d = self._widen(0, x3[b], cdt)
-            else:
-                (xb,), (kb,) = plan.operands(b, [x3], [k])
-                d = self._scratch(0, xb.shape, cdt)
-                np.subtract(xb, kb, out=d, casting="unsafe")
-                d = d.reshape(x3[b].shape)
+            xw = self._widen(0, x3[b], cdt)
+            d = xw if unshifted else self._centred(plan, b, xw, k, cdt)
             return plan.dots(d), plan.dots(d, d)
 
         return self._channel_sums(plan, block, x3.shape[1])
@@ -310,14 +337,17 @@ class NumpyBackend:
         ks = plan.expand([scale, shift] + ([] if centre is None else [centre]), cdt)
 
         def block(b):
-            (xb, yb), (kscale, kshift, *kcentre) = plan.operands(b, [x3, y3], ks)
-            d = self._scratch(0, xb.shape, cdt)
+            xw = self._widen(0, x3[b], cdt)
+            res = self._result(2, y3[b], cdt)
+            (xv, rv), (kscale, kshift, *kcentre) = plan.operands(b, [xw, res], ks)
+            d = self._scratch(1, xv.shape, cdt)
             if kcentre:
-                np.subtract(xb, kcentre[0], out=d, casting="unsafe")
+                np.subtract(xv, kcentre[0], out=d)
                 np.multiply(d, kscale, out=d)
             else:
-                np.multiply(xb, kscale, out=d, casting="unsafe")
-            np.add(d, kshift, out=yb, casting="unsafe")
+                np.multiply(xv, kscale, out=d)
+            np.add(d, kshift, out=rv)
+            self._store(y3[b], res)
 
         self._map(block, plan.blocks)
         return y3
@@ -371,15 +401,10 @@ class NumpyBackend:
         (kcentre,) = plan.expand([centre], cdt)
 
         def sums(b):
-            dyb = self._widen(1, dy3[b], cdt)
-            if centred:
-                (xb,), (kb,) = plan.operands(b, [x3], [kcentre])
-                d = self._scratch(0, xb.shape, cdt)
-                np.subtract(xb, kb, out=d, casting="unsafe")
-                d = d.reshape(dyb.shape)
-            else:
-                d = self._widen(0, x3[b], cdt)
-            return plan.dots(dyb), plan.dots(dyb, d)
+            dyw = self._widen(3, dy3[b], cdt)
+            xw = self._widen(0, x3[b], cdt)
+            d = self._centred(plan, b, xw, kcentre, cdt) if centred else xw
+            return plan.dots(dyw), plan.dots(dyw, d)
 
         dbeta, sdyx = self._channel_sums(plan, sums, C)
         # sum(dy * (x - mean)) from sum(dy * (x - centre))
@@ -390,8 +415,11 @@ class NumpyBackend:
             (ka,) = plan.expand([a], cdt)
 
             def scale_only(b):
-                (dyb, dxb), (kab,) = plan.operands(b, [dy3, dx3], [ka])
-                np.multiply(dyb, kab, out=dxb, casting="unsafe")
+                dyw = self._widen(3, dy3[b], cdt)
+                res = self._result(2, dx3[b], cdt)
+                (dyv, rv), (kab,) = plan.operands(b, [dyw, res], [ka])
+                np.multiply(dyv, kab, out=rv)
+                self._store(dx3[b], res)
 
             self._map(scale_only, plan.blocks)
             return dx3, dgamma, dbeta
@@ -401,17 +429,21 @@ class NumpyBackend:
         ks = plan.expand([a, b, c0] + ([centre] if centred else []), cdt)
 
         def elementwise(blk):
-            (xb, dyb, dxb), (ka, kb, kc, *kcen) = plan.operands(blk, [x3, dy3, dx3], ks)
-            d = self._scratch(0, xb.shape, cdt)
-            t = self._scratch(1, xb.shape, cdt)
+            xw = self._widen(0, x3[blk], cdt)
+            dyw = self._widen(3, dy3[blk], cdt)
+            res = self._result(2, dx3[blk], cdt)
+            (xv, dyv, rv), (ka, kb, kc, *kcen) = plan.operands(blk, [xw, dyw, res], ks)
+            d = self._scratch(1, xv.shape, cdt)
+            t = self._scratch(4, xv.shape, cdt)
             if kcen:
-                np.subtract(xb, kcen[0], out=d, casting="unsafe")
+                np.subtract(xv, kcen[0], out=d)
                 np.multiply(d, kb, out=d)
             else:
-                np.multiply(xb, kb, out=d, casting="unsafe")
-            np.multiply(dyb, ka, out=t, casting="unsafe")
+                np.multiply(xv, kb, out=d)
+            np.multiply(dyv, ka, out=t)
             np.add(t, d, out=t)
-            np.add(t, kc, out=dxb, casting="unsafe")
+            np.add(t, kc, out=rv)
+            self._store(dx3[blk], res)
 
         self._map(elementwise, plan.blocks)
         return dx3, dgamma, dbeta
