@@ -23,6 +23,7 @@ Numerics, in one place:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -57,6 +58,18 @@ FUSE_LIMIT = 1.0
 def compute_dtype(dtype) -> np.dtype:
     """Arithmetic dtype for data of ``dtype``: float64 stays, the rest is float32."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _quiet(method):
+    """NaN and Inf in the data propagate to the results without warnings or
+    FloatingPointError, whatever the caller's ``np.seterr``."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 class _Plan:
@@ -207,8 +220,14 @@ class NumpyBackend:
     # ---- plumbing -------------------------------------------------------
     def _map(self, fn, blocks):
         """Run ``fn`` over ``blocks``; results come back in block order."""
+
+        def run(chunk):
+            # NumPy's error state is per thread: NaN/Inf propagate silently here too.
+            with np.errstate(all="ignore"):
+                return [fn(b) for b in chunk]
+
         if self.threads == 1 or len(blocks) == 1:
-            return [fn(b) for b in blocks]
+            return run(blocks)
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cupybn")
@@ -216,7 +235,7 @@ class NumpyBackend:
         # scheduling overhead off the hot path.
         per = -(-len(blocks) // self.threads)
         ranges = [blocks[k:k + per] for k in range(0, len(blocks), per)]
-        futures = [self._pool.submit(lambda r: [fn(b) for b in r], r) for r in ranges]
+        futures = [self._pool.submit(run, r) for r in ranges]
         return [res for f in futures for res in f.result()]
 
     def _scratch(self, slot: int, shape, dtype):
@@ -362,6 +381,7 @@ class NumpyBackend:
         return self.affine(x3, mean_hi, scale, shift - np.asarray(mean_lo, np.float64) * scale, x3.dtype)
 
     # ---- the three operations -------------------------------------------------
+    @_quiet
     def forward_train(self, x3, gamma, beta, eps):
         """Training forward pass.
 
@@ -373,6 +393,7 @@ class NumpyBackend:
         y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta)
         return y3, mean_hi, mean_lo, var, inv_std.astype(mean_hi.dtype)
 
+    @_quiet
     def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
         """Inference forward pass with the running statistics; returns ``y3, inv_std``."""
         cdt = compute_dtype(x3.dtype)
@@ -382,6 +403,7 @@ class NumpyBackend:
         y3 = self._normalize(x3, mean_hi, mean - mean_hi, inv_std, gamma, beta)
         return y3, inv_std.astype(cdt)
 
+    @_quiet
     def backward(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, training):
         """Gradients for the (outer, C, inner) view; returns ``dx3, dgamma, dbeta``.
 
