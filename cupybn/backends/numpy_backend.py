@@ -23,6 +23,8 @@ Numerics, in one place:
 """
 from __future__ import annotations
 
+import collections
+import ctypes
 import functools
 import math
 import os
@@ -45,10 +47,10 @@ MAX_BLOCK_INNER = 4096
 # GROUP rows of a column (rows layout) before they are added up in float64.
 # Longer float32 runs lose up to 1e-6 relative on quantised data (large offsets).
 RUN = 256
-GROUP = 16
+GROUP = 64
 # Shortest inner loop wanted for elementwise work in the rows family.
 MIN_LOOP = 1024
-SAMPLE_PER_AXIS = 64
+SAMPLE_PER_AXIS = 32
 # Memory-bound loops stop scaling after a few cores.
 MAX_DEFAULT_THREADS = 8
 # |mean * scale| up to which x is scaled before it is centred (see _offset_is_small).
@@ -133,9 +135,10 @@ class _Plan:
         cols = slice(c.start * inner, c.stop * inner)
         return [v.reshape(ko, -1) for v in views], [k[cols] for k, _ in coefficients]
 
-    def dots(self, a, b=None):
-        """float64 per-channel ``sum(a * b)`` (``sum(a)`` if b is None) of a block."""
-        return _row_dots(a, b) if self.planar else _column_dots(a, b)
+    def dots(self, a, b=None, products=None):
+        """float64 per-channel ``sum(a * b)`` (``sum(a)`` if b is None) of a block;
+        the rows family needs a scratch array ``products`` shaped like ``a``."""
+        return _row_dots(a, b) if self.planar else _column_dots(a, b, products)
 
 
 def _row_dots(a, b):
@@ -156,27 +159,78 @@ def _row_dots(a, b):
     return total
 
 
-def _column_dots(a, b):
+def _column_dots(a, b, products):
     """float64 per-channel ``sum(a * b)`` of (ko, kc, inner) blocks, down columns.
 
-    ``b=None`` sums ``a``.  float32 sums run over GROUP rows, the groups in float64.
+    ``b=None`` sums ``a``; otherwise the products go to the scratch array
+    ``products`` first.  Each GROUP rows are summed by a BLAS matrix-vector
+    product with a vector of ones (several float32 accumulators per column:
+    faster and closer than a row-by-row sum), the groups in float64.
     """
     ko, kc, inner = a.shape
     a2 = a.reshape(ko, kc * inner)
-    b2 = None if b is None else b.reshape(ko, kc * inner)
+    if b is not None:
+        a2 = np.multiply(a2, b.reshape(a2.shape), out=products.reshape(a2.shape))
     full = ko - ko % GROUP
     total = np.zeros(kc * inner)
-    for lo, hi in ((0, full), (full, ko)):
-        if hi == lo:
-            continue
-        ag = a2[lo:hi].reshape(-1, min(GROUP, hi - lo), kc * inner)
-        if b2 is None:
-            part = ag.sum(axis=1)
-        else:
-            bg = b2[lo:hi].reshape(ag.shape)
-            part = np.einsum("grc,grc->gc", ag, bg)
-        total += part.sum(axis=0, dtype=np.float64)
+    if full:
+        total += np.matmul(np.ones(GROUP, a2.dtype), a2[:full].reshape(-1, GROUP, a2.shape[1])).sum(
+            axis=0, dtype=np.float64)
+    if full < ko:
+        total += np.matmul(np.ones(ko - full, a2.dtype), a2[full:])
     return total.reshape(kc, inner).sum(axis=1)
+
+
+class _OutputCache:
+    """Recycles the memory of large outputs (y, dx) once the caller drops them.
+
+    A fresh 64 MB array costs about as much again as writing it: the kernel
+    zeroes every page on first touch and may stall to assemble huge pages.
+    Training loops allocate outputs of the same sizes on every step, so the
+    buffer behind each output comes back here when the last array using it
+    is garbage collected; at most ``limit`` idle bytes are kept.
+    """
+
+    min_bytes = 1 << 20
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._idle: dict[int, list[np.ndarray]] = {}
+        self._idle_bytes = 0
+        self._returned: collections.deque = collections.deque()  # appended by finalizers, lock-free
+        self._lock = threading.Lock()
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < self.min_bytes or self.limit <= 0:
+            return np.empty(shape, dtype)
+        with self._lock:
+            self._take_returned()
+            stack = self._idle.get(nbytes)
+            raw = stack.pop() if stack else None
+            if raw is not None:
+                self._idle_bytes -= nbytes
+        if raw is None:
+            raw = np.empty(nbytes, np.uint8)
+        # NumPy collapses chains of array views, so the object whose lifetime
+        # marks "no array uses this memory any more" must not be an ndarray.
+        owner = (ctypes.c_char * nbytes).from_buffer(raw)
+        weakref.finalize(owner, self._returned.append, raw).atexit = False
+        return np.frombuffer(owner, dtype).reshape(shape)
+
+    def _take_returned(self) -> None:
+        while self._returned:
+            raw = self._returned.popleft()
+            if self._idle_bytes + raw.nbytes <= self.limit:
+                self._idle.setdefault(raw.nbytes, []).append(raw)
+                self._idle_bytes += raw.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._returned.clear()
+            self._idle.clear()
+            self._idle_bytes = 0
 
 
 # A forked child inherits each backend's pool object but not its threads.
@@ -189,13 +243,16 @@ class NumpyBackend:
     """Batch Normalization on NumPy arrays.
 
     ``threads`` is the number of worker threads (default: the cores this
-    process may use).  Results are bit-identical for any number of threads.
+    process may use, at most 8).  Results are bit-identical for any number of
+    threads.  ``output_cache_bytes`` bounds the idle memory kept to recycle
+    large outputs (see :class:`_OutputCache`); 0 turns recycling off, and
+    :meth:`clear_cache` releases what is kept.
     """
 
     name = "numpy"
     xp = np
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None = None, output_cache_bytes: int = 1 << 30):
         if threads is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             threads = min(cores, MAX_DEFAULT_THREADS)
@@ -205,6 +262,7 @@ class NumpyBackend:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._local = threading.local()
+        self._outputs = _OutputCache(output_cache_bytes)
         _LIVE_BACKENDS.add(self)
 
     def _forget_pool(self) -> None:
@@ -212,7 +270,11 @@ class NumpyBackend:
         self._pool_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"NumpyBackend(threads={self.threads})"
+        return f"NumpyBackend(threads={self.threads}, output_cache_bytes={self._outputs.limit})"
+
+    def clear_cache(self) -> None:
+        """Release the idle output buffers kept for recycling."""
+        self._outputs.clear()
 
     def owns(self, a) -> bool:
         return isinstance(a, (np.ndarray, np.generic))
@@ -304,17 +366,22 @@ class NumpyBackend:
         def block(b):
             xw = self._widen(0, x3[b], cdt)
             d = xw if unshifted else self._centred(plan, b, xw, k, cdt)
-            return plan.dots(d), plan.dots(d, d)
+            return plan.dots(d), plan.dots(d, d, self._scratch(2, d.shape, cdt))
 
         return self._channel_sums(plan, block, x3.shape[1])
 
     @staticmethod
     def _sample_moments(x3):
-        """float64 mean and variance of an evenly strided sample of each channel."""
+        """Mean and variance of an evenly strided sample of each channel.
+
+        Only a guess for the shift, so float32 is plenty; the copy makes the
+        sample contiguous, which is faster than reducing the strided view.
+        """
         outer, _, inner = x3.shape
         sample = x3[:: -(-outer // SAMPLE_PER_AXIS), :, :: -(-inner // SAMPLE_PER_AXIS)]
-        mean = sample.mean(axis=(0, 2), dtype=np.float64)
-        var = sample.var(axis=(0, 2), dtype=np.float64)
+        sample = np.ascontiguousarray(sample.transpose(1, 0, 2), dtype=np.float32).reshape(x3.shape[1], -1)
+        mean = sample.mean(axis=1, dtype=np.float64)
+        var = np.square(sample - mean[:, None].astype(np.float32)).mean(axis=1, dtype=np.float64)
         return mean, var
 
     def batch_stats(self, x3):
@@ -352,7 +419,7 @@ class NumpyBackend:
         when centre is None), computed in the compute dtype."""
         cdt = compute_dtype(x3.dtype)
         plan = _Plan(x3.shape)
-        y3 = np.empty(x3.shape, out_dtype)
+        y3 = self._outputs.empty(x3.shape, out_dtype)
         ks = plan.expand([scale, shift] + ([] if centre is None else [centre]), cdt)
 
         def block(b):
@@ -426,13 +493,13 @@ class NumpyBackend:
             dyw = self._widen(3, dy3[b], cdt)
             xw = self._widen(0, x3[b], cdt)
             d = self._centred(plan, b, xw, kcentre, cdt) if centred else xw
-            return plan.dots(dyw), plan.dots(dyw, d)
+            return plan.dots(dyw), plan.dots(dyw, d, self._scratch(2, d.shape, cdt))
 
         dbeta, sdyx = self._channel_sums(plan, sums, C)
         # sum(dy * (x - mean)) from sum(dy * (x - centre))
         dgamma = inv * (sdyx - (mean - centre) * dbeta)
         a = inv if gamma is None else inv * np.asarray(gamma, np.float64)
-        dx3 = np.empty(x3.shape, dy3.dtype)
+        dx3 = self._outputs.empty(x3.shape, dy3.dtype)
         if not training:
             (ka,) = plan.expand([a], cdt)
 
