@@ -1,0 +1,156 @@
+"""Command line: ``python -m cupybn <command>``.
+
+``compare`` times cupybn's NumPy backend against the textbook NumPy code and
+PyTorch (when installed) on one case and checks each against float64.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from . import _textbook as textbook
+from .api import batch_norm, batch_norm_backward, param_dtype_name
+
+DEFAULT_SHAPE = (64, 64, 32, 32)
+QUICK_SHAPE = (16, 32, 16, 16)
+EPS = 1e-5
+
+
+def _median_ms(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up: thread pool and scratch buffers
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _rel_err(v, ref) -> float:
+    """max over elements of |v - ref| / max(1, |ref|)."""
+    v = np.asarray(v, dtype=np.float64)
+    return float(np.max(np.abs(v - ref) / np.maximum(1.0, np.abs(ref))))
+
+
+# Each implementation is a pair of closures over one case:
+#   forward() -> (y as a NumPy array in x's layout, state for backward)
+#   backward(state) -> dx as a NumPy array
+# (torch results are turned into NumPy views, which costs nothing.)
+def _cupybn(x, dy, gamma, beta, axis):
+    def forward():
+        return batch_norm(x, gamma, beta, eps=EPS, axis=axis)
+
+    def backward(saved):
+        return batch_norm_backward(dy, saved)[0]
+
+    return forward, backward
+
+
+def _textbook(x, dy, gamma, beta, axis):
+    def forward():
+        return textbook.forward_train(x, gamma, beta, eps=EPS, axis=axis)
+
+    def backward(cache):
+        return textbook.backward(dy, cache)[0]
+
+    return forward, backward
+
+
+def _torch(x, dy, gamma, beta, axis):
+    import torch  # optional: only this implementation needs it
+
+    # channel axis moved to position 1: a channels-last array stays channels-last in memory
+    xt, dyt = torch.from_numpy(x).movedim(axis, 1).requires_grad_(), torch.from_numpy(dy).movedim(axis, 1)
+    wt, bt = torch.from_numpy(gamma).requires_grad_(), torch.from_numpy(beta).requires_grad_()
+
+    def forward():
+        y = torch.nn.functional.batch_norm(xt, None, None, wt, bt, training=True, eps=EPS)
+        return y.detach().movedim(1, axis).numpy(), y
+
+    def backward(y):
+        return torch.autograd.grad(y, (xt, wt, bt), dyt, retain_graph=True)[0].movedim(1, axis).numpy()
+
+    return forward, backward
+
+
+def _compare(args: argparse.Namespace) -> int:
+    shape = tuple(args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE))
+    repeat = args.repeat or (3 if args.quick else 10)
+    if len(shape) < 2 or min(shape) < 1 or repeat < 1:
+        args.error("--shape needs at least 2 positive dimensions (batch, channel, ...) and --repeat must be >= 1")
+    rng = np.random.default_rng(0)
+    x = (args.offset + rng.standard_normal(shape)).astype(args.dtype)
+    dy = rng.standard_normal(shape).astype(args.dtype)
+    axis = 1
+    if args.layout == "nhwc":
+        x, dy, axis = np.ascontiguousarray(np.moveaxis(x, 1, -1)), np.ascontiguousarray(np.moveaxis(dy, 1, -1)), -1
+    channels = shape[1]
+    pdt = param_dtype_name(x.dtype)
+    gamma = (1 + 0.1 * rng.standard_normal(channels)).astype(pdt)
+    beta = (0.1 * rng.standard_normal(channels)).astype(pdt)
+
+    # reference: the same rounded inputs, computed in float64
+    y_ref, cache = textbook.forward_train(x.astype(np.float64), gamma.astype(np.float64),
+                                          beta.astype(np.float64), eps=EPS, axis=axis)
+    dx_ref = textbook.backward(dy.astype(np.float64), cache)[0]
+
+    impls: list[tuple[str, Callable | None]] = [("cupybn (numpy)", _cupybn), ("textbook numpy", _textbook)]
+    try:
+        import torch
+        impls.append((f"torch {torch.__version__}", _torch))
+    except ImportError:
+        impls.append(("torch: not installed", None))
+
+    print(f"x {shape} {x.dtype} {args.layout}, offset {args.offset:g}; median of {repeat} runs")
+    print(f"{'implementation':<22}{'forward ms':>12}{'backward ms':>13}{'err y':>11}{'err dx':>11}")
+    for name, make in impls:
+        if make is None:
+            print(name)
+            continue
+        forward, backward = make(x, dy, gamma, beta, axis)
+        y, state = forward()
+        t_fwd = _median_ms(forward, repeat)
+        t_bwd = _median_ms(functools.partial(backward, state), repeat)
+        print(f"{name:<22}{t_fwd:>12.3f}{t_bwd:>13.3f}{_rel_err(y, y_ref):>11.1e}"
+              f"{_rel_err(backward(state), dx_ref):>11.1e}")
+    print("err: max over elements of |v - v64| / max(1, |v64|), v64 computed in float64")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cupybn", description="cupybn command-line tools")
+    commands = parser.add_subparsers(dest="command", metavar="command")
+
+    compare = commands.add_parser(
+        "compare", help="time and check cupybn against textbook NumPy and torch",
+        description="Training-mode forward and backward on one array: median times, and errors "
+                    "against a float64 computation.")
+    compare.add_argument("--shape", type=int, nargs="+", metavar="DIM",
+                         help=f"shape in N C ... order (default {' '.join(map(str, DEFAULT_SHAPE))})")
+    compare.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw",
+                         help="memory layout: nhwc stores channels last (axis=-1)")
+    compare.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32")
+    compare.add_argument("--offset", type=float, default=0.0, help="x = offset + N(0, 1)")
+    compare.add_argument("--repeat", type=int, help="timed runs per measurement (default 10, 3 with --quick)")
+    compare.add_argument("--quick", action="store_true",
+                         help=f"small default shape {' '.join(map(str, QUICK_SHAPE))} and few runs")
+    compare.set_defaults(func=_compare, error=compare.error)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
