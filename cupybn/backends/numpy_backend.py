@@ -426,12 +426,7 @@ class NumpyBackend:
             xw = self._widen(0, x3[b], cdt)
             res = self._result(2, y3[b], cdt)
             (xv, rv), (kscale, kshift, *kcentre) = plan.operands(b, [xw, res], ks)
-            d = self._scratch(1, xv.shape, cdt)
-            if kcentre:
-                np.subtract(xv, kcentre[0], out=d)
-                np.multiply(d, kscale, out=d)
-            else:
-                np.multiply(xv, kscale, out=d)
+            d = _scaled(xv, kscale, kcentre[0] if kcentre else None, self._scratch(1, xv.shape, cdt))
             np.add(d, kshift, out=rv)
             self._store(y3[b], res)
 
@@ -522,13 +517,8 @@ class NumpyBackend:
             dyw = self._widen(3, dy3[blk], cdt)
             res = self._result(2, dx3[blk], cdt)
             (xv, dyv, rv), (ka, kb, kc, *kcen) = plan.operands(blk, [xw, dyw, res], ks)
-            d = self._scratch(1, xv.shape, cdt)
+            d = _scaled(xv, kb, kcen[0] if kcen else None, self._scratch(1, xv.shape, cdt))
             t = self._scratch(4, xv.shape, cdt)
-            if kcen:
-                np.subtract(xv, kcen[0], out=d)
-                np.multiply(d, kb, out=d)
-            else:
-                np.multiply(xv, kb, out=d)
             np.multiply(dyv, ka, out=t)
             np.add(t, d, out=t)
             np.add(t, kc, out=rv)
@@ -536,6 +526,14 @@ class NumpyBackend:
 
         self._map(elementwise, plan.blocks)
         return dx3, dgamma, dbeta
+
+
+def _scaled(x, scale, centre, out):
+    """``out = (x - centre) * scale``, or ``x * scale`` when centre is None."""
+    if centre is None:
+        return np.multiply(x, scale, out=out)
+    np.subtract(x, centre, out=out)
+    return np.multiply(out, scale, out=out)
 
 
 def _offset_is_small(mean, scale) -> bool:
