@@ -19,7 +19,10 @@ SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def _is_float_dtype(dtype) -> bool:
-    return getattr(dtype, "name", str(dtype)) in SUPPORTED_DTYPES
+    kind = getattr(dtype, "kind", None)
+    if kind == "f":  # float16/32/64, not longdouble
+        return dtype.itemsize <= 8
+    return kind == "V" and dtype.name == "bfloat16"  # ml_dtypes registers bfloat16 as kind "V"
 
 
 def param_dtype_name(x_dtype) -> str:

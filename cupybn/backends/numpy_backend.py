@@ -99,8 +99,9 @@ class _Plan:
             kc = min(channels, max(1, BLOCK_VALUES // inner))
             ko = min(outer, max(GROUP, BLOCK_VALUES // (kc * inner) // GROUP * GROUP))
             row = channels * inner
-            # rows fused per elementwise row: a power of two dividing GROUP
-            self.fuse_rows = 1 << max(0, min(GROUP.bit_length() - 1, (MIN_LOOP // row).bit_length() - 1))
+            # rows fused per elementwise row: a power of two dividing the block
+            fuse = 1 << max(0, min(GROUP.bit_length() - 1, (MIN_LOOP // row).bit_length() - 1))
+            self.fuse_rows = fuse if kc == channels and ko % fuse == 0 else 1
         self.ki = ki
         self.blocks = [
             (slice(o, min(o + ko, outer)), slice(c, min(c + kc, channels)), slice(i, min(i + ki, inner)))
@@ -118,7 +119,7 @@ class _Plan:
                 out.append(np.repeat(v, self.ki).reshape(-1, self.ki) if self.use_planes else v[:, None])
             else:
                 cols = np.repeat(v, self.inner)
-                out.append((cols, np.tile(cols, self.fuse_rows)))
+                out.append((cols, np.tile(cols, self.fuse_rows) if self.fuse_rows > 1 else None))
         return out
 
     def operands(self, blk, views, coefficients):
@@ -139,6 +140,12 @@ class _Plan:
         """float64 per-channel ``sum(a * b)`` (``sum(a)`` if b is None) of a block;
         the rows family needs a scratch array ``products`` shaped like ``a``."""
         return _row_dots(a, b) if self.planar else _column_dots(a, b, products)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(shape3) -> _Plan:
+    """Plans are pure functions of the shape; training loops repeat shapes."""
+    return _Plan(shape3)
 
 
 def _row_dots(a, b):
@@ -391,7 +398,7 @@ class NumpyBackend:
         about twice the compute precision, var is float64.
         """
         cdt = compute_dtype(x3.dtype)
-        plan = _Plan(x3.shape)
+        plan = _plan(x3.shape)
         m = x3.shape[0] * x3.shape[2]
         guess, spread = self._sample_moments(x3)
         # Shift by the sample mean unless the data are already near zero, where
@@ -418,7 +425,7 @@ class NumpyBackend:
         """``y = (x - centre) * scale + shift`` per channel (``x * scale + shift``
         when centre is None), computed in the compute dtype."""
         cdt = compute_dtype(x3.dtype)
-        plan = _Plan(x3.shape)
+        plan = _plan(x3.shape)
         y3 = self._outputs.empty(x3.shape, out_dtype)
         ks = plan.expand([scale, shift] + ([] if centre is None else [centre]), cdt)
 
@@ -474,7 +481,7 @@ class NumpyBackend:
         ``dx = a*dy + b*(x - mean) + c`` per channel.
         """
         cdt = compute_dtype(x3.dtype)
-        plan = _Plan(x3.shape)
+        plan = _plan(x3.shape)
         C = x3.shape[1]
         m = x3.shape[0] * x3.shape[2]
         inv = np.asarray(inv_std, np.float64)
