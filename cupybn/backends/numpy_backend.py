@@ -48,8 +48,10 @@ MAX_BLOCK_INNER = 4096
 # Longer float32 runs lose up to 1e-6 relative on quantised data (large offsets).
 RUN = 256
 GROUP = 64
-# Shortest inner loop wanted for elementwise work in the rows family.
-MIN_LOOP = 1024
+# Elementwise work meets per-channel coefficients tiled to at least about this
+# many values where it can: NumPy loops that broadcast a short operand over
+# many rows are up to 3x slower than loops over long rows.
+MIN_LOOP = 1 << 15
 SAMPLE_PER_AXIS = 32
 # Memory-bound loops stop scaling after a few cores.
 MAX_DEFAULT_THREADS = 8
@@ -79,8 +81,8 @@ class _Plan:
     how per-channel coefficients are laid over a block.
 
     NumPy's loops run fastest when every operand has long contiguous rows, so
-    coefficients are expanded once per call: to (C, inner-run) planes in the
-    planar family, to repeated rows of C*inner columns in the rows family.
+    coefficients are expanded once per call to tiles that match whole blocks
+    row for row.
     """
 
     def __init__(self, shape3):
@@ -92,17 +94,20 @@ class _Plan:
             ki = -(-inner // runs)
             kc = min(channels, max(1, BLOCK_VALUES // ki))
             ko = min(outer, max(1, BLOCK_VALUES // (ki * kc)))
-            # planes pay off when several block rows reuse them
-            self.use_planes = ko > 1 and channels * ki <= BLOCK_VALUES
         else:
             ki = inner
             kc = min(channels, max(1, BLOCK_VALUES // inner))
             ko = min(outer, max(GROUP, BLOCK_VALUES // (kc * inner) // GROUP * GROUP))
-            row = channels * inner
-            # rows fused per elementwise row: a power of two dividing the block
-            fuse = 1 << max(0, min(GROUP.bit_length() - 1, (MIN_LOOP // row).bit_length() - 1))
-            self.fuse_rows = fuse if kc == channels and ko % fuse == 0 else 1
         self.ki = ki
+        # Blocks of whole (C, inner) rows are contiguous: they are cut into
+        # rows of `fuse` outer indices (a power of two dividing the block),
+        # long enough for NumPy's inner loop, and meet coefficient tiles of
+        # that length.
+        self.fuse = 0
+        if kc == channels and ki == inner:
+            self.fuse = 1
+            while 2 * self.fuse * channels * inner <= MIN_LOOP and ko % (2 * self.fuse) == 0:
+                self.fuse *= 2
         self.blocks = [
             (slice(o, min(o + ko, outer)), slice(c, min(c + kc, channels)), slice(i, min(i + ki, inner)))
             for c in range(0, channels, kc)
@@ -111,30 +116,26 @@ class _Plan:
         ]
 
     def expand(self, vectors, dtype):
-        """Per-channel vectors, laid out for :meth:`operands`."""
+        """Per-channel vectors, laid out for :meth:`operands`: each as a pair
+        (tile for whole-row blocks, per-channel form for the others)."""
         out = []
         for v in vectors:
             v = np.asarray(v, dtype)
-            if self.planar:
-                out.append(np.repeat(v, self.ki).reshape(-1, self.ki) if self.use_planes else v[:, None])
-            else:
-                cols = np.repeat(v, self.inner)
-                out.append((cols, np.tile(cols, self.fuse_rows) if self.fuse_rows > 1 else None))
+            tile = np.tile(np.repeat(v, self.inner), self.fuse) if self.fuse else None
+            out.append((tile, v[:, None] if self.planar else np.repeat(v, self.inner)))
         return out
 
     def operands(self, blk, views, coefficients):
         """Block views (x3[blk] and arrays shaped like it) and the matching
         coefficient operands, reshaped alike for elementwise work."""
         _, c, _ = blk
+        ko = views[0].shape[0]
+        if self.fuse and ko % self.fuse == 0 and all(v.flags.c_contiguous for v in views):
+            return [v.reshape(ko // self.fuse, -1) for v in views], [tile for tile, _ in coefficients]
         if self.planar:
-            n = views[0].shape[2]
-            return views, [k[c, :n] if self.use_planes else k[c] for k in coefficients]
-        ko, kc, inner = views[0].shape
-        g = self.fuse_rows
-        if g > 1 and kc == self.channels and ko % g == 0 and all(v.flags.c_contiguous for v in views):
-            return [v.reshape(ko // g, -1) for v in views], [tiled for _, tiled in coefficients]
-        cols = slice(c.start * inner, c.stop * inner)
-        return [v.reshape(ko, -1) for v in views], [k[cols] for k, _ in coefficients]
+            return views, [k[c] for _, k in coefficients]
+        cols = slice(c.start * self.inner, c.stop * self.inner)
+        return [v.reshape(ko, -1) for v in views], [k[cols] for _, k in coefficients]
 
     def dots(self, a, b=None, products=None):
         """float64 per-channel ``sum(a * b)`` (``sum(a)`` if b is None) of a block;
