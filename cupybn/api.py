@@ -200,7 +200,7 @@ def batch_norm_backward(dy, saved, *, backend=None):
     xp = be.xp
     layout = saved.layout
     dx3, dgamma, dbeta = be.backward(layout.to3d(dy, xp), layout.to3d(saved.x, xp), saved.mean,
-                                     saved.mean_lo, saved.inv_std, saved.gamma, saved.training)
+                                     saved.mean_lo, saved.var, saved.inv_std, saved.gamma, saved.training)
     # the gradients have their parameter's dtype
     dgamma = None if saved.gamma is None else xp.asarray(dgamma).astype(saved.gamma.dtype)
     dbeta = None if saved.beta is None else xp.asarray(dbeta).astype(saved.beta.dtype)

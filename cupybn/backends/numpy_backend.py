@@ -409,16 +409,17 @@ class NumpyBackend:
             s1, s2 = self._shifted_sums(x3, plan, shift, cdt)
             offset = s1 / m
             var = np.maximum(s2 / m - offset * offset, 0.0)
-            mean = shift + offset
-            new_shift = mean.astype(cdt)
+            # the mean is shift + offset; its leading part in the compute dtype
+            mean_hi = (shift + offset).astype(cdt)
             # E[d]^2 > var means the shift was far from the mean and the
             # difference above cancelled: repeat once, centred on the mean.
-            retry = (offset * offset > var) & (new_shift != shift)
+            retry = (offset * offset > var) & (mean_hi != shift)
             if attempt or not retry.any():
                 break
-            shift = new_shift
-        mean_hi = mean.astype(cdt)
-        mean_lo = (mean - mean_hi).astype(cdt)
+            shift = mean_hi
+        # shift - mean_hi is exact (Sterbenz) when they are close, so mean_lo
+        # carries what mean_hi misses, for float64 data as for float32.
+        mean_lo = ((shift.astype(np.float64) - mean_hi) + offset).astype(cdt)
         return mean_hi, mean_lo, var
 
     # ---- elementwise ----------------------------------------------------------
@@ -441,12 +442,16 @@ class NumpyBackend:
         self._map(block, plan.blocks)
         return y3
 
-    def _normalize(self, x3, mean_hi, mean_lo, inv_std, gamma, beta):
-        """``y = (x - mean) * inv_std * gamma + beta`` without losing the offset."""
+    def _normalize(self, x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=True):
+        """``y = (x - mean) * inv_std * gamma + beta`` without losing the offset.
+
+        ``may_fuse=False`` keeps the centred form, which makes ``y == beta``
+        exactly for a constant channel.
+        """
         mean = np.asarray(mean_hi, np.float64) + np.asarray(mean_lo, np.float64)
         scale = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
         shift = np.zeros_like(scale) if beta is None else np.asarray(beta, np.float64)
-        if _offset_is_small(mean, scale):
+        if may_fuse and _offset_is_small(mean, scale):
             return self.affine(x3, None, scale, shift - mean * scale, x3.dtype)
         return self.affine(x3, mean_hi, scale, shift - np.asarray(mean_lo, np.float64) * scale, x3.dtype)
 
@@ -460,7 +465,7 @@ class NumpyBackend:
         """
         mean_hi, mean_lo, var = self.batch_stats(x3)
         inv_std = 1.0 / np.sqrt(var + eps)
-        y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta)
+        y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=bool(np.all(var > 0)))
         return y3, mean_hi, mean_lo, var, inv_std.astype(mean_hi.dtype)
 
     @_quiet
@@ -474,7 +479,7 @@ class NumpyBackend:
         return y3, inv_std.astype(cdt)
 
     @_quiet
-    def backward(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, training):
+    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training):
         """Gradients for the (outer, C, inner) view; returns ``dx3, dgamma, dbeta``.
 
         dgamma/dbeta are float64 ``sum(dy * x_hat)`` and ``sum(dy)``; in
@@ -486,21 +491,22 @@ class NumpyBackend:
         C = x3.shape[1]
         m = x3.shape[0] * x3.shape[2]
         inv = np.asarray(inv_std, np.float64)
-        mean = np.asarray(mean_hi, np.float64) + np.asarray(mean_lo, np.float64)
-        # Centre x before multiplying only where the offset would cost bits.
-        centred = not _offset_is_small(mean, inv)
-        centre = np.asarray(mean_hi, np.float64) if centred else np.zeros(C)
-        (kcentre,) = plan.expand([centre], cdt)
+        hi, lo = np.asarray(mean_hi, np.float64), np.asarray(mean_lo, np.float64)
+        # sum(dy * x) - mean * sum(dy) cancels by |mean| / std (not
+        # |mean| * inv_std, which eps bounds): centre x unless mean^2 <= var
+        # in training; in inference the data's spread is unknown, so always.
+        unshifted = not hi.any() or (training and bool(np.all((hi + lo) ** 2 <= np.asarray(var, np.float64))))
+        (kcentre,) = plan.expand([hi], cdt)
 
         def sums(b):
             dyw = self._widen(3, dy3[b], cdt)
             xw = self._widen(0, x3[b], cdt)
-            d = self._centred(plan, b, xw, kcentre, cdt) if centred else xw
+            d = xw if unshifted else self._centred(plan, b, xw, kcentre, cdt)
             return plan.dots(dyw), plan.dots(dyw, d, self._scratch(2, d.shape, cdt))
 
         dbeta, sdyx = self._channel_sums(plan, sums, C)
         # sum(dy * (x - mean)) from sum(dy * (x - centre))
-        dgamma = inv * (sdyx - (mean - centre) * dbeta)
+        dgamma = inv * (sdyx - (hi + lo if unshifted else lo) * dbeta)
         a = inv if gamma is None else inv * np.asarray(gamma, np.float64)
         dx3 = self._outputs.empty(x3.shape, dy3.dtype)
         if not training:
@@ -517,8 +523,10 @@ class NumpyBackend:
             return dx3, dgamma, dbeta
         # dx = a * (dy - dbeta/m - x_hat * dgamma/m), x_hat = (x - mean) * inv
         b = -a * inv * dgamma / m
-        c0 = -a * dbeta / m - b * (mean - centre)
-        ks = plan.expand([a, b, c0] + ([centre] if centred else []), cdt)
+        # Centre x before multiplying by b only where the offset would cost bits.
+        centred = not _offset_is_small(hi + lo, inv)
+        c0 = -a * dbeta / m - b * (lo if centred else hi + lo)
+        ks = plan.expand([a, b, c0] + ([hi] if centred else []), cdt)
 
         def elementwise(blk):
             xw = self._widen(0, x3[blk], cdt)
