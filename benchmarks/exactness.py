@@ -17,41 +17,15 @@ import platform
 import numpy as np
 
 import cupybn
+from cupybn.testing import batch_norm_errors, reference_backward, reference_forward
 
 OFFSETS = (0.0, 1e2, 1e4, 1e6)
 
 
-def reference(x, gamma, beta, dy, axis, eps):
-    """Textbook BN forward and backward in float64 (two-pass variance)."""
-    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    axes = tuple(a for a in range(x.ndim) if a != axis)
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    m = x.size // x.shape[axis]
-    mean = x64.mean(axes, keepdims=True)
-    mean = mean + (x64 - mean).mean(axes, keepdims=True)  # one refinement step
-    var = ((x64 - mean) ** 2).mean(axes, keepdims=True)
-    inv = 1.0 / np.sqrt(var + eps)
-    x_hat = (x64 - mean) * inv
-    g = gamma.astype(np.float64).reshape(shape)
-    y = x_hat * g + beta.astype(np.float64).reshape(shape)
-    dbeta = dy64.sum(axes)
-    dgamma = (dy64 * x_hat).sum(axes)
-    dx = g * inv * (dy64 - dbeta.reshape(shape) / m - x_hat * dgamma.reshape(shape) / m)
-    return y, var.ravel(), dx, dgamma, dbeta
-
-
-def _norm_rel(a, ref):
-    return float(np.linalg.norm((np.asarray(a, np.float64) - ref).ravel()) / np.linalg.norm(ref.ravel()))
-
-
-def errors(y, var, dx, dgamma, dbeta, ref):
-    y_ref, var_ref, dx_ref, dg_ref, db_ref = ref
-    out = {"y": float(np.max(np.abs(y.astype(np.float64) - y_ref) / np.maximum(1.0, np.abs(y_ref))))}
-    if var is not None:
-        out["var"] = float(np.max(np.abs(np.asarray(var, np.float64) - var_ref) / var_ref))
-    out.update(dx=_norm_rel(dx, dx_ref), dgamma=_norm_rel(dgamma, dg_ref), dbeta=_norm_rel(dbeta, db_ref))
-    return out
+def errors(y, var, dx, dgamma, dbeta, x, gamma, beta, dy, axis, eps):
+    ref = reference_forward(x, gamma, beta, axis=axis, eps=eps)
+    ref_grads = reference_backward(dy, ref, gamma, axis=axis)
+    return batch_norm_errors(y, var, (dx, dgamma, dbeta), ref, ref_grads)
 
 
 def run_cupybn(x, gamma, beta, dy, axis, eps):
@@ -102,12 +76,12 @@ def main(argv=None):
             dy = rng.standard_normal(shape).astype(np.float32)
             gamma = rng.normal(1.0, 0.5, channels).astype(np.float32)
             beta = rng.normal(0.0, 1.0, channels).astype(np.float32)
-            ref = reference(x, gamma, beta, dy, axis, eps)
+            inputs = (x, gamma, beta, dy, axis, eps)
             rows.append({"impl": "cupybn", "layout": layout, "offset": offset,
-                         **errors(*run_cupybn(x, gamma, beta, dy, axis, eps), ref)})
+                         **errors(*run_cupybn(*inputs), *inputs)})
             if torch is not None and layout != "2-D":
                 rows.append({"impl": f"torch {torch.__version__}", "layout": layout, "offset": offset,
-                             **errors(*run_torch(torch, x, gamma, beta, dy, axis, eps), ref)})
+                             **errors(*run_torch(torch, *inputs), *inputs)})
     print(f"shape {tuple(args.shape)} float32, errors against float64 on the same inputs")
     print("| impl | layout | offset | y | var | dx | dgamma | dbeta |")
     print("|---|---|---|---|---|---|---|---|")
