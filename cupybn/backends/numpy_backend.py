@@ -402,9 +402,16 @@ class NumpyBackend:
         plan = _plan(x3.shape)
         m = x3.shape[0] * x3.shape[2]
         guess, spread = self._sample_moments(x3)
+
+        def on_grid(v):
+            # A shift that is a value of x's own dtype keeps x - shift exact and
+            # as short as the data: coarse data (float16 far from zero) then
+            # have exactly representable squares and exact float32 sums.
+            return np.asarray(v).astype(x3.dtype).astype(cdt)
+
         # Shift by the sample mean unless the data are already near zero, where
         # the shift would cost a pass and change nothing.
-        shift = np.where(guess * guess <= spread, 0.0, guess).astype(cdt)
+        shift = on_grid(np.where(guess * guess <= spread, 0.0, guess))
         for attempt in range(2):
             s1, s2 = self._shifted_sums(x3, plan, shift, cdt)
             offset = s1 / m
@@ -413,10 +420,11 @@ class NumpyBackend:
             mean_hi = (shift + offset).astype(cdt)
             # E[d]^2 > var means the shift was far from the mean and the
             # difference above cancelled: repeat once, centred on the mean.
-            retry = (offset * offset > var) & (mean_hi != shift)
+            new_shift = on_grid(mean_hi)
+            retry = (offset * offset > var) & (new_shift != shift)
             if attempt or not retry.any():
                 break
-            shift = mean_hi
+            shift = new_shift
         # shift - mean_hi is exact (Sterbenz) when they are close, so mean_lo
         # carries what mean_hi misses, for float64 data as for float32.
         mean_lo = ((shift.astype(np.float64) - mean_hi) + offset).astype(cdt)
