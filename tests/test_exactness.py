@@ -94,7 +94,7 @@ def test_many_blocks_match_reference(backend, tiny_blocks, inputs):
 REALISTIC = [
     pytest.param((16, 8, 32, 32), id="16x8x32x32"),
     pytest.param((32, 16, 32, 32), id="32x16x32x32"),   # more than one block of 2**18 values
-    pytest.param((2, 3, 80, 80), id="2x3x80x80"),        # inner 6400 > 4096: rows split into runs
+    pytest.param((2, 3, 80, 80), id="2x3x80x80"),        # inner 6400: rows summed in many runs
     pytest.param((5000, 3), id="5000x3"),                # 2-D, N > 4096
     pytest.param((70000, 4), id="70000x4"),              # 2-D, more than one block
     pytest.param((2048, 8, 2), id="2048x8x2"),           # inner of 2

@@ -41,8 +41,8 @@ from ._float16 import narrow_to_half, widen_half
 BLOCK_VALUES = 1 << 18
 # Rows shorter than this are handled as columns of a 2-D (rows, C*inner) block.
 MIN_PLANAR_INNER = 64
-# Planar blocks span at most this many values of a row.
-MAX_BLOCK_INNER = 4096
+# Planar blocks span at most this many values of a row (sums still run over RUN).
+MAX_BLOCK_INNER = BLOCK_VALUES
 # float32 partial sums run over at most RUN values of a row (planar) or
 # GROUP rows of a column (rows layout) before they are added up in float64.
 # Longer float32 runs lose up to 1e-6 relative on quantised data (large offsets).
