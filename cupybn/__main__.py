@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from . import _demo_cli
 from . import _textbook as textbook
 from .api import batch_norm, batch_norm_backward, param_dtype_name
 
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quick", action="store_true",
                          help=f"small default shape {' '.join(map(str, QUICK_SHAPE))} and few runs")
     compare.set_defaults(func=_compare, error=compare.error)
+    _demo_cli.add_parser(commands)
     return parser
 
 

@@ -1,0 +1,251 @@
+"""The paper's MNIST experiment (Ioffe & Szegedy 2015, Figure 1), small enough for a CPU.
+
+Two fully connected networks with three sigmoid hidden layers of 100 units
+start from the same weights and see the same minibatches; one normalises every
+hidden layer's input with :class:`cupybn.BatchNorm` before the nonlinearity.
+We record held-out accuracy (the BN network in inference mode, with its
+running statistics) and the 15th, 50th and 85th percentiles of the input to one
+sigmoid of the last hidden layer over a fixed held-out batch.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .layer import BatchNorm
+
+HIDDEN = (100, 100, 100)
+PERCENTILES = (15, 50, 85)
+
+
+class DataError(ValueError):
+    """A data file or folder that is missing or not in the expected format."""
+
+
+@dataclass
+class Dataset:
+    x_train: np.ndarray  # (n, features) float32 in [0, 1]
+    y_train: np.ndarray  # (n,) int64 labels 0..9
+    x_test: np.ndarray
+    y_test: np.ndarray
+    name: str
+
+
+# ---- data ----------------------------------------------------------------------
+def load_digits(seed: int = 0, held_out: int = 300) -> Dataset:
+    """scikit-learn's 8x8 digits (shipped inside the package: no download),
+    with a seeded held-out split."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits  # noqa: PLC0415
+    except ImportError as exc:
+        raise DataError("the bundled data set needs scikit-learn: pip install 'cupybn[demo]'") from exc
+    bunch = sk_load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    test, train = order[:held_out], order[held_out:]
+    return Dataset(x[train], y[train], x[test], y[test], "sklearn digits 8x8")
+
+
+_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read as an IDX file ({exc})") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes with {ndim} dimension(s)")
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim))
+    if len(raw) != header + int(np.prod(dims)):
+        raise DataError(f"{path}: header says shape {dims}, but the file holds {len(raw) - header} bytes of data")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def load_mnist(path) -> Dataset:
+    """MNIST from a folder with the four IDX files (gzipped or not) or an .npz
+    with x_train, y_train, x_test, y_test."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"--data {path}: no such file or folder (expected a folder with the four MNIST IDX "
+                        f"files or an .npz with x_train, y_train, x_test, y_test)")
+    if path.is_dir():
+        arrays = {}
+        for key, stem in _IDX_FILES.items():
+            found = [path / (stem + ext) for ext in ("", ".gz") if (path / (stem + ext)).is_file()]
+            if not found:
+                raise DataError(f"--data {path}: missing {stem} (or {stem}.gz)")
+            arrays[key] = _read_idx(found[0], 3 if key.startswith("x") else 1)
+    else:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                missing = [k for k in _IDX_FILES if k not in npz.files]
+                if missing:
+                    raise DataError(f"--data {path}: the .npz lacks {', '.join(missing)}")
+                arrays = {k: npz[k] for k in _IDX_FILES}
+        except DataError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise DataError(f"--data {path}: not a readable .npz file ({exc})") from exc
+    for part in ("train", "test"):
+        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        if len(x) != len(y) or len(x) == 0:
+            raise DataError(f"--data {path}: x_{part} has {len(x)} images but y_{part} has {len(y)} labels")
+        if y.min() < 0 or y.max() > 9:
+            raise DataError(f"--data {path}: y_{part} labels must be 0..9")
+    scale = 255.0 if arrays["x_train"].dtype == np.uint8 else 1.0
+
+    def flat(a):
+        return (a.reshape(len(a), -1) / scale).astype(np.float32)
+
+    return Dataset(flat(arrays["x_train"]), arrays["y_train"].astype(np.int64),
+                   flat(arrays["x_test"]), arrays["y_test"].astype(np.int64), f"MNIST from {path}")
+
+
+# ---- the networks ---------------------------------------------------------------
+def _sigmoid(u):
+    return 0.5 * (np.tanh(0.5 * u) + 1.0)  # no overflow for large |u|
+
+
+@dataclass
+class Network:
+    """Fully connected: 3 sigmoid hidden layers, softmax output, optional BN."""
+
+    weights: list
+    biases: list
+    norms: list = field(default_factory=list)  # one BatchNorm per hidden layer, or empty
+
+    @classmethod
+    def initial(cls, features: int, rng, with_bn: bool, backend=None) -> Network:
+        sizes = (features, *HIDDEN, 10)
+        # small random Gaussian weights, as in the paper
+        weights = [rng.normal(0.0, 1.0 / np.sqrt(n_in), (n_in, n_out)).astype(np.float32)
+                   for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
+        biases = [np.zeros(n, np.float32) for n in sizes[1:]]
+        norms = [BatchNorm(n, backend=backend) for n in HIDDEN] if with_bn else []
+        return cls(weights, biases, norms)
+
+    def copy_weights_from(self, other: Network) -> None:
+        self.weights = [w.copy() for w in other.weights]
+        self.biases = [b.copy() for b in other.biases]
+
+    def train(self, mode: bool) -> None:
+        for bn in self.norms:
+            bn.train(mode)
+
+    def forward(self, x):
+        """Logits and, per hidden layer, (input h, sigmoid input u, activation)."""
+        cache = []
+        h = x
+        for k, (w, b) in enumerate(zip(self.weights[:-1], self.biases[:-1], strict=True)):
+            u = h @ w + b
+            if self.norms:
+                u = self.norms[k](u)
+            a = _sigmoid(u)
+            cache.append((h, u, a))
+            h = a
+        return h @ self.weights[-1] + self.biases[-1], cache
+
+    def sgd_step(self, x, labels, lr: float) -> float:
+        logits, cache = self.forward(x)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        n = len(x)
+        loss = float(-np.log(p[np.arange(n), labels] + 1e-12).mean())
+        g = p
+        g[np.arange(n), labels] -= 1.0
+        g /= n
+        grads_w = [cache[-1][2].T @ g]
+        grads_b = [g.sum(axis=0)]
+        g = g @ self.weights[-1].T
+        for k in range(len(cache) - 1, -1, -1):
+            h, _, a = cache[k]
+            g = g * a * (1.0 - a)  # through the sigmoid
+            if self.norms:
+                bn = self.norms[k]
+                g = bn.backward(g)
+                bn.gamma -= lr * bn.grad_gamma
+                bn.beta -= lr * bn.grad_beta
+            grads_w.insert(0, h.T @ g)
+            grads_b.insert(0, g.sum(axis=0))
+            g = g @ self.weights[k].T
+        for w, b, gw, gb in zip(self.weights, self.biases, grads_w, grads_b, strict=True):
+            w -= lr * gw
+            b -= lr * gb
+        return loss
+
+    def evaluate(self, x, labels, probe):
+        """Held-out accuracy and the percentiles of the probed sigmoid input
+        (inference mode: BN uses its running statistics)."""
+        self.train(False)
+        try:
+            logits, _ = self.forward(x)
+            _, cache = self.forward(probe)
+        finally:
+            self.train(True)
+        accuracy = float((logits.argmax(axis=1) == labels).mean())
+        return accuracy, np.percentile(cache[-1][1][:, 0], PERCENTILES)
+
+
+@dataclass
+class Curves:
+    steps: list = field(default_factory=list)
+    accuracy: dict = field(default_factory=lambda: {"plain": [], "bn": []})
+    percentiles: dict = field(default_factory=lambda: {"plain": [], "bn": []})
+
+
+def run(data: Dataset, *, steps: int, batch_size: int = 60, lr: float = 0.5, seed: int = 0,
+        eval_every: int | None = None, probe_size: int = 256, backend=None, progress=None) -> Curves:
+    """Train both networks side by side; ``progress(step)`` is called as it goes."""
+    rng = np.random.default_rng(seed)
+    features = data.x_train.shape[1]
+    plain = Network.initial(features, rng, with_bn=False)
+    bn = Network.initial(features, rng, with_bn=True, backend=backend)
+    bn.copy_weights_from(plain)
+    probe = data.x_test[:probe_size]
+    eval_every = eval_every or max(1, steps // 100)
+    curves = Curves()
+    order = np.empty(0, np.int64)
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            curves.steps.append(step)
+            for name, net in (("plain", plain), ("bn", bn)):
+                acc, pct = net.evaluate(data.x_test, data.y_test, probe)
+                curves.accuracy[name].append(acc)
+                curves.percentiles[name].append([float(v) for v in pct])
+        if step == steps:
+            break
+        if len(order) < batch_size:  # reshuffle each epoch; both networks see the same batches
+            order = np.concatenate([order, rng.permutation(len(data.x_train))])
+        idx, order = order[:batch_size], order[batch_size:]
+        x, y = data.x_train[idx], data.y_train[idx]
+        plain.sgd_step(x, y, lr)
+        bn.sgd_step(x, y, lr)
+        if progress is not None:
+            progress(step + 1)
+    return curves
+
+
+def steps_to_reach(curves: Curves, name: str, fraction: float = 0.95) -> int:
+    """First recorded step at which held-out accuracy reaches ``fraction`` of its final value."""
+    acc = curves.accuracy[name]
+    goal = fraction * acc[-1]
+    return next(s for s, a in zip(curves.steps, acc, strict=True) if a >= goal)
+
+
+def default_out_dir() -> str:
+    return os.path.join(os.getcwd(), "cupybn-demo")
