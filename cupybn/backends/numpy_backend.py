@@ -98,7 +98,6 @@ class _Plan:
             ki = inner
             kc = min(channels, max(1, BLOCK_VALUES // inner))
             ko = min(outer, max(GROUP, BLOCK_VALUES // (kc * inner) // GROUP * GROUP))
-        self.ki = ki
         # Blocks of whole (C, inner) rows are contiguous: they are cut into
         # rows of `fuse` outer indices (a power of two dividing the block),
         # long enough for NumPy's inner loop, and meet coefficient tiles of
