@@ -1,0 +1,85 @@
+"""Registry of the CUDA kernel sources that cupybn compiles.
+
+Every ``.cu`` file in this directory is listed in :data:`PACKAGE_SOURCES`, once
+per set of template instantiations (``name_expressions``) and compile options
+it is built with.  Two consumers read this one list:
+
+* the CuPy backend, which must build its ``cupy.RawModule`` objects from these
+  very entries (``code=entry.path.read_text()``,
+  ``options=entry.compile_options()``,
+  ``name_expressions=entry.name_expressions``), never from a list of its own;
+* the NVRTC compile gate (``python -m cupybn.testing.nvrtc``, run in CI), which
+  compiles every entry for sm_70, sm_80 and sm_90 with warnings as failures and
+  reports an error for any ``.cu`` file here that is not registered.
+
+So the gate checks exactly what the backend compiles, and the two cannot drift.
+
+This module is imported by the backend at run time: it uses the standard
+library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).parent
+
+# Forms NVRTC (and CuPy, which passes options through) accepts for an include directory.
+_INCLUDE_FLAGS = ("--include-path=", "-I=", "-I")
+_INCLUDE_FLAGS_WITH_SEPARATE_VALUE = ("-I", "--include-path")
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """One ``.cu`` file as it is compiled.
+
+    ``path``: the source file; ``name_expressions``: the template
+    instantiations (or other kernel names) to compile and look up, such as
+    ``"bn_forward<float, 256>"``; ``options``: NVRTC/CuPy options such as
+    ``-std=c++17``, ``-DNAME=1`` or ``-I<dir>`` (a relative ``<dir>`` is
+    relative to the source file's directory).
+    """
+
+    path: Path
+    name_expressions: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+
+    def compile_options(self) -> tuple[str, ...]:
+        """The options to hand to the compiler.
+
+        The source file's directory comes first as an include directory (the
+        source is compiled from a string, so the compiler does not know where it
+        lives), and relative include directories are made absolute against it,
+        so the result does not depend on the working directory.
+        """
+        source_dir = Path(self.path).resolve().parent
+        resolved = [f"-I{source_dir}"]
+        pending_include_value = False
+        for option in self.options:
+            if pending_include_value:
+                resolved.append(f"-I{_absolute(option, source_dir)}")
+                pending_include_value = False
+            elif option.strip() in _INCLUDE_FLAGS_WITH_SEPARATE_VALUE:
+                pending_include_value = True
+            else:
+                resolved.append(_resolve_include_option(option, source_dir))
+        if pending_include_value:
+            raise ValueError(f"{self.path}: option {self.options[-1]!r} needs a directory after it")
+        return tuple(resolved)
+
+
+def _resolve_include_option(option: str, source_dir: Path) -> str:
+    for flag in _INCLUDE_FLAGS:
+        if option.startswith(flag):
+            return f"-I{_absolute(option[len(flag) :], source_dir)}"
+    return option
+
+
+def _absolute(directory: str, source_dir: Path) -> Path:
+    return (source_dir / directory.strip()).resolve()
+
+
+# Empty until the CuPy backend lands; it will list its sources here, e.g.
+#   KernelSource(KERNEL_DIR / "batch_norm.cu", ("bn_forward<float>",), ("-std=c++17",))
+PACKAGE_SOURCES: tuple[KernelSource, ...] = ()

@@ -1,0 +1,58 @@
+"""Run CUDA kernels on the CPU: CuPy's kernel API on NumPy arrays.
+
+``cupybn.testing.hostcuda`` compiles CUDA C++ source, unchanged, with the host
+C++ compiler (g++ >= 12, C++20) against a small compatibility header, and runs
+kernels on NumPy arrays.  Every CUDA thread of a block is a real thread and
+``__syncthreads()`` a real barrier; warps meet only at warp-level sync points.
+The same source can be built under ThreadSanitizer or AddressSanitizer with
+UndefinedBehaviorSanitizer.  See ``docs/hostcuda.md`` for the model and its limits.
+
+The names mirror CuPy's, so code that takes its kernel factory as a parameter
+(``cupy`` on a GPU) runs unchanged with this module::
+
+    from cupybn.testing import hostcuda
+    mod = hostcuda.RawModule(code=src, name_expressions=("scale<float>",))
+    mod.get_function("scale<float>")((4,), (128,), (x, y, np.float32(2), np.int32(x.size)))
+"""
+from ._build import CompileError
+from ._cupy_kernels import ElementwiseKernel, ReductionKernel
+from ._raw import Function, KernelError, RawKernel, RawModule, SanitizerError
+
+__all__ = ["CompileError", "ElementwiseKernel", "Function", "HostKernels", "KernelError", "RawKernel", "RawModule",
+           "ReductionKernel", "SanitizerError", "host_cupy_backend"]
+
+
+class HostKernels:
+    """A kernel factory shaped like the ``cupy`` module (``RawModule``,
+    ``ElementwiseKernel``, ``ReductionKernel``) whose kernels run on the host,
+    optionally under a sanitizer."""
+
+    def __init__(self, sanitize: str | None = None):
+        self.sanitize = sanitize
+
+    def RawModule(self, code=None, *, path=None, options=(), name_expressions=(), **ignored):  # noqa: N802
+        return RawModule(code, path=path, options=options, name_expressions=name_expressions or (),
+                         sanitize=self.sanitize)
+
+    def ElementwiseKernel(self, *args, **kwargs):  # noqa: N802
+        return ElementwiseKernel(*args, sanitize=self.sanitize, **kwargs)
+
+    def ReductionKernel(self, *args, **kwargs):  # noqa: N802
+        return ReductionKernel(*args, sanitize=self.sanitize, **kwargs)
+
+
+def host_cupy_backend(sanitize: str | None = None, *, threads: int = 64, sm_count: int = 2,
+                      values_per_thread: int = 16):
+    """cupybn's CuPy backend wired to NumPy arrays and host kernels.
+
+    Usable as ``backend=`` in every public function and in the layer.  The
+    defaults keep launches small (every CUDA thread is an OS thread here):
+    64-thread reduction blocks and a pretend GPU of 2 SMs.
+    """
+    import numpy  # noqa: PLC0415
+
+    from cupybn.backends.cupy_backend import CupyBackend  # noqa: PLC0415 - avoid an import cycle
+
+    name = "host" if sanitize is None else f"host-{sanitize}"
+    return CupyBackend(xp=numpy, kernels=HostKernels(sanitize), threads=threads, sm_count=sm_count,
+                       values_per_thread=values_per_thread, name=name)
