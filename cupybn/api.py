@@ -89,6 +89,13 @@ def _check_x(x):
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
 
 
+def _check_backend_dtype(be, dtype):
+    supported = getattr(be, "supported_dtypes", SUPPORTED_DTYPES)
+    if dtype.name not in supported:
+        raise TypeError(f"x has dtype {dtype.name}, which the {getattr(be, 'name', 'chosen')} backend does not "
+                        f"support (it takes {', '.join(d for d in SUPPORTED_DTYPES if d in supported)})")
+
+
 def _check_vector(name, a, channels):
     if a is None:
         return
@@ -134,6 +141,7 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
     named = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
     be = _backends.backend_for(named, backend)
     _check_x(x)
+    _check_backend_dtype(be, x.dtype)
     ax = canonical_axis(axis, x.ndim)
     channels = x.shape[ax]
     for name in ("gamma", "beta", "running_mean", "running_var"):

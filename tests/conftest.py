@@ -15,11 +15,13 @@ import contextlib
 import os
 from datetime import timedelta
 
+import numpy as np
 import pytest
 from hypothesis import settings
 
 import cupybn
 from cupybn.backends import numpy_backend
+from cupybn.testing import strategies
 
 settings.register_profile("dev", max_examples=50, deadline=timedelta(seconds=2))
 settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, print_blob=True)
@@ -28,13 +30,73 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 
 # Each entry builds one backend.  Results must not depend on the thread count, so
-# the NumPy backend runs with one thread and with two.  A host-CuPy backend (CuPy
-# kernels fed from NumPy arrays) goes here when it exists, e.g.
-#   pytest.param(_cupy_host, id="cupy-host",
-#                marks=pytest.mark.skipif(not _has_cuda(), reason="needs CuPy and a GPU")),
+# the NumPy backend runs with one thread and with two.  "cupy-host" is the CuPy
+# backend's kernels run on the CPU by the host harness (cupybn.testing.hostcuda):
+# small blocks and a pretend 8-SM GPU, so that even small arrays are split over
+# several blocks per channel.
+def _cupy_host():
+    from cupybn.testing.hostcuda import host_cupy_backend
+
+    return host_cupy_backend(threads=64, sm_count=8, values_per_thread=2)
+
+
+def gpu_available() -> bool:
+    """Whether CuPy can run kernels here; with CUPYBN_REQUIRE_GPU=1 (python -m cupybn
+    gpu-check sets it) a missing GPU is an error, so GPU tests cannot skip silently."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception as e:
+        if os.environ.get("CUPYBN_REQUIRE_GPU") == "1":
+            raise RuntimeError(f"CUPYBN_REQUIRE_GPU=1 but CuPy cannot use a GPU: {e}") from e
+        return False
+
+
+needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs CuPy and an NVIDIA GPU")
+
+
+class GpuThroughNumpy:
+    """The CuPy backend on a real GPU, fed and read back through NumPy arrays, so
+    that every property test (written with NumPy inputs) runs the GPU kernels."""
+
+    name = "cupy-gpu"
+    xp = np
+
+    def __init__(self):
+        import cupy
+
+        from cupybn.backends.cupy_backend import CupyBackend
+
+        self._cp = cupy
+        self._gpu = CupyBackend()
+        self.supported_dtypes = self._gpu.supported_dtypes
+
+    def owns(self, a):
+        return isinstance(a, np.ndarray)
+
+    def _in(self, *arrays):
+        return [None if a is None else self._cp.asarray(a) for a in arrays]
+
+    def _out(self, *arrays):
+        return tuple(self._cp.asnumpy(a) for a in arrays)
+
+    def forward_train(self, x3, gamma, beta, eps):
+        return self._out(*self._gpu.forward_train(*self._in(x3, gamma, beta), eps))
+
+    def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
+        return self._out(*self._gpu.forward_infer(*self._in(x3, gamma, beta, running_mean, running_var), eps))
+
+    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training):
+        arrays = self._in(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma)
+        return self._out(*self._gpu.backward(*arrays, training))
+
+
 BACKENDS = [
     pytest.param(lambda: cupybn.NumpyBackend(threads=1), id="numpy-threads1"),
     pytest.param(lambda: cupybn.NumpyBackend(threads=2), id="numpy-threads2"),
+    pytest.param(_cupy_host, id="cupy-host"),
+    pytest.param(GpuThroughNumpy, id="cupy-gpu", marks=needs_gpu),
 ]
 
 
@@ -42,6 +104,16 @@ BACKENDS = [
 def backend(request):
     """A backend object to pass as ``backend=`` (session-scoped so Hypothesis tests can use it)."""
     return request.param()
+
+
+@pytest.fixture(autouse=True)
+def _draw_only_dtypes_the_backend_supports(request):
+    """Hypothesis draws in a test that takes ``backend`` use only that backend's dtypes."""
+    if "backend" not in request.fixturenames:
+        yield
+        return
+    with strategies.only_dtypes(request.getfixturevalue("backend").supported_dtypes):
+        yield
 
 
 @contextlib.contextmanager

@@ -1,9 +1,256 @@
-"""The CuPy backend (GPU kernels) is not written yet; see the project's issues."""
+"""The CuPy backend: Batch Normalization kernels for NVIDIA GPUs.
+
+The kernels are CUDA C++ in ``cupybn/kernels/batch_norm.cu``, compiled on first
+use through the kernel factory's ``RawModule`` with the instantiations that
+``cupybn.kernels.BATCH_NORM_SOURCES`` lists (the list the NVRTC gate compiles).
+
+The backend takes its array module and its kernel factory as parameters: on a
+GPU they are ``cupy`` and ``cupy``; in tests they are ``numpy`` and
+``cupybn.testing.hostcuda``, which runs the same kernel source on the CPU (see
+``cupybn.testing.hostcuda.host_cupy_backend``).  Nothing here synchronises with
+the device: every decision that depends on the data is taken by the kernels.
+"""
 from __future__ import annotations
 
+import functools
+import math
+import threading
 
-def default_cupy_backend():
-    raise NotImplementedError(
-        "cupybn's CuPy backend is not implemented yet; pass NumPy arrays "
-        "(or cupy.asnumpy(x)) to use the NumPy backend"
-    )
+import numpy as np
+
+from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES
+
+# Per-channel kernels run one thread per channel in blocks of this size.
+_CHANNEL_BLOCK = 128
+# Elementwise kernels: blocks per SM (grid-stride beyond); their blocks have the
+# backend's `threads` threads, like the reductions.
+_ELEMENTWISE_BLOCKS_PER_SM = 8
+# Partial counts are float32 in the kernels: keep each block's share exact.
+_MAX_VALUES_PER_BLOCK = 2**24
+_MAX_GRID_Y = 65535
+
+
+class KernelLaunchError(RuntimeError):
+    """A kernel of the CuPy backend failed to compile, launch or run; the message names it."""
+
+
+class CupyBackend:
+    """Batch Normalization through CUDA kernels; the contract is ``docs/backends.md``.
+
+    ``xp``: the array module (``cupy``); ``kernels``: an object with a
+    ``RawModule`` like ``cupy``'s; ``threads``: threads per block of the
+    reduction kernels (one of ``cupybn.kernels.BLOCK_THREADS``); ``sm_count``:
+    multiprocessors to fill (read from the device when None);
+    ``values_per_thread``: how much data a reduction thread takes at least
+    before a channel is split over more blocks.
+    """
+
+    supported_dtypes = frozenset(C_TYPES)  # CuPy has no bfloat16 arrays
+
+    def __init__(self, xp=None, kernels=None, *, threads: int = 256, sm_count: int | None = None,
+                 values_per_thread: int = 16, name: str = "cupy"):
+        if xp is None:
+            import cupy  # noqa: PLC0415 - only when a CuPy backend is made
+
+            xp = cupy
+        if threads not in BLOCK_THREADS:
+            raise ValueError(f"threads must be one of {BLOCK_THREADS}, got {threads}")
+        if values_per_thread < 1:
+            raise ValueError(f"values_per_thread must be at least 1, got {values_per_thread}")
+        self.xp = xp
+        self._kernels = kernels if kernels is not None else xp
+        self.threads = threads
+        self.values_per_thread = values_per_thread
+        self._sm_count = sm_count
+        self.name = name
+        self._modules: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"CupyBackend({self.name}, threads={self.threads})"
+
+    def owns(self, a) -> bool:
+        return isinstance(a, self.xp.ndarray)
+
+    # ---- kernels ------------------------------------------------------------------
+
+    def _function(self, dtype, template: str, *params):
+        """The compiled kernel ``template<storage, arithmetic, params...>`` for data of ``dtype``."""
+        name = np.dtype(dtype).name
+        if name not in C_TYPES:
+            raise TypeError(f"the CuPy backend supports float16, float32 and float64 data, not {name}")
+        with self._lock:
+            module = self._modules.get(name)
+            if module is None:
+                source = BATCH_NORM_SOURCES[name]
+                module = self._kernels.RawModule(code=source.path.read_text(), options=source.compile_options(),
+                                                 name_expressions=source.name_expressions)
+                self._modules[name] = module
+        storage, acc = C_TYPES[name]
+        args = ", ".join([*([storage] if template.startswith(_STORAGE_TEMPLATES) else []), acc, *map(str, params)])
+        return _Launcher(module, f"{template}<{args}>")
+
+    def sm_count(self) -> int:
+        if self._sm_count is None:
+            device = self.xp.cuda.Device()
+            self._sm_count = int(device.attributes["MultiProcessorCount"])
+        return self._sm_count
+
+    # ---- launch geometry ------------------------------------------------------------
+
+    def _slices(self, per_channel: int, columns: int, per_thread_step: int) -> tuple[int, int]:
+        """How many blocks share a channel, and how many values (planar) or rows each takes.
+
+        ``columns`` blocks exist per slice; enough slices to give the GPU about
+        four blocks per SM, but not so many that a thread gets fewer than
+        ``values_per_thread`` values.
+        """
+        wanted = math.ceil(4 * self.sm_count() / columns)
+        useful = math.ceil(per_channel / (per_thread_step * self.values_per_thread))
+        slices = max(1, min(wanted, useful), math.ceil(per_channel / _MAX_VALUES_PER_BLOCK))
+        slices = min(slices, _MAX_GRID_Y)
+        per_block = math.ceil(per_channel / slices)
+        return math.ceil(per_channel / per_block), per_block  # no empty slices
+
+    def _elementwise_grid(self, total: int) -> int:
+        return max(1, min(math.ceil(total / self.threads), _ELEMENTWISE_BLOCKS_PER_SM * self.sm_count()))
+
+    # ---- building blocks ----------------------------------------------------------------
+
+    def _acc(self, dtype):
+        return self.xp.float64 if np.dtype(dtype) == np.float64 else self.xp.float32
+
+    def _per_channel64(self, a, channels: int, default: float):
+        xp = self.xp
+        if a is None:
+            return xp.full(channels, default, xp.float64)
+        return xp.ascontiguousarray(xp.asarray(a, xp.float64))
+
+    def _reduce(self, planar_template: str, rows_template: str, x3, arrays_before, arrays_after, parts: int):
+        """Launches a planar or rows reduction over x3's layout; returns (partials, slices)."""
+        xp = self.xp
+        outer, channels, inner = x3.shape
+        acc = self._acc(x3.dtype)
+        if inner > 1:
+            slices, per_block = self._slices(outer * inner, channels, self.threads)
+            partials = [xp.empty(channels * slices, acc) for _ in range(parts)]
+            fn = self._function(x3.dtype, planar_template, self.threads)
+            fn((channels, slices), (self.threads,),
+               (*arrays_before, np.int64(outer), np.int32(channels), np.int64(inner), np.int64(per_block),
+                *arrays_after, *partials))
+        else:
+            rows = self.threads // 32
+            tiles = math.ceil(channels / 32)
+            slices, per_block = self._slices(outer, tiles, rows)
+            partials = [xp.empty(channels * slices, acc) for _ in range(parts)]
+            fn = self._function(x3.dtype, rows_template, rows)
+            fn((tiles, slices), (32, rows),
+               (*arrays_before, np.int64(outer), np.int32(channels), np.int64(per_block), *arrays_after, *partials))
+        return partials, slices
+
+    def _affine(self, x3, centre, scale, offset):
+        outer, channels, inner = x3.shape
+        y3 = self.xp.empty(x3.shape, x3.dtype)
+        total = x3.size
+        self._function(x3.dtype, "bn_affine")(
+            (self._elementwise_grid(total),), (self.threads,),
+            (x3, y3, np.int64(total), np.int64(inner), np.int32(channels), centre, scale, offset))
+        return y3
+
+    def _contiguous(self, a):
+        return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
+
+    # ---- the three operations (docs/backends.md) ---------------------------------------
+
+    def forward_train(self, x3, gamma, beta, eps):
+        xp = self.xp
+        x3 = self._contiguous(x3)
+        channels = x3.shape[1]
+        acc = self._acc(x3.dtype)
+        gamma64 = self._per_channel64(gamma, channels, 1.0)
+        beta64 = self._per_channel64(beta, channels, 0.0)
+        # The shift: one sample of each channel (the first element).
+        shift = xp.ascontiguousarray(x3[0, :, 0].astype(acc))
+        every = xp.ones(channels, xp.int32)
+        mean_hi, mean_lo, inv_std, scale, offset, next_shift = (xp.empty(channels, acc) for _ in range(6))
+        var = xp.empty(channels, xp.float64)
+        far = xp.empty(channels, xp.int32)
+        # Second pass, for channels whose sample was far from the mean: decided
+        # on the device (far), so the launch always happens and idle blocks leave.
+        for active, shift_in, far_out in ((every, shift, far), (far, next_shift, xp.empty(channels, xp.int32))):
+            (part_n, part_mean, part_m2), slices = self._reduce(
+                "bn_stats_planar", "bn_stats_rows", x3, (x3,), (shift_in, active), parts=3)
+            self._function(x3.dtype, "bn_stats_finalize")(
+                (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
+                (part_n, part_mean, part_m2, np.int32(channels), np.int32(slices), shift_in, active, gamma64,
+                 beta64, np.float64(eps), mean_hi, mean_lo, var, inv_std, scale, offset, far_out, next_shift))
+        y3 = self._affine(x3, mean_hi, scale, offset)
+        return y3, mean_hi, mean_lo, var, inv_std
+
+    def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
+        xp = self.xp
+        x3 = self._contiguous(x3)
+        channels = x3.shape[1]
+        acc = self._acc(x3.dtype)
+        centre, inv_std, scale, offset = (xp.empty(channels, acc) for _ in range(4))
+        self._function(x3.dtype, "bn_infer_coefficients")(
+            (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
+            (self._per_channel64(running_mean, channels, 0.0), self._per_channel64(running_var, channels, 1.0),
+             self._per_channel64(gamma, channels, 1.0), self._per_channel64(beta, channels, 0.0), np.float64(eps),
+             np.int32(channels), centre, inv_std, scale, offset))
+        return self._affine(x3, centre, scale, offset), inv_std
+
+    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training):
+        del var  # the kernels centre on mean_hi whatever the spread
+        xp = self.xp
+        x3, dy3 = self._contiguous(x3), self._contiguous(dy3)
+        outer, channels, inner = x3.shape
+        acc = self._acc(x3.dtype)
+        centre = xp.ascontiguousarray(xp.asarray(mean_hi, acc))
+        lo = xp.ascontiguousarray(xp.asarray(mean_lo, acc))
+        inv = xp.ascontiguousarray(xp.asarray(inv_std, acc))
+        (part_dy, part_dyx), slices = self._reduce(
+            "bn_grad_sums_planar", "bn_grad_sums_rows", x3, (dy3, x3), (centre,), parts=2)
+        dgamma, dbeta = xp.empty(channels, xp.float64), xp.empty(channels, xp.float64)
+        a, b, k = (xp.empty(channels, acc) for _ in range(3))
+        self._function(x3.dtype, "bn_grad_finalize")(
+            (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
+            (part_dy, part_dyx, np.int32(channels), np.int32(slices), np.float64(outer * inner), lo, inv,
+             self._per_channel64(gamma, channels, 1.0), np.int32(bool(training)), dgamma, dbeta, a, b, k))
+        dx3 = xp.empty(x3.shape, x3.dtype)
+        total = x3.size
+        self._function(x3.dtype, "bn_backward_elementwise")(
+            (self._elementwise_grid(total),), (self.threads,),
+            (dy3, x3, dx3, np.int64(total), np.int64(inner), np.int32(channels), np.int32(bool(training)),
+             centre, a, b, k))
+        return dx3, dgamma, dbeta
+
+
+# Templates whose first parameter is the storage type (the others take the arithmetic type only).
+_STORAGE_TEMPLATES = ("bn_stats_planar", "bn_stats_rows", "bn_grad_sums", "bn_affine", "bn_backward_elementwise")
+
+
+class _Launcher:
+    """A kernel looked up lazily by name expression, called as ``f(grid, block, args)``."""
+
+    def __init__(self, module, name: str):
+        self._module = module
+        self.name = name
+
+    @functools.cached_property
+    def _kernel(self):
+        return self._module.get_function(self.name)
+
+    def __call__(self, grid, block, args):
+        try:
+            self._kernel(grid, block, args)
+        except (TypeError, ValueError):
+            raise  # argument mistakes are bugs here, with their own precise message
+        except Exception as e:  # CUDA (or host harness) failures: say which kernel
+            raise KernelLaunchError(f"cupybn kernel {self.name} (grid {grid}, block {block}) failed: {e}") from e
+
+
+@functools.cache
+def default_cupy_backend() -> CupyBackend:
+    """The backend used for CuPy arrays (one per process)."""
+    return CupyBackend()

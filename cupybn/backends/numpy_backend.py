@@ -258,6 +258,7 @@ class NumpyBackend:
 
     name = "numpy"
     xp = np
+    supported_dtypes = frozenset({"float16", "bfloat16", "float32", "float64"})
 
     def __init__(self, threads: int | None = None, output_cache_bytes: int = 1 << 30):
         if threads is None:

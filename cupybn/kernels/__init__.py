@@ -80,6 +80,36 @@ def _absolute(directory: str, source_dir: Path) -> Path:
     return (source_dir / directory.strip()).resolve()
 
 
-# Empty until the CuPy backend lands; it will list its sources here, e.g.
-#   KernelSource(KERNEL_DIR / "batch_norm.cu", ("bn_forward<float>",), ("-std=c++17",))
-PACKAGE_SOURCES: tuple[KernelSource, ...] = ()
+# ---- batch_norm.cu: one module per data type -----------------------------------
+
+BATCH_NORM_FILE = KERNEL_DIR / "batch_norm.cu"
+
+# Threads per block of the reduction kernels.  The planar kernels are 1-D blocks
+# of that many threads, the rows kernels (32, threads / 32).  256 is the GPU
+# default; 64 keeps host-harness tests fast (every CUDA thread is an OS thread
+# there) and checks that nothing depends on the block size.
+BLOCK_THREADS = (64, 256)
+
+# data dtype -> (storage type, arithmetic type) in the kernels
+C_TYPES = {"float16": ("__half", "float"), "float32": ("float", "float"), "float64": ("double", "double")}
+
+
+def batch_norm_instantiations(dtype: str) -> tuple[str, ...]:
+    """Every template instantiation of batch_norm.cu that the backend uses for ``dtype``."""
+    t, acc = C_TYPES[dtype]
+    names = [f"bn_affine<{t}, {acc}>", f"bn_backward_elementwise<{t}, {acc}>"]
+    for threads in BLOCK_THREADS:
+        rows = threads // 32
+        names += [f"bn_stats_planar<{t}, {acc}, {threads}>", f"bn_stats_rows<{t}, {acc}, {rows}>",
+                  f"bn_grad_sums_planar<{t}, {acc}, {threads}>", f"bn_grad_sums_rows<{t}, {acc}, {rows}>"]
+    # The per-channel kernels depend on the arithmetic type only; float16 and
+    # float32 both instantiate the float ones (each module is compiled alone).
+    names += [f"bn_stats_finalize<{acc}>", f"bn_infer_coefficients<{acc}>", f"bn_grad_finalize<{acc}>"]
+    return tuple(names)
+
+
+BATCH_NORM_SOURCES = {
+    dtype: KernelSource(BATCH_NORM_FILE, batch_norm_instantiations(dtype), ("-std=c++17",)) for dtype in C_TYPES
+}
+
+PACKAGE_SOURCES: tuple[KernelSource, ...] = tuple(BATCH_NORM_SOURCES.values())

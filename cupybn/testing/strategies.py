@@ -12,6 +12,7 @@ its parts, exported for tests that need only one of them.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -60,9 +61,27 @@ def param_dtype(dtype) -> np.dtype:
 
 
 # ---- small strategies -------------------------------------------------------------
+# The dtypes draws may produce; None means any.  A test suite narrows it to what
+# the backend under test supports (the CuPy backend has no bfloat16), see
+# :func:`only_dtypes`.  Read when a value is drawn, not when a strategy is built.
+_allowed_dtype_names: frozenset[str] | None = None
+
+
+@contextlib.contextmanager
+def only_dtypes(names):
+    """Within the block, :func:`dtypes` (and so :func:`batch_norm_inputs`) draws only ``names``."""
+    global _allowed_dtype_names
+    saved, _allowed_dtype_names = _allowed_dtype_names, frozenset(names)
+    try:
+        yield
+    finally:
+        _allowed_dtype_names = saved
+
+
 def dtypes(names=STANDARD_DTYPES) -> st.SearchStrategy[np.dtype]:
     """Floating dtypes, from their names (``FLOAT_DTYPES`` for all available)."""
-    return st.sampled_from([np_dtype(n) for n in names])
+    allowed = st.sampled_from(tuple(names)).filter(lambda n: _allowed_dtype_names is None or n in _allowed_dtype_names)
+    return allowed.map(np_dtype)
 
 
 @st.composite

@@ -1,0 +1,122 @@
+"""Properties specific to the CuPy backend's kernels, run on the host harness.
+
+Every general property (parity with the float64 reference, layouts, dtypes,
+gradients, running statistics, determinism, special values) already runs on the
+CuPy backend through the ``cupy-host`` entry of the ``backend`` fixture.  This
+file covers what only this backend has: the launch geometry (channels split
+over several blocks), the second statistics pass for channels whose sample
+shift was far from the mean, both block sizes, and sanitizer runs of every
+kernel.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cupybn
+from cupybn.testing import (
+    batch_norm_errors,
+    exceeded,
+    gradient_magnitudes,
+    gradients_close,
+    probe_dy,
+    reference_backward,
+    reference_forward,
+    tolerance,
+)
+from cupybn.testing.hostcuda import host_cupy_backend
+from cupybn.testing.strategies import batch_norm_inputs
+
+
+def meets_the_reference(x, backend, axis=1, gamma=None, beta=None, eps=1e-5, seed=0):
+    """y and var within their bars; gradients element-wise within the bar times the
+    magnitude of their terms (the float32 yardstick when they cancel)."""
+    y, saved = cupybn.batch_norm(x, gamma, beta, axis=axis, eps=eps, backend=backend)
+    ref = reference_forward(x, gamma, beta, axis=axis, eps=eps)
+    dy = probe_dy(ref, axis, x.dtype, np.random.default_rng(seed))
+    grads = cupybn.batch_norm_backward(dy, saved)
+    tol = tolerance(x.dtype)
+    forward = exceeded(batch_norm_errors(y, saved.var, None, ref, None), tol)
+    magnitudes = gradient_magnitudes(dy, ref, gamma, axis=axis)
+    # dgamma/dbeta are None without gamma/beta: compare only what was computed
+    ref_grads = [r if g is not None else None for g, r in zip(grads, reference_backward(dy, ref, gamma, axis=axis),
+                                                              strict=True)]
+    backward = gradients_close(grads, ref_grads, magnitudes, tol)
+    assert not forward and backward, (forward, backward)
+
+
+@pytest.mark.parametrize("values_per_thread", [1, 3, 1000])
+@pytest.mark.parametrize("threads", [64, 256])
+@given(inputs=batch_norm_inputs(max_size=3000))
+@settings(max_examples=15)
+def test_any_split_of_channels_over_blocks_meets_the_reference(threads, values_per_thread, inputs):
+    # values_per_thread=1 splits even tiny channels over many blocks; 1000 keeps one block per channel.
+    backend = host_cupy_backend(threads=threads, sm_count=16, values_per_thread=values_per_thread)
+    meets_the_reference(inputs.x, backend, inputs.axis, inputs.gamma, inputs.beta, inputs.eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,axis", [((64, 3, 50), 1), ((3000, 3), 1)], ids=["planar", "rows"])
+def test_a_far_first_sample_is_corrected_by_the_second_pass(dtype, shape, axis):
+    # The shift is each channel's first value; here it is an outlier thousands of
+    # standard deviations away, which costs the float32 accumulation its digits
+    # unless the second pass (centred on the first mean) recomputes the channel.
+    rng = np.random.default_rng(5)
+    x = (100 + rng.standard_normal(shape)).astype(dtype)
+    first = (0, slice(None), 0)[: x.ndim]
+    x[first] = 100 + (3e4 if dtype == np.float16 else 1e6)
+    y, saved = cupybn.batch_norm(x, axis=axis, backend=host_cupy_backend())
+    ref = reference_forward(x, axis=axis)
+    assert np.all(np.abs(saved.var - ref.var) <= tolerance(dtype).var * ref.var)
+    meets_the_reference(x, host_cupy_backend(), axis)
+
+
+def test_results_do_not_depend_on_the_run_but_on_the_geometry_only():
+    x = np.random.default_rng(6).standard_normal((40, 5, 33)).astype(np.float32)
+    a, b = host_cupy_backend(values_per_thread=1), host_cupy_backend(values_per_thread=1)
+    ya, sa = cupybn.batch_norm(x, backend=a)
+    yb, sb = cupybn.batch_norm(x, backend=b)
+    assert ya.tobytes() == yb.tobytes() and sa.var.tobytes() == sb.var.tobytes()
+
+
+@pytest.mark.parametrize("shape,axis", [((2, 3, 4, 5), 1), ((40, 3), 1), ((2, 4, 5, 3), -1)],
+                         ids=["planar", "rows", "channels-last"])
+@pytest.mark.parametrize("sanitize", ["thread", "address"])
+def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, shape, axis):
+    # Each dtype is its own module: float32 here, float16 and float64 below.
+    backend = host_cupy_backend(sanitize)
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    C = shape[axis]
+    gamma, beta = np.linspace(0.5, 2, C, dtype=np.float32), np.linspace(-1, 1, C, dtype=np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    y, saved = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, axis=axis, backend=backend)
+    dx, dgamma, dbeta = cupybn.batch_norm_backward(np.ones_like(x), saved)
+    y_eval, saved_eval = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, training=False,
+                                           axis=axis, backend=backend)
+    cupybn.batch_norm_backward(np.ones_like(x), saved_eval)
+    # and the sanitized results are the real ones
+    y0, _ = cupybn.batch_norm(x, gamma, beta, axis=axis)
+    np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+@pytest.mark.parametrize("sanitize", ["thread", "address"])
+def test_half_and_double_kernels_run_clean_under_the_sanitizers(sanitize, dtype):
+    backend = host_cupy_backend(sanitize)
+    for shape in ((2, 3, 9), (33, 2)):
+        x = np.random.default_rng(8).standard_normal(shape).astype(dtype)
+        y, saved = cupybn.batch_norm(x, backend=backend)
+        cupybn.batch_norm_backward(np.ones_like(x), saved)
+
+
+@given(st.integers(1, 80), st.integers(2, 70))
+@settings(max_examples=25)
+def test_channels_beyond_one_tile_of_32_are_all_computed(channels, rows):
+    # Rows-family blocks cover 32 channels: every channel of every tile must be
+    # written (a grid rounded down would leave the last ones out).
+    x = np.random.default_rng(channels).standard_normal((rows, channels)).astype(np.float32) * 3 + 7
+    y, saved = cupybn.batch_norm(x, backend=host_cupy_backend())
+    np.testing.assert_allclose(saved.var, x.var(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(y.mean(axis=0), 0, atol=1e-5)
