@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -142,10 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"small default shape {' '.join(map(str, QUICK_SHAPE))} and few runs")
     compare.set_defaults(func=_compare, error=compare.error)
     _demo_cli.add_parser(commands)
+    # listed for --help only: main() hands gpu-check its arguments before parsing (cupybn/_gpu_check.py)
+    commands.add_parser("gpu-check", add_help=False,
+                        help="on an NVIDIA GPU: tests, copy roofline and benchmarks in one go (needs CuPy)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gpu-check"]:
+        from ._gpu_check import main as gpu_check  # its own options; imports CuPy only when run
+        return gpu_check(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
