@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES
+from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, cuda_header_dirs
 
 # Per-channel kernels run one thread per channel in blocks of this size.
 _CHANNEL_BLOCK = 128
@@ -79,16 +79,28 @@ class CupyBackend:
         name = np.dtype(dtype).name
         if name not in C_TYPES:
             raise TypeError(f"the CuPy backend supports float16, float32 and float64 data, not {name}")
-        with self._lock:
-            module = self._modules.get(name)
-            if module is None:
-                source = BATCH_NORM_SOURCES[name]
-                module = self._kernels.RawModule(code=source.path.read_text(), options=source.compile_options(),
-                                                 name_expressions=source.name_expressions)
-                self._modules[name] = module
         storage, acc = C_TYPES[name]
         args = ", ".join([*([storage] if template.startswith(_STORAGE_TEMPLATES) else []), acc, *map(str, params)])
-        return _Launcher(module, f"{template}<{args}>")
+        return _Launcher(self, name, f"{template}<{args}>")
+
+    def _module(self, dtype_name: str, *, with_cuda_headers: bool = False):
+        """The RawModule of one data type (compiled by the factory on first use).
+
+        batch_norm.cu includes cuda_fp16.h.  CuPy normally finds it; where it
+        does not, the module is rebuilt once with the CUDA header folders that
+        cupybn can find (``cupybn.kernels.cuda_header_dirs``).
+        """
+        with self._lock:
+            module = self._modules.get(dtype_name)
+            if module is None or with_cuda_headers:
+                source = BATCH_NORM_SOURCES[dtype_name]
+                options = source.compile_options()
+                if with_cuda_headers:
+                    options += tuple(f"-I{d}" for d in cuda_header_dirs())
+                module = self._kernels.RawModule(code=source.path.read_text(), options=options,
+                                                 name_expressions=source.name_expressions)
+                self._modules[dtype_name] = module
+            return module
 
     def sm_count(self) -> int:
         if self._sm_count is None:
@@ -233,13 +245,19 @@ _STORAGE_TEMPLATES = ("bn_stats_planar", "bn_stats_rows", "bn_grad_sums", "bn_af
 class _Launcher:
     """A kernel looked up lazily by name expression, called as ``f(grid, block, args)``."""
 
-    def __init__(self, module, name: str):
-        self._module = module
+    def __init__(self, backend: CupyBackend, dtype_name: str, name: str):
+        self._backend = backend
+        self._dtype_name = dtype_name
         self.name = name
 
     @functools.cached_property
     def _kernel(self):
-        return self._module.get_function(self.name)
+        try:
+            return self._backend._module(self._dtype_name).get_function(self.name)
+        except Exception as e:  # the compile happens here, on first use
+            if "cuda_fp16.h" not in str(e) or not cuda_header_dirs():
+                raise
+        return self._backend._module(self._dtype_name, with_cuda_headers=True).get_function(self.name)
 
     def __call__(self, grid, block, args):
         try:

@@ -20,6 +20,8 @@ library only.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,3 +115,30 @@ BATCH_NORM_SOURCES = {
 }
 
 PACKAGE_SOURCES: tuple[KernelSource, ...] = tuple(BATCH_NORM_SOURCES.values())
+
+
+# ---- CUDA headers ------------------------------------------------------------------
+
+CUDA_INCLUDE_ENV = "CUPYBN_CUDA_INCLUDE"
+
+
+def cuda_header_dirs() -> list[Path]:
+    """Directories with cuda_fp16.h, which NVRTC does not build in.
+
+    In order: ``$CUPYBN_CUDA_INCLUDE`` (os.pathsep-separated), the include
+    folders of NVIDIA's runtime wheels (nvidia-cuda-runtime-cu12, or the CUDA 13
+    layout), and the CUDA toolkit of ``$CUDA_PATH``/``$CUDA_HOME``.  CuPy usually finds
+    the header itself; the backend adds these only when it does not.
+    """
+    explicit = [Path(p) for p in os.environ.get(CUDA_INCLUDE_ENV, "").split(os.pathsep) if p]
+    toolkits = [Path(os.environ[v]) / "include" for v in ("CUDA_PATH", "CUDA_HOME") if os.environ.get(v)]
+    wheels: list[Path] = []
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations is not None:
+        for root in map(Path, spec.submodule_search_locations):
+            wheels += [root / "cuda_runtime" / "include", root / "cu13" / "include"]
+    found = explicit + [d for d in wheels + toolkits if (d / "cuda_fp16.h").is_file()]
+    return list(dict.fromkeys(found))

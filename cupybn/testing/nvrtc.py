@@ -34,10 +34,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from cupybn.kernels import KERNEL_DIR, PACKAGE_SOURCES, KernelSource
+from cupybn.kernels import CUDA_INCLUDE_ENV, KERNEL_DIR, PACKAGE_SOURCES, KernelSource, cuda_header_dirs
 
 LIBRARY_ENV = "CUPYBN_NVRTC_LIBRARY"
-INCLUDE_ENV = "CUPYBN_CUDA_INCLUDE"
+INCLUDE_ENV = CUDA_INCLUDE_ENV
 DEFAULT_ARCHS = ("sm_70", "sm_80", "sm_90")
 TESTS_MANIFEST = Path("tests") / "cuda" / "manifest.py"
 INSTALL_HINT = "pip install nvidia-cuda-nvrtc-cu12"
@@ -101,14 +101,9 @@ def _nvidia_package_dirs() -> list[Path]:
 
 
 def cuda_include_dirs() -> list[Path]:
-    """Directories holding cuda_fp16.h / cuda_bf16.h, which NVRTC does not build in.
-
-    ``$CUPYBN_CUDA_INCLUDE`` (os.pathsep-separated) first, then the
-    nvidia-cuda-runtime-cu12 wheel's ``include`` if it is installed.
-    """
-    explicit = [Path(part) for part in os.environ.get(INCLUDE_ENV, "").split(os.pathsep) if part]
-    wheel = [directory / "cuda_runtime" / "include" for directory in _nvidia_package_dirs()]
-    return explicit + [directory for directory in wheel if (directory / "cuda_fp16.h").is_file()]
+    """Directories holding cuda_fp16.h / cuda_bf16.h, which NVRTC does not build in
+    (the same search as the backend's: :func:`cupybn.kernels.cuda_header_dirs`)."""
+    return cuda_header_dirs()
 
 
 _Program = ctypes.c_void_p
