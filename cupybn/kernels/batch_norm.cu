@@ -140,12 +140,10 @@ __device__ __forceinline__ void block_merge(Moments<Acc>& a, long long len) {
   }
 }
 
-// Thread 0 ends with the block's sums of two values (a fixed tree, as above).
-template <typename Acc, int kThreads>
-__device__ __forceinline__ void block_sum2(Acc& u, Acc& v) {
-  constexpr int kWarps = kThreads / 32;
-  __shared__ Acc shared_u[kWarps], shared_v[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// Lane 0 ends with the warp's sums of two values (the fixed tree of warp_merge).
+template <typename Acc>
+__device__ __forceinline__ void warp_sum2(Acc& u, Acc& v) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int offset = 1; offset < 32; offset <<= 1) {
     Acc bu = u, bv = v;
@@ -155,6 +153,15 @@ __device__ __forceinline__ void block_sum2(Acc& u, Acc& v) {
       v += bv;
     }
   }
+}
+
+// Thread 0 ends with the block's sums of two values.
+template <typename Acc, int kThreads>
+__device__ __forceinline__ void block_sum2(Acc& u, Acc& v) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ Acc shared_u[kWarps], shared_v[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  warp_sum2(u, v);
   if (lane == 0) {
     shared_u[warp] = u;
     shared_v[warp] = v;
@@ -163,15 +170,7 @@ __device__ __forceinline__ void block_sum2(Acc& u, Acc& v) {
   if (warp == 0) {
     u = lane < kWarps ? shared_u[lane] : Acc(0);
     v = lane < kWarps ? shared_v[lane] : Acc(0);
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      Acc bu = u, bv = v;
-      shfl_down_pair(bu, bv, offset);
-      if (lane % (2 * offset) == 0) {
-        u += bu;
-        v += bv;
-      }
-    }
+    warp_sum2(u, v);
   }
 }
 
