@@ -169,7 +169,9 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
     pdt = param_dtype_name(x.dtype)
     if training:
         y3, mean_hi, mean_lo, var, inv_std = be.forward_train(x3, gamma, beta, eps)
-        if running_mean is not None:
+        update = getattr(be, "update_running", None)  # one fused kernel on the CuPy backend
+        if running_mean is not None and not (
+                update and update(running_mean, running_var, mean_hi, mean_lo, var, momentum, layout.count)):
             m = layout.count
             mean = xp.asarray(mean_hi, "float64") + xp.asarray(mean_lo, "float64")
             new_mean = (1.0 - momentum) * xp.asarray(running_mean, "float64") + momentum * mean

@@ -143,3 +143,30 @@ def test_a_missing_cuda_fp16_header_is_retried_with_the_cuda_headers_cupybn_find
     y, _ = cupybn.batch_norm(x, backend=backend)
     np.testing.assert_allclose(y, cupybn.batch_norm(x)[0], rtol=1e-5, atol=1e-5)
     assert len(seen) == 2 and f"-I{tmp_path}" in seen[1]
+
+
+@pytest.mark.parametrize("running_dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("acc", [np.float32, np.float64])
+def test_the_fused_running_statistics_update_is_the_generic_formula_rounded_once(acc, running_dtype):
+    rng = np.random.default_rng(10)
+    C, count, momentum = 37, 50, 0.3
+    mean_hi = rng.normal(5, 2, C).astype(acc)
+    mean_lo = (rng.normal(0, 1e-7, C) * np.abs(mean_hi)).astype(acc)
+    var = rng.uniform(0.1, 3, C)
+    rm, rv = rng.normal(0, 1, C).astype(running_dtype), rng.uniform(0.5, 2, C).astype(running_dtype)
+    mean = mean_hi.astype(np.float64) + mean_lo.astype(np.float64)
+    want_mean = ((1 - momentum) * rm.astype(np.float64) + momentum * mean).astype(running_dtype)
+    want_var = ((1 - momentum) * rv.astype(np.float64) + momentum * var * (count / (count - 1))).astype(running_dtype)
+    assert host_cupy_backend().update_running(rm, rv, mean_hi, mean_lo, var, momentum, count)
+    np.testing.assert_array_equal(rm, want_mean)
+    np.testing.assert_array_equal(rv, want_var)
+
+
+def test_running_statistics_of_mixed_dtypes_take_the_generic_path():
+    x = np.random.default_rng(11).standard_normal((20, 3)).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float64)
+    assert not host_cupy_backend().update_running(rm, rv, np.zeros(3, np.float32), np.zeros(3, np.float32),
+                                                  np.ones(3), 0.1, 20)
+    cupybn.batch_norm(x, running_mean=rm, running_var=rv, momentum=1.0, backend=host_cupy_backend())
+    np.testing.assert_allclose(rm, x.mean(axis=0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rv, x.var(axis=0, ddof=1), rtol=1e-6)

@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, cuda_header_dirs
+from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, RUNNING_TYPES, cuda_header_dirs
 
 # Per-channel kernels run one thread per channel in blocks of this size.
 _CHANNEL_BLOCK = 128
@@ -198,6 +198,22 @@ class CupyBackend:
                  beta64, np.float64(eps), mean_hi, mean_lo, var, inv_std, scale, offset, far_out, next_shift))
         y3 = self._affine(x3, mean_hi, scale, offset)
         return y3, mean_hi, mean_lo, var, inv_std
+
+    def update_running(self, running_mean, running_var, mean_hi, mean_lo, var, momentum, count) -> bool:
+        """Updates the running statistics in place with one kernel; False (nothing
+        done) where that kernel does not apply, and the caller's generic path runs."""
+        xp = self.xp
+        dtype_name = "float64" if mean_hi.dtype == np.float64 else "float32"  # the module with this Acc
+        r = np.dtype(running_mean.dtype).name
+        if (r not in RUNNING_TYPES or running_var.dtype != running_mean.dtype or count < 2
+                or not (running_mean.flags.c_contiguous and running_var.flags.c_contiguous)):
+            return False
+        channels = running_mean.shape[0]
+        launcher = _Launcher(self, dtype_name, f"bn_update_running<{C_TYPES[dtype_name][1]}, {RUNNING_TYPES[r]}>")
+        launcher((math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
+                 (mean_hi, mean_lo, xp.asarray(var, xp.float64), np.float64(momentum),
+                  np.float64(count / (count - 1)), np.int32(channels), running_mean, running_var))
+        return True
 
     def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
         xp = self.xp

@@ -96,6 +96,10 @@ BLOCK_THREADS = (64, 256)
 C_TYPES = {"float16": ("__half", "float"), "float32": ("float", "float"), "float64": ("double", "double")}
 
 
+# running statistics dtype -> C type (bn_update_running)
+RUNNING_TYPES = {"float16": "__half", "float32": "float", "float64": "double"}
+
+
 def batch_norm_instantiations(dtype: str) -> tuple[str, ...]:
     """Every template instantiation of batch_norm.cu that the backend uses for ``dtype``."""
     t, acc = C_TYPES[dtype]
@@ -107,6 +111,8 @@ def batch_norm_instantiations(dtype: str) -> tuple[str, ...]:
     # The per-channel kernels depend on the arithmetic type only; float16 and
     # float32 both instantiate the float ones (each module is compiled alone).
     names += [f"bn_stats_finalize<{acc}>", f"bn_infer_coefficients<{acc}>", f"bn_grad_finalize<{acc}>"]
+    # running statistics may be stored in any of the three types
+    names += [f"bn_update_running<{acc}, {r}>" for r in RUNNING_TYPES.values()]
     return tuple(names)
 
 
