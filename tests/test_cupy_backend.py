@@ -170,3 +170,28 @@ def test_running_statistics_of_mixed_dtypes_take_the_generic_path():
     cupybn.batch_norm(x, running_mean=rm, running_var=rv, momentum=1.0, backend=host_cupy_backend())
     np.testing.assert_allclose(rm, x.mean(axis=0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(rv, x.var(axis=0, ddof=1), rtol=1e-6)
+
+
+@given(inputs=batch_norm_inputs(max_size=2000))
+@settings(max_examples=30)
+def test_16_byte_packs_give_the_same_bits_as_single_values(inputs):
+    x = inputs.x
+    results = []
+    for backend in (host_cupy_backend(), host_cupy_backend(vector_loads=False)):
+        y, saved = cupybn.batch_norm(x, inputs.gamma, inputs.beta, axis=inputs.axis, eps=inputs.eps, backend=backend)
+        dy = inputs.relayout(inputs.rng(1).standard_normal(x.shape).astype(x.dtype))
+        dx, _, _ = cupybn.batch_norm_backward(dy, saved)
+        results.append((y.tobytes(), dx.tobytes()))
+    assert results[0] == results[1]
+
+
+def test_packs_are_used_only_for_aligned_arrays_of_whole_packs():
+    backend = host_cupy_backend()
+    base = np.zeros(4096 + 16, np.float32)
+    start = (-base.ctypes.data % 16) // 4  # the first 16-byte aligned element
+    aligned = base[start:start + 4096]
+    assert backend._pack(aligned, aligned) == 4
+    assert backend._pack(base[start + 1:start + 4097], aligned) == 1  # misaligned by 4 bytes
+    assert backend._pack(aligned[:4094], aligned[:4094]) == 1  # not a whole number of packs
+    assert backend._pack(aligned.astype(np.float16), aligned.astype(np.float16)) in (8, 1)
+    assert host_cupy_backend(vector_loads=False)._pack(aligned, aligned) == 1

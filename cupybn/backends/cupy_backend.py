@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, RUNNING_TYPES, cuda_header_dirs
+from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, RUNNING_TYPES, VECTOR_BYTES, cuda_header_dirs
 
 # Per-channel kernels run one thread per channel in blocks of this size.
 _CHANNEL_BLOCK = 128
@@ -42,13 +42,14 @@ class CupyBackend:
     reduction kernels (one of ``cupybn.kernels.BLOCK_THREADS``); ``sm_count``:
     multiprocessors to fill (read from the device when None);
     ``values_per_thread``: how much data a reduction thread takes at least
-    before a channel is split over more blocks.
+    before a channel is split over more blocks; ``vector_loads``: let the
+    elementwise kernels move 16 bytes at a time where the arrays allow it.
     """
 
     supported_dtypes = frozenset(C_TYPES)  # CuPy has no bfloat16 arrays
 
     def __init__(self, xp=None, kernels=None, *, threads: int = 256, sm_count: int | None = None,
-                 values_per_thread: int = 16, name: str = "cupy"):
+                 values_per_thread: int = 16, vector_loads: bool = True, name: str = "cupy"):
         if xp is None:
             import cupy  # noqa: PLC0415 - only when a CuPy backend is made
 
@@ -61,6 +62,7 @@ class CupyBackend:
         self._kernels = kernels if kernels is not None else xp
         self.threads = threads
         self.values_per_thread = values_per_thread
+        self.vector_loads = vector_loads
         self._sm_count = sm_count
         self.name = name
         self._modules: dict[str, object] = {}
@@ -124,8 +126,23 @@ class CupyBackend:
         per_block = math.ceil(per_channel / slices)
         return math.ceil(per_channel / per_block), per_block  # no empty slices
 
-    def _elementwise_grid(self, total: int) -> int:
-        return max(1, min(math.ceil(total / self.threads), _ELEMENTWISE_BLOCKS_PER_SM * self.sm_count()))
+    def _pack(self, *arrays) -> int:
+        """Values per load/store of the elementwise kernels: 16 bytes' worth where
+        every array starts 16-byte aligned and the size is a whole number of packs."""
+        itemsize = arrays[0].dtype.itemsize
+        vec = VECTOR_BYTES // itemsize
+        if (self.vector_loads and arrays[0].size % vec == 0
+                and all(_address(a) % VECTOR_BYTES == 0 for a in arrays)):
+            return vec
+        return 1
+
+    def _elementwise(self, template: str, arrays, rest):
+        """Launches an elementwise kernel over the (equal-shaped) arrays, then ``rest``."""
+        total = arrays[0].size
+        vec = self._pack(*arrays)
+        packs = total // vec
+        grid = max(1, min(math.ceil(packs / self.threads), _ELEMENTWISE_BLOCKS_PER_SM * self.sm_count()))
+        self._function(arrays[0].dtype, template, vec)((grid,), (self.threads,), (*arrays, np.int64(total), *rest))
 
     # ---- building blocks ----------------------------------------------------------------
 
@@ -163,10 +180,7 @@ class CupyBackend:
     def _affine(self, x3, centre, scale, offset):
         outer, channels, inner = x3.shape
         y3 = self.xp.empty(x3.shape, x3.dtype)
-        total = x3.size
-        self._function(x3.dtype, "bn_affine")(
-            (self._elementwise_grid(total),), (self.threads,),
-            (x3, y3, np.int64(total), np.int64(inner), np.int32(channels), centre, scale, offset))
+        self._elementwise("bn_affine", (x3, y3), (np.int64(inner), np.int32(channels), centre, scale, offset))
         return y3
 
     def _contiguous(self, a):
@@ -246,16 +260,19 @@ class CupyBackend:
             (part_dy, part_dyx, np.int32(channels), np.int32(slices), np.float64(outer * inner), lo, inv,
              self._per_channel64(gamma, channels, 1.0), np.int32(bool(training)), dgamma, dbeta, a, b, k))
         dx3 = xp.empty(x3.shape, x3.dtype)
-        total = x3.size
-        self._function(x3.dtype, "bn_backward_elementwise")(
-            (self._elementwise_grid(total),), (self.threads,),
-            (dy3, x3, dx3, np.int64(total), np.int64(inner), np.int32(channels), np.int32(bool(training)),
-             centre, a, b, k))
+        self._elementwise("bn_backward_elementwise", (dy3, x3, dx3),
+                          (np.int64(inner), np.int32(channels), np.int32(bool(training)), centre, a, b, k))
         return dx3, dgamma, dbeta
 
 
 # Templates whose first parameter is the storage type (the others take the arithmetic type only).
 _STORAGE_TEMPLATES = ("bn_stats_planar", "bn_stats_rows", "bn_grad_sums", "bn_affine", "bn_backward_elementwise")
+
+
+def _address(a) -> int:
+    """Where an array's first element is (device or host memory)."""
+    interface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+    return int(interface["data"][0])
 
 
 class _Launcher:

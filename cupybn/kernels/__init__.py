@@ -96,6 +96,10 @@ BLOCK_THREADS = (64, 256)
 C_TYPES = {"float16": ("__half", "float"), "float32": ("float", "float"), "float64": ("double", "double")}
 
 
+# The elementwise kernels move 16 bytes at a time where arrays allow it.
+VECTOR_BYTES = 16
+ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8}
+
 # running statistics dtype -> C type (bn_update_running)
 RUNNING_TYPES = {"float16": "__half", "float32": "float", "float64": "double"}
 
@@ -103,7 +107,9 @@ RUNNING_TYPES = {"float16": "__half", "float32": "float", "float64": "double"}
 def batch_norm_instantiations(dtype: str) -> tuple[str, ...]:
     """Every template instantiation of batch_norm.cu that the backend uses for ``dtype``."""
     t, acc = C_TYPES[dtype]
-    names = [f"bn_affine<{t}, {acc}>", f"bn_backward_elementwise<{t}, {acc}>"]
+    names = []
+    for vec in (1, VECTOR_BYTES // ITEMSIZE[dtype]):  # scalar, and 16-byte packs
+        names += [f"bn_affine<{t}, {acc}, {vec}>", f"bn_backward_elementwise<{t}, {acc}, {vec}>"]
     for threads in BLOCK_THREADS:
         rows = threads // 32
         names += [f"bn_stats_planar<{t}, {acc}, {threads}>", f"bn_stats_rows<{t}, {acc}, {rows}>",

@@ -26,13 +26,24 @@ __device__ __forceinline__ float mul_add(float a, float b, float c) { return fma
 __device__ __forceinline__ double mul_add(double a, double b, double c) { return fma(a, b, c); }
 
 template <typename Acc, typename T>
-__device__ __forceinline__ Acc load(const T* p, long long i) {
-  return static_cast<Acc>(p[i]);
+__device__ __forceinline__ Acc widen(T v) {
+  return static_cast<Acc>(v);
 }
 template <>
-__device__ __forceinline__ float load<float, __half>(const __half* p, long long i) {
-  return __half2float(p[i]);
+__device__ __forceinline__ float widen<float, __half>(__half v) {
+  return __half2float(v);
 }
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc load(const T* p, long long i) {
+  return widen<Acc>(p[i]);
+}
+
+// kVec consecutive values moved as one load or store: 16 bytes (float4-sized)
+// when kVec = 16 / sizeof(T); the host picks that only for 16-byte aligned arrays.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
 
 template <typename T, typename Acc>
 __device__ __forceinline__ T store_value(Acc v) {
@@ -202,6 +213,13 @@ struct ChannelCursor {
         step_col(step % inner),
         channel(static_cast<int>((j / inner) % channels)),
         step_channel(static_cast<int>((step / inner) % channels)) {}
+  // To the next element (within a pack of consecutive values).
+  __device__ __forceinline__ void next(long long inner, int channels) {
+    if (++col == inner) {
+      col = 0;
+      if (++channel == channels) channel = 0;
+    }
+  }
   __device__ __forceinline__ void advance(long long inner, int channels) {
     col += step_col;
     int carry = 0;
@@ -382,40 +400,75 @@ __global__ void bn_update_running(const Acc* __restrict__ mean_hi, const Acc* __
 
 // ---- elementwise ------------------------------------------------------------------
 
-// y = (x - centre[c]) * scale[c] + offset[c] over the flat (outer, C, inner) array.
-template <typename T, typename Acc>
+// The elementwise kernels walk the flat (outer, C, inner) array in packs of
+// kVec consecutive values (total % kVec == 0), grid-stride; each value's channel
+// comes from a cursor, so there is no division per value.
+
+// y = (x - centre[c]) * scale[c] + offset[c]
+template <typename T, typename Acc, int kVec>
 __global__ void bn_affine(const T* __restrict__ x, T* __restrict__ y, long long total, long long inner,
                           int channels, const Acc* __restrict__ centre, const Acc* __restrict__ scale,
                           const Acc* __restrict__ offset) {
   using namespace cupybn;
+  using P = Pack<T, kVec>;
+  const long long packs = total / kVec;
   const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
-  long long j = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= total) return;
-  ChannelCursor at(j, step, inner, channels);
-  for (; j < total; j += step) {
-    const int c = at.channel;
-    y[j] = store_value<T>(mul_add(load<Acc>(x, j) - centre[c], scale[c], offset[c]));
+  long long u = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (u >= packs) return;
+  ChannelCursor at(u * kVec, (step - 1) * kVec, inner, channels);
+  const P* xs = reinterpret_cast<const P*>(x);
+  P* ys = reinterpret_cast<P*>(y);
+  for (; u < packs; u += step) {
+    const P in = xs[u];
+    P out;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const int c = at.channel;
+      out.v[e] = store_value<T>(mul_add(widen<Acc>(in.v[e]) - centre[c], scale[c], offset[c]));
+      at.next(inner, channels);
+    }
+    ys[u] = out;
     at.advance(inner, channels);
   }
 }
 
 // dx = a[c] * dy + b[c] * (x - centre[c]) + k[c]; in inference (with_x == 0)
 // dx = a[c] * dy, which leaves x (even where it is not finite) out of it.
-template <typename T, typename Acc>
+template <typename T, typename Acc, int kVec>
 __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                         long long total, long long inner, int channels, int with_x,
                                         const Acc* __restrict__ centre, const Acc* __restrict__ a,
                                         const Acc* __restrict__ b, const Acc* __restrict__ k) {
   using namespace cupybn;
+  using P = Pack<T, kVec>;
+  const long long packs = total / kVec;
   const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
-  long long j = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= total) return;
-  ChannelCursor at(j, step, inner, channels);
-  for (; j < total; j += step) {
-    const int c = at.channel;
-    const Acc g = load<Acc>(dy, j);
-    const Acc v = with_x ? mul_add(a[c], g, mul_add(b[c], load<Acc>(x, j) - centre[c], k[c])) : a[c] * g;
-    dx[j] = store_value<T>(v);
+  long long u = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (u >= packs) return;
+  ChannelCursor at(u * kVec, (step - 1) * kVec, inner, channels);
+  const P* dys = reinterpret_cast<const P*>(dy);
+  const P* xs = reinterpret_cast<const P*>(x);
+  P* dxs = reinterpret_cast<P*>(dx);
+  for (; u < packs; u += step) {
+    const P g = dys[u];
+    P out;
+    if (with_x) {
+      const P in = xs[u];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const int c = at.channel;
+        out.v[e] = store_value<T>(
+            mul_add(a[c], widen<Acc>(g.v[e]), mul_add(b[c], widen<Acc>(in.v[e]) - centre[c], k[c])));
+        at.next(inner, channels);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        out.v[e] = store_value<T>(a[at.channel] * widen<Acc>(g.v[e]));
+        at.next(inner, channels);
+      }
+    }
+    dxs[u] = out;
     at.advance(inner, channels);
   }
 }

@@ -42,12 +42,13 @@ class HostKernels:
 
 
 def host_cupy_backend(sanitize: str | None = None, *, threads: int = 64, sm_count: int = 2,
-                      values_per_thread: int = 16):
+                      values_per_thread: int = 16, **options):
     """cupybn's CuPy backend wired to NumPy arrays and host kernels.
 
     Usable as ``backend=`` in every public function and in the layer.  The
     defaults keep launches small (every CUDA thread is an OS thread here):
-    64-thread reduction blocks and a pretend GPU of 2 SMs.
+    64-thread reduction blocks and a pretend GPU of 2 SMs.  Other ``options``
+    go to :class:`cupybn.backends.cupy_backend.CupyBackend`.
     """
     import numpy  # noqa: PLC0415
 
@@ -55,4 +56,4 @@ def host_cupy_backend(sanitize: str | None = None, *, threads: int = 64, sm_coun
 
     name = "host" if sanitize is None else f"host-{sanitize}"
     return CupyBackend(xp=numpy, kernels=HostKernels(sanitize), threads=threads, sm_count=sm_count,
-                       values_per_thread=values_per_thread, name=name)
+                       values_per_thread=values_per_thread, name=name, **options)
