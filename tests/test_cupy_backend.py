@@ -27,7 +27,7 @@ from cupybn.testing import (
     tolerance,
 )
 from cupybn.testing.hostcuda import host_cupy_backend
-from cupybn.testing.strategies import batch_norm_inputs
+from cupybn.testing.strategies import batch_norm_inputs, make_x
 
 
 def meets_the_reference(x, backend, axis=1, gamma=None, beta=None, eps=1e-5, seed=0):
@@ -195,3 +195,49 @@ def test_packs_are_used_only_for_aligned_arrays_of_whole_packs():
     assert backend._pack(aligned[:4094], aligned[:4094]) == 1  # not a whole number of packs
     assert backend._pack(aligned.astype(np.float16), aligned.astype(np.float16)) in (8, 1)
     assert host_cupy_backend(vector_loads=False)._pack(aligned, aligned) == 1
+
+
+def _strided_views(dtype, rng):
+    """(x, axis) views whose (outer, C, inner) form is strided, not C-contiguous."""
+    base = make_x((10, 3, 4, 5), dtype, 50.0, 2.0, rng)
+    yield base[::2], 1                                        # a step on the batch axis
+    yield base.transpose(0, 2, 3, 1)[1::3], -1                 # channels-last, every third sample
+    yield make_x((40, 6), dtype, -3.0, 0.5, rng)[::4, 1:4], 1  # 2-D rows and a channel window
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_strided_views_are_read_in_place_and_meet_the_reference(dtype, monkeypatch):
+    from cupybn.backends import cupy_backend
+
+    backend = host_cupy_backend()
+    calls = []
+    general = backend._general
+    for name in ("shifted_sum", "squared_deviations", "affine", "sum", "centred_product_sum", "backward"):
+        kernel = getattr(general, name)
+        setattr(general, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    copies = []
+    real = np.ascontiguousarray
+    monkeypatch.setattr(cupy_backend.np, "ascontiguousarray", lambda a, *k, **kw: copies.append(a.shape) or real(a))
+    rng = np.random.default_rng(12)
+    for x, axis in _strided_views(dtype, rng):
+        C = x.shape[axis]
+        pdt = np.float64 if dtype == np.float64 else np.float32
+        gamma, beta = rng.normal(1, 0.5, C).astype(pdt), rng.normal(0, 1, C).astype(pdt)
+        meets_the_reference(x, backend, axis, gamma, beta)
+        rm, rv = rng.normal(50, 1, C).astype(pdt), rng.uniform(1, 5, C).astype(pdt)
+        y, _ = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, training=False, axis=axis,
+                                 backend=backend)
+        ref = reference_forward(x, gamma, beta, training=False, running_mean=rm, running_var=rv, axis=axis)
+        assert batch_norm_errors(y, None, None, ref, None)["y"] <= tolerance(dtype).y
+    assert all(len(shape) <= 1 for shape in copies), copies  # only per-channel arrays were made contiguous
+    # every view went through the general path: 3 training forwards, backwards, inferences
+    assert calls.count("shifted_sum") == 3 and calls.count("backward") == 3 and calls.count("affine") == 6
+
+
+@pytest.mark.parametrize("sanitize", ["thread", "address"])
+def test_the_general_path_runs_clean_under_the_sanitizers(sanitize):
+    backend = host_cupy_backend(sanitize)
+    x = make_x((6, 2, 3, 4), np.float32, 5.0, 1.0, np.random.default_rng(13))[::2]
+    y, saved = cupybn.batch_norm(x, backend=backend)
+    dx, _, _ = cupybn.batch_norm_backward(np.ones((6, 2, 3, 4), np.float32)[::2], saved)
+    np.testing.assert_allclose(y, cupybn.batch_norm(x)[0], rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ import threading
 import numpy as np
 
 from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, RUNNING_TYPES, VECTOR_BYTES, cuda_header_dirs
+from ._cupy_general import GeneralPath
 
 # Per-channel kernels run one thread per channel in blocks of this size.
 _CHANNEL_BLOCK = 128
@@ -183,33 +184,67 @@ class CupyBackend:
         self._elementwise("bn_affine", (x3, y3), (np.int64(inner), np.int32(channels), centre, scale, offset))
         return y3
 
-    def _contiguous(self, a):
-        return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
-
     # ---- the three operations (docs/backends.md) ---------------------------------------
+
+    @functools.cached_property
+    def _general(self) -> GeneralPath:
+        return GeneralPath(self._kernels)
+
+    def _finalize_stats(self, x3, parts, slices, shift, active, gamma64, beta64, eps, outputs, far_out):
+        channels = x3.shape[1]
+        mean_hi, mean_lo, var, inv_std, scale, offset, next_shift = outputs
+        self._function(x3.dtype, "bn_stats_finalize")(
+            (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
+            (*parts, np.int32(channels), np.int32(slices), shift, active, gamma64, beta64, np.float64(eps),
+             mean_hi, mean_lo, var, inv_std, scale, offset, far_out, next_shift))
+
+    def _stats_outputs(self, channels: int, acc):
+        xp = self.xp
+        mean_hi, mean_lo, inv_std, scale, offset, next_shift = (xp.empty(channels, acc) for _ in range(6))
+        return mean_hi, mean_lo, xp.empty(channels, xp.float64), inv_std, scale, offset, next_shift
+
+    def _forward_train_general(self, x3, gamma64, beta64, eps):
+        """Strided x3, read in place: two-pass statistics in double (see _cupy_general)."""
+        xp = self.xp
+        outer, channels, inner = x3.shape
+        count = outer * inner
+        acc = self._acc(x3.dtype)
+        per_channel = (1, channels, 1)
+        shift = x3[0, :, 0].astype(acc)
+        mean_d = self._general.shifted_sum(x3, shift.reshape(per_channel), axis=(0, 2)) / count
+        mean = shift.astype(xp.float64) + mean_d
+        squares = self._general.squared_deviations(x3, mean.reshape(per_channel), axis=(0, 2))
+        # One "slice" per channel, centred on mean's hi part so that nothing is lost.
+        centre = xp.ascontiguousarray(mean.astype(acc))
+        parts = (xp.full(channels, count, acc), (mean - centre).astype(acc), squares.astype(acc))
+        outputs = self._stats_outputs(channels, acc)
+        self._finalize_stats(x3, parts, 1, centre, xp.ones(channels, xp.int32), gamma64, beta64, eps, outputs,
+                             xp.empty(channels, xp.int32))
+        mean_hi, mean_lo, var, inv_std, scale, offset, _ = outputs
+        y3 = xp.empty(x3.shape, x3.dtype)
+        self._general.affine(x3, mean_hi.reshape(per_channel), scale.reshape(per_channel),
+                             offset.reshape(per_channel), y3)
+        return y3, mean_hi, mean_lo, var, inv_std
 
     def forward_train(self, x3, gamma, beta, eps):
         xp = self.xp
-        x3 = self._contiguous(x3)
         channels = x3.shape[1]
         acc = self._acc(x3.dtype)
         gamma64 = self._per_channel64(gamma, channels, 1.0)
         beta64 = self._per_channel64(beta, channels, 0.0)
+        if not x3.flags.c_contiguous:
+            return self._forward_train_general(x3, gamma64, beta64, eps)
         # The shift: one sample of each channel (the first element).
         shift = xp.ascontiguousarray(x3[0, :, 0].astype(acc))
         every = xp.ones(channels, xp.int32)
-        mean_hi, mean_lo, inv_std, scale, offset, next_shift = (xp.empty(channels, acc) for _ in range(6))
-        var = xp.empty(channels, xp.float64)
+        outputs = self._stats_outputs(channels, acc)
+        mean_hi, mean_lo, var, inv_std, scale, offset, next_shift = outputs
         far = xp.empty(channels, xp.int32)
         # Second pass, for channels whose sample was far from the mean: decided
         # on the device (far), so the launch always happens and idle blocks leave.
         for active, shift_in, far_out in ((every, shift, far), (far, next_shift, xp.empty(channels, xp.int32))):
-            (part_n, part_mean, part_m2), slices = self._reduce(
-                "bn_stats_planar", "bn_stats_rows", x3, (x3,), (shift_in, active), parts=3)
-            self._function(x3.dtype, "bn_stats_finalize")(
-                (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
-                (part_n, part_mean, part_m2, np.int32(channels), np.int32(slices), shift_in, active, gamma64,
-                 beta64, np.float64(eps), mean_hi, mean_lo, var, inv_std, scale, offset, far_out, next_shift))
+            parts, slices = self._reduce("bn_stats_planar", "bn_stats_rows", x3, (x3,), (shift_in, active), parts=3)
+            self._finalize_stats(x3, parts, slices, shift_in, active, gamma64, beta64, eps, outputs, far_out)
         y3 = self._affine(x3, mean_hi, scale, offset)
         return y3, mean_hi, mean_lo, var, inv_std
 
@@ -231,7 +266,6 @@ class CupyBackend:
 
     def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
         xp = self.xp
-        x3 = self._contiguous(x3)
         channels = x3.shape[1]
         acc = self._acc(x3.dtype)
         centre, inv_std, scale, offset = (xp.empty(channels, acc) for _ in range(4))
@@ -240,19 +274,30 @@ class CupyBackend:
             (self._per_channel64(running_mean, channels, 0.0), self._per_channel64(running_var, channels, 1.0),
              self._per_channel64(gamma, channels, 1.0), self._per_channel64(beta, channels, 0.0), np.float64(eps),
              np.int32(channels), centre, inv_std, scale, offset))
+        if not x3.flags.c_contiguous:
+            y3 = xp.empty(x3.shape, x3.dtype)
+            shape = (1, channels, 1)
+            self._general.affine(x3, centre.reshape(shape), scale.reshape(shape), offset.reshape(shape), y3)
+            return y3, inv_std
         return self._affine(x3, centre, scale, offset), inv_std
 
     def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training):
         del var  # the kernels centre on mean_hi whatever the spread
         xp = self.xp
-        x3, dy3 = self._contiguous(x3), self._contiguous(dy3)
         outer, channels, inner = x3.shape
         acc = self._acc(x3.dtype)
         centre = xp.ascontiguousarray(xp.asarray(mean_hi, acc))
         lo = xp.ascontiguousarray(xp.asarray(mean_lo, acc))
         inv = xp.ascontiguousarray(xp.asarray(inv_std, acc))
-        (part_dy, part_dyx), slices = self._reduce(
-            "bn_grad_sums_planar", "bn_grad_sums_rows", x3, (dy3, x3), (centre,), parts=2)
+        general = not (x3.flags.c_contiguous and dy3.flags.c_contiguous)
+        per_channel = (1, channels, 1)
+        if general:  # strided views, read in place; one "slice" per channel
+            slices = 1
+            part_dy = self._general.sum(dy3, axis=(0, 2)).astype(acc)
+            part_dyx = self._general.centred_product_sum(dy3, x3, centre.reshape(per_channel), axis=(0, 2)).astype(acc)
+        else:
+            (part_dy, part_dyx), slices = self._reduce(
+                "bn_grad_sums_planar", "bn_grad_sums_rows", x3, (dy3, x3), (centre,), parts=2)
         dgamma, dbeta = xp.empty(channels, xp.float64), xp.empty(channels, xp.float64)
         a, b, k = (xp.empty(channels, acc) for _ in range(3))
         self._function(x3.dtype, "bn_grad_finalize")(
@@ -260,8 +305,12 @@ class CupyBackend:
             (part_dy, part_dyx, np.int32(channels), np.int32(slices), np.float64(outer * inner), lo, inv,
              self._per_channel64(gamma, channels, 1.0), np.int32(bool(training)), dgamma, dbeta, a, b, k))
         dx3 = xp.empty(x3.shape, x3.dtype)
-        self._elementwise("bn_backward_elementwise", (dy3, x3, dx3),
-                          (np.int64(inner), np.int32(channels), np.int32(bool(training)), centre, a, b, k))
+        if general:
+            self._general.backward(dy3, x3, centre.reshape(per_channel), a.reshape(per_channel),
+                                   b.reshape(per_channel), k.reshape(per_channel), np.int32(bool(training)), dx3)
+        else:
+            self._elementwise("bn_backward_elementwise", (dy3, x3, dx3),
+                              (np.int64(inner), np.int32(channels), np.int32(bool(training)), centre, a, b, k))
         return dx3, dgamma, dbeta
 
 
