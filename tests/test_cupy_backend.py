@@ -105,7 +105,7 @@ def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, shape, axis):
 @pytest.mark.parametrize("sanitize", ["thread", "address"])
 def test_half_and_double_kernels_run_clean_under_the_sanitizers(sanitize, dtype):
     backend = host_cupy_backend(sanitize)
-    for shape in ((2, 3, 9), (33, 2)):
+    for shape in ((2, 3, 9), (33, 2), (2, 3, 16)):  # (2, 3, 16): 16-byte packs
         x = np.random.default_rng(8).standard_normal(shape).astype(dtype)
         y, saved = cupybn.batch_norm(x, backend=backend)
         cupybn.batch_norm_backward(np.ones_like(x), saved)
@@ -241,3 +241,20 @@ def test_the_general_path_runs_clean_under_the_sanitizers(sanitize):
     y, saved = cupybn.batch_norm(x, backend=backend)
     dx, _, _ = cupybn.batch_norm_backward(np.ones((6, 2, 3, 4), np.float32)[::2], saved)
     np.testing.assert_allclose(y, cupybn.batch_norm(x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("values_per_thread", [1, 1000])
+def test_planar_reductions_read_16_byte_packs_where_rows_are_whole_packs(dtype, values_per_thread):
+    backend = host_cupy_backend(values_per_thread=values_per_thread, sm_count=8)
+    launched = []
+    real = backend._function
+    backend._function = lambda dt, template, *params: launched.append((template, params)) or real(dt, template,
+                                                                                                      *params)
+    rng = np.random.default_rng(14)
+    vec = 16 // np.dtype(dtype).itemsize
+    meets_the_reference(make_x((6, 3, 8, 8), dtype, 20.0, 3.0, rng), backend)  # rows of 64: whole packs
+    assert ("bn_stats_planar", (64, vec)) in launched and ("bn_grad_sums_planar", (64, vec)) in launched
+    launched.clear()
+    meets_the_reference(make_x((6, 3, 7, 3), dtype, 20.0, 3.0, rng), backend)  # rows of 21: single values
+    assert ("bn_stats_planar", (64, 1)) in launched and ("bn_grad_sums_planar", (64, 1)) in launched

@@ -113,18 +113,19 @@ class CupyBackend:
 
     # ---- launch geometry ------------------------------------------------------------
 
-    def _slices(self, per_channel: int, columns: int, per_thread_step: int) -> tuple[int, int]:
+    def _slices(self, per_channel: int, columns: int, per_thread_step: int, multiple: int = 1) -> tuple[int, int]:
         """How many blocks share a channel, and how many values (planar) or rows each takes.
 
         ``columns`` blocks exist per slice; enough slices to give the GPU about
         four blocks per SM, but not so many that a thread gets fewer than
-        ``values_per_thread`` values.
+        ``values_per_thread`` values.  ``per_block`` is a multiple of ``multiple``
+        (the pack size of the planar kernels).
         """
         wanted = math.ceil(4 * self.sm_count() / columns)
         useful = math.ceil(per_channel / (per_thread_step * self.values_per_thread))
         slices = max(1, min(wanted, useful), math.ceil(per_channel / _MAX_VALUES_PER_BLOCK))
         slices = min(slices, _MAX_GRID_Y)
-        per_block = math.ceil(per_channel / slices)
+        per_block = math.ceil(per_channel / slices / multiple) * multiple  # whole packs per block
         return math.ceil(per_channel / per_block), per_block  # no empty slices
 
     def _pack(self, *arrays) -> int:
@@ -162,9 +163,11 @@ class CupyBackend:
         outer, channels, inner = x3.shape
         acc = self._acc(x3.dtype)
         if inner > 1:
-            slices, per_block = self._slices(outer * inner, channels, self.threads)
+            # Packs of 16 bytes where rows are whole packs and every array is aligned.
+            vec = self._pack(*arrays_before) if inner % (VECTOR_BYTES // x3.dtype.itemsize) == 0 else 1
+            slices, per_block = self._slices(outer * inner, channels, self.threads * vec, multiple=vec)
             partials = [xp.empty(channels * slices, acc) for _ in range(parts)]
-            fn = self._function(x3.dtype, planar_template, self.threads)
+            fn = self._function(x3.dtype, planar_template, self.threads, vec)
             fn((channels, slices), (self.threads,),
                (*arrays_before, np.int64(outer), np.int32(channels), np.int64(inner), np.int64(per_block),
                 *arrays_after, *partials))

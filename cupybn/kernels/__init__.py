@@ -112,8 +112,10 @@ def batch_norm_instantiations(dtype: str) -> tuple[str, ...]:
         names += [f"bn_affine<{t}, {acc}, {vec}>", f"bn_backward_elementwise<{t}, {acc}, {vec}>"]
     for threads in BLOCK_THREADS:
         rows = threads // 32
-        names += [f"bn_stats_planar<{t}, {acc}, {threads}>", f"bn_stats_rows<{t}, {acc}, {rows}>",
-                  f"bn_grad_sums_planar<{t}, {acc}, {threads}>", f"bn_grad_sums_rows<{t}, {acc}, {rows}>"]
+        names += [f"bn_stats_rows<{t}, {acc}, {rows}>", f"bn_grad_sums_rows<{t}, {acc}, {rows}>"]
+        for vec in (1, VECTOR_BYTES // ITEMSIZE[dtype]):
+            names += [f"bn_stats_planar<{t}, {acc}, {threads}, {vec}>",
+                      f"bn_grad_sums_planar<{t}, {acc}, {threads}, {vec}>"]
     # The per-channel kernels depend on the arithmetic type only; float16 and
     # float32 both instantiate the float ones (each module is compiled alone).
     names += [f"bn_stats_finalize<{acc}>", f"bn_infer_coefficients<{acc}>", f"bn_grad_finalize<{acc}>"]

@@ -127,14 +127,16 @@ __device__ __forceinline__ void warp_merge(Moments<Acc>& a, Count group) {
 }
 
 // Thread 0 ends with the merge over the whole (1-D) block, whose threads were
-// dealt the `len` values of the slice round-robin.
+// dealt the `len` units of the slice round-robin, `unit` values each.
 template <typename Acc, int kThreads>
-__device__ __forceinline__ void block_merge(Moments<Acc>& a, long long len) {
+__device__ __forceinline__ void block_merge(Moments<Acc>& a, long long len, int unit) {
   static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size must be a multiple of 32");
   constexpr int kWarps = kThreads / 32;
   __shared__ Acc shared_mean[kWarps], shared_m2[kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  warp_merge(a, [&](int first_lane, int width) { return dealt(len, kThreads, warp * 32 + first_lane, width); });
+  warp_merge(a, [&](int first_lane, int width) {
+    return unit * dealt(len, kThreads, warp * 32 + first_lane, width);
+  });
   if (lane == 0) {
     shared_mean[warp] = a.mean;
     shared_m2[warp] = a.m2;
@@ -143,10 +145,11 @@ __device__ __forceinline__ void block_merge(Moments<Acc>& a, long long len) {
   if (warp == 0) {
     a.mean = lane < kWarps ? shared_mean[lane] : Acc(0);
     a.m2 = lane < kWarps ? shared_m2[lane] : Acc(0);
-    a.n = lane < kWarps ? static_cast<Acc>(dealt(len, kThreads, lane * 32, 32)) : Acc(0);
+    a.n = lane < kWarps ? static_cast<Acc>(unit * dealt(len, kThreads, lane * 32, 32)) : Acc(0);
     // lane L now stands for warp L: threads [32 L, 32 (L + 1))
     warp_merge(a, [&](int first_warp, int width) {
-      return first_warp >= kWarps ? 0LL : dealt(len, kThreads, first_warp * 32, 32 * min(width, kWarps - first_warp));
+      return first_warp >= kWarps ? 0LL
+                                  : unit * dealt(len, kThreads, first_warp * 32, 32 * min(width, kWarps - first_warp));
     });
   }
 }
@@ -239,31 +242,36 @@ struct ChannelCursor {
 // Grid (C, slices), kThreads threads.  Block (c, s) reduces elements
 // [s * per_block, (s + 1) * per_block) of channel c (in channel order) and
 // writes partial (c, s).  Channels with active[c] == 0 are skipped.
-template <typename T, typename Acc, int kThreads>
+template <typename T, typename Acc, int kThreads, int kVec>
 __global__ void __launch_bounds__(kThreads)
     bn_stats_planar(const T* __restrict__ x, long long outer, int channels, long long inner, long long per_block,
                     const Acc* __restrict__ shift, const int* __restrict__ active, Acc* __restrict__ part_n,
                     Acc* __restrict__ part_mean, Acc* __restrict__ part_m2) {
+  // In packs of kVec values: the host makes inner and per_block multiples of kVec.
   using namespace cupybn;
+  using P = Pack<T, kVec>;
   const int c = blockIdx.x;
   const int s = blockIdx.y;
   if (!active[c]) return;  // the whole block leaves together
-  const long long count = outer * inner;
-  const long long begin = static_cast<long long>(s) * per_block;
-  const long long end = min(count, begin + per_block);
+  const long long count = outer * inner / kVec;
+  const long long inner_packs = inner / kVec;
+  const long long begin = static_cast<long long>(s) * (per_block / kVec);
+  const long long end = min(count, begin + per_block / kVec);
   const Acc k = shift[c];
-  const T* channel = x + static_cast<long long>(c) * inner;
-  const long long row_stride = static_cast<long long>(channels) * inner;
+  const P* channel = reinterpret_cast<const P*>(x + static_cast<long long>(c) * inner);
+  const long long row_stride = static_cast<long long>(channels) * inner_packs;
   Moments<Acc> a{Acc(0), Acc(0), Acc(0)};
   long long j = begin + threadIdx.x;
   if (j < end) {
-    PlanarCursor at(j, kThreads, inner);
+    PlanarCursor at(j, kThreads, inner_packs);
     for (; j < end; j += kThreads) {
-      add_value(a, load<Acc>(channel, at.offset(row_stride)) - k);
-      at.advance(inner);
+      const P v = channel[at.offset(row_stride)];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) add_value(a, widen<Acc>(v.v[e]) - k);
+      at.advance(inner_packs);
     }
   }
-  block_merge<Acc, kThreads>(a, max(0LL, end - begin));
+  block_merge<Acc, kThreads>(a, max(0LL, end - begin), kVec);
   if (threadIdx.x == 0) {
     const long long p = static_cast<long long>(c) * gridDim.y + s;
     part_n[p] = a.n;
@@ -475,31 +483,40 @@ __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __res
 
 // ---- backward reductions ---------------------------------------------------------
 
-// sum(dy) and sum(dy * (x - centre)) per channel slice; layout as bn_stats_planar.
-template <typename T, typename Acc, int kThreads>
+// sum(dy) and sum(dy * (x - centre)) per channel slice; layout (and packs) as bn_stats_planar.
+template <typename T, typename Acc, int kThreads, int kVec>
 __global__ void __launch_bounds__(kThreads)
     bn_grad_sums_planar(const T* __restrict__ dy, const T* __restrict__ x, long long outer, int channels,
                         long long inner, long long per_block, const Acc* __restrict__ centre,
                         Acc* __restrict__ part_dy, Acc* __restrict__ part_dyx) {
   using namespace cupybn;
+  using P = Pack<T, kVec>;
   const int c = blockIdx.x;
   const int s = blockIdx.y;
-  const long long count = outer * inner;
-  const long long begin = static_cast<long long>(s) * per_block;
-  const long long end = min(count, begin + per_block);
-  const long long base = static_cast<long long>(c) * inner;
-  const long long row_stride = static_cast<long long>(channels) * inner;
+  const long long count = outer * inner / kVec;
+  const long long inner_packs = inner / kVec;
+  const long long begin = static_cast<long long>(s) * (per_block / kVec);
+  const long long end = min(count, begin + per_block / kVec);
+  const long long base = static_cast<long long>(c) * inner_packs;
+  const long long row_stride = static_cast<long long>(channels) * inner_packs;
+  const P* dys = reinterpret_cast<const P*>(dy);
+  const P* xs = reinterpret_cast<const P*>(x);
   const Acc m = centre[c];
   Acc sum_dy = Acc(0), sum_dyx = Acc(0);
   long long j = begin + threadIdx.x;
   if (j < end) {
-    PlanarCursor at(j, kThreads, inner);
+    PlanarCursor at(j, kThreads, inner_packs);
     for (; j < end; j += kThreads) {
       const long long i = base + at.offset(row_stride);
-      const Acc g = load<Acc>(dy, i);
-      sum_dy += g;
-      sum_dyx = mul_add(g, load<Acc>(x, i) - m, sum_dyx);
-      at.advance(inner);
+      const P g = dys[i];
+      const P v = xs[i];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const Acc ge = widen<Acc>(g.v[e]);
+        sum_dy += ge;
+        sum_dyx = mul_add(ge, widen<Acc>(v.v[e]) - m, sum_dyx);
+      }
+      at.advance(inner_packs);
     }
   }
   block_sum2<Acc, kThreads>(sum_dy, sum_dyx);
