@@ -105,10 +105,16 @@ def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, shape, axis):
 @pytest.mark.parametrize("sanitize", ["thread", "address"])
 def test_half_and_double_kernels_run_clean_under_the_sanitizers(sanitize, dtype):
     backend = host_cupy_backend(sanitize)
-    for shape in ((2, 3, 9), (33, 2), (2, 3, 16)):  # (2, 3, 16): 16-byte packs
+    pdt = np.float64 if dtype == np.float64 else np.float32
+    for shape in ((2, 3, 9), (33, 3), (2, 3, 16)):  # (2, 3, 16): 16-byte packs
         x = np.random.default_rng(8).standard_normal(shape).astype(dtype)
-        y, saved = cupybn.batch_norm(x, backend=backend)
+        rm, rv = np.zeros(3, pdt), np.ones(3, pdt)
+        y, saved = cupybn.batch_norm(x, running_mean=rm, running_var=rv, backend=backend)
         cupybn.batch_norm_backward(np.ones_like(x), saved)
+        y, saved = cupybn.batch_norm(x, running_mean=rm, running_var=rv, training=False, backend=backend)
+        cupybn.batch_norm_backward(np.ones_like(x), saved)
+    # the general path (a strided view) too
+    y, saved = cupybn.batch_norm(np.ones((4, 3, 5), dtype)[::2] * np.arange(3, dtype=dtype)[:, None], backend=backend)
 
 
 @given(st.integers(1, 80), st.integers(2, 70))
