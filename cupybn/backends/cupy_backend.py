@@ -215,11 +215,16 @@ class CupyBackend:
         per_channel = (1, channels, 1)
         shift = x3[0, :, 0].astype(acc)
         mean_d = self._general.shifted_sum(x3, shift.reshape(per_channel), axis=(0, 2)) / count
-        mean = shift.astype(xp.float64) + mean_d
+        # mean = shift + mean_d as a double-double (TwoSum): float64 data keeps
+        # its last bits at large offsets, and a far shift costs nothing.
+        k = shift.astype(xp.float64)
+        mean = k + mean_d
+        back = mean - k
+        error = (k - (mean - back)) + (mean_d - back)
         squares = self._general.squared_deviations(x3, mean.reshape(per_channel), axis=(0, 2))
-        # One "slice" per channel, centred on mean's hi part so that nothing is lost.
+        # One "slice" per channel, centred on the mean's hi part so that nothing is lost.
         centre = xp.ascontiguousarray(mean.astype(acc))
-        parts = (xp.full(channels, count, acc), (mean - centre).astype(acc), squares.astype(acc))
+        parts = (xp.full(channels, count, acc), ((mean - centre) + error).astype(acc), squares.astype(acc))
         outputs = self._stats_outputs(channels, acc)
         self._finalize_stats(x3, parts, 1, centre, xp.ones(channels, xp.int32), gamma64, beta64, eps, outputs,
                              xp.empty(channels, xp.int32))
