@@ -67,6 +67,7 @@ class CupyBackend:
         self._sm_count = sm_count
         self.name = name
         self._modules: dict[str, object] = {}
+        self._launchers: dict[tuple[str, str], _Launcher] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -84,7 +85,15 @@ class CupyBackend:
             raise TypeError(f"the CuPy backend supports float16, float32 and float64 data, not {name}")
         storage, acc = C_TYPES[name]
         args = ", ".join([*([storage] if template.startswith(_STORAGE_TEMPLATES) else []), acc, *map(str, params)])
-        return _Launcher(self, name, f"{template}<{args}>")
+        return self._launcher(name, f"{template}<{args}>")
+
+    def _launcher(self, dtype_name: str, expression: str) -> _Launcher:
+        """One launcher per kernel, so the kernel is looked up once, not per call."""
+        key = (dtype_name, expression)
+        launcher = self._launchers.get(key)
+        if launcher is None:
+            launcher = self._launchers.setdefault(key, _Launcher(self, dtype_name, expression))
+        return launcher
 
     def _module(self, dtype_name: str, *, with_cuda_headers: bool = False):
         """The RawModule of one data type (compiled by the factory on first use).
@@ -266,7 +275,7 @@ class CupyBackend:
                 or not (running_mean.flags.c_contiguous and running_var.flags.c_contiguous)):
             return False
         channels = running_mean.shape[0]
-        launcher = _Launcher(self, dtype_name, f"bn_update_running<{C_TYPES[dtype_name][1]}, {RUNNING_TYPES[r]}>")
+        launcher = self._launcher(dtype_name, f"bn_update_running<{C_TYPES[dtype_name][1]}, {RUNNING_TYPES[r]}>")
         launcher((math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
                  (mean_hi, mean_lo, xp.asarray(var, xp.float64), np.float64(momentum),
                   np.float64(count / (count - 1)), np.int32(channels), running_mean, running_var))
