@@ -20,6 +20,7 @@ import numpy as np
 
 from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, RUNNING_TYPES, VECTOR_BYTES, cuda_header_dirs
 from ._cupy_general import GeneralPath
+from .numpy_backend import quiet
 
 # Per-channel kernels run one thread per channel in blocks of this size.
 _CHANNEL_BLOCK = 128
@@ -243,6 +244,7 @@ class CupyBackend:
                              offset.reshape(per_channel), y3)
         return y3, mean_hi, mean_lo, var, inv_std
 
+    @quiet
     def forward_train(self, x3, gamma, beta, eps):
         xp = self.xp
         channels = x3.shape[1]
@@ -265,6 +267,7 @@ class CupyBackend:
         y3 = self._affine(x3, mean_hi, scale, offset)
         return y3, mean_hi, mean_lo, var, inv_std
 
+    @quiet
     def update_running(self, running_mean, running_var, mean_hi, mean_lo, var, momentum, count) -> bool:
         """Updates the running statistics in place with one kernel; False (nothing
         done) where that kernel does not apply, and the caller's generic path runs."""
@@ -281,6 +284,7 @@ class CupyBackend:
                   np.float64(count / (count - 1)), np.int32(channels), running_mean, running_var))
         return True
 
+    @quiet
     def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
         xp = self.xp
         channels = x3.shape[1]
@@ -298,6 +302,7 @@ class CupyBackend:
             return y3, inv_std
         return self._affine(x3, centre, scale, offset), inv_std
 
+    @quiet
     def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training):
         del var  # the kernels centre on mean_hi whatever the spread
         xp = self.xp

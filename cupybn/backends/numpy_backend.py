@@ -64,9 +64,10 @@ def compute_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-def _quiet(method):
+def quiet(method):
     """NaN and Inf in the data propagate to the results without warnings or
-    FloatingPointError, whatever the caller's ``np.seterr``."""
+    FloatingPointError, whatever the caller's ``np.seterr`` (NumPy arithmetic
+    only: CuPy never raises on them)."""
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
@@ -464,7 +465,7 @@ class NumpyBackend:
         return self.affine(x3, mean_hi, scale, shift - np.asarray(mean_lo, np.float64) * scale, x3.dtype)
 
     # ---- the three operations -------------------------------------------------
-    @_quiet
+    @quiet
     def forward_train(self, x3, gamma, beta, eps):
         """Training forward pass.
 
@@ -476,7 +477,7 @@ class NumpyBackend:
         y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=bool(np.all(var > 0)))
         return y3, mean_hi, mean_lo, var, inv_std.astype(mean_hi.dtype)
 
-    @_quiet
+    @quiet
     def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
         """Inference forward pass with the running statistics; returns ``y3, inv_std``."""
         cdt = compute_dtype(x3.dtype)
@@ -486,7 +487,7 @@ class NumpyBackend:
         y3 = self._normalize(x3, mean_hi, mean - mean_hi, inv_std, gamma, beta)
         return y3, inv_std.astype(cdt)
 
-    @_quiet
+    @quiet
     def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training):
         """Gradients for the (outer, C, inner) view; returns ``dx3, dgamma, dbeta``.
 
