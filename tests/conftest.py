@@ -3,7 +3,8 @@
 Hypothesis profiles (pick one with HYPOTHESIS_PROFILE; ``ci`` is the default when
 the CI environment variable is set, ``dev`` otherwise):
 
-  dev       50 examples, random each run: quick feedback while editing
+  dev       50 examples, random each run: quick feedback while editing (no deadline:
+            a first kernel call compiles its module)
   ci        100 examples, derandomised (the same examples on every run, so CI is
             not flaky), no deadline (shared runners are slow), failing examples
             printed as a reproduction blob
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -23,7 +23,9 @@ import cupybn
 from cupybn.backends import numpy_backend
 from cupybn.testing import strategies
 
-settings.register_profile("dev", max_examples=50, deadline=timedelta(seconds=2))
+# No deadline in any profile: the first call of a host-harness kernel compiles its
+# module with g++ (seconds), which would otherwise fail whichever example ran it.
+settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
