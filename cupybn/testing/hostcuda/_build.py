@@ -42,7 +42,6 @@ class Build:
     """A compiled module: a shared library, or a sanitizer executable."""
 
     path: Path
-    kernels: tuple[str, ...]  # name or name expression of entry point i
     sanitize: str | None
 
 
@@ -212,4 +211,4 @@ def build(
                     f"(command: {shlex.join(cmd)})"
                 )
             os.replace(out, target)  # atomic: concurrent builders agree on one file
-    return Build(target, kernels, sanitize)
+    return Build(target, sanitize)
