@@ -25,9 +25,11 @@ def manifest():
 
 
 @functools.cache
-def module(filename: str, sanitize: str | None = None) -> hostcuda.RawModule:
+def module(filename: str, sanitize: str | None = None, ftz: bool = True) -> hostcuda.RawModule:
+    """The host module of a test source, compiled as CuPy would (``-ftz=true``) unless ``ftz=False``."""
     for source in manifest().SOURCES:
         if source.path.name == filename:
-            return hostcuda.RawModule(path=source.path, options=source.options,
-                                      name_expressions=source.name_expressions, sanitize=sanitize)
+            return hostcuda.RawModule(code=source.path.read_text(), options=tuple(source.options),
+                                      name_expressions=source.name_expressions, sanitize=sanitize,
+                                      source_name=source.path.name, ftz=ftz)
     raise LookupError(f"{filename} is not listed in tests/cuda/manifest.py")

@@ -83,7 +83,7 @@ def test_results_do_not_depend_on_the_run_but_on_the_geometry_only():
 
 @pytest.mark.parametrize("shape,axis", [((2, 3, 4, 5), 1), ((40, 3), 1), ((2, 4, 5, 3), -1)],
                          ids=["planar", "rows", "channels-last"])
-@pytest.mark.parametrize("sanitize", ["thread", "address"])
+@pytest.mark.parametrize("sanitize", ["race", "address"])
 def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, shape, axis):
     # Each dtype is its own module: float32 here, float16 and float64 below.
     backend = host_cupy_backend(sanitize)
@@ -102,7 +102,7 @@ def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, shape, axis):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
-@pytest.mark.parametrize("sanitize", ["thread", "address"])
+@pytest.mark.parametrize("sanitize", ["race", "address"])
 def test_half_and_double_kernels_run_clean_under_the_sanitizers(sanitize, dtype):
     backend = host_cupy_backend(sanitize)
     pdt = np.float64 if dtype == np.float64 else np.float32
@@ -247,7 +247,7 @@ def test_strided_views_are_read_in_place_and_meet_the_reference(dtype, monkeypat
     assert calls.count("shifted_sum") == 3 and calls.count("backward") == 3 and calls.count("affine") == 6
 
 
-@pytest.mark.parametrize("sanitize", ["thread", "address"])
+@pytest.mark.parametrize("sanitize", ["race", "address"])
 def test_the_general_path_runs_clean_under_the_sanitizers(sanitize):
     backend = host_cupy_backend(sanitize)
     x = make_x((6, 2, 3, 4), np.float32, 5.0, 1.0, np.random.default_rng(13))[::2]

@@ -567,10 +567,10 @@ def test_address_sanitizer_reports_a_raw_index_past_the_end():
 
 
 @needs_compiler
-def test_thread_sanitizer_finds_no_race_in_a_reduction_and_one_in_a_shared_write():
-    tsum = ReductionKernel("T x", "T y", "x", "a + b", "y = a", "0", "rsum", sanitize="thread")
+def test_race_check_finds_no_race_in_a_reduction_and_one_in_a_shared_write():
+    tsum = ReductionKernel("T x", "T y", "x", "a + b", "y = a", "0", "rsum", sanitize="race")
     x = _values((6, 5), np.float64, 19)
     np.testing.assert_array_equal(tsum(x, axis=0), x.sum(axis=0))
-    last = ElementwiseKernel("T x", "raw T y", "y[0] = x", "last_wins", sanitize="thread")
-    with pytest.raises(hostcuda.SanitizerError, match="data race"):
+    last = ElementwiseKernel("T x", "raw T y", "y[0] = x", "last_wins", sanitize="race")
+    with pytest.raises(hostcuda.SanitizerError, match="write-after-write race on global memory"):
         last(np.zeros(64, np.float32), np.zeros(1, np.float32))

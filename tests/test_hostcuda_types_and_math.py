@@ -5,6 +5,11 @@ Each test checks one property against NumPy or exact rational arithmetic:
 bit-exact where CUDA's operation is exact or correctly rounded, within CUDA's
 documented ulp bound where the GPU's function is approximate (the host's may be
 more exact; hostcuda/math.h lists the differences).
+
+The kernels here are built with IEEE subnormals (``ftz=False``, NVRTC's default)
+so that the arithmetic itself is checked everywhere; CuPy's ``-ftz=true`` (the
+default of every hostcuda module, as of every CuPy kernel) has tests of its own
+at the end.
 """
 from __future__ import annotations
 
@@ -19,11 +24,11 @@ from hypothesis import strategies as st
 
 from cupybn.testing import hostcuda
 
-GRID, BLOCK = 2, 64  # the kernels loop grid-stride, so any shape covers every element
+GRID, BLOCK = (2,), (64,)  # the kernels loop grid-stride, so any shape covers every element
 
 
-def kernel(source: str, name: str, sanitize: str | None = None) -> hostcuda.Function:
-    return module(source, sanitize).get_function(name)
+def kernel(source: str, name: str, sanitize: str | None = None, *, ftz: bool = False) -> hostcuda.Function:
+    return module(source, sanitize, ftz).get_function(name)
 
 
 # ---- exact reference arithmetic -------------------------------------------------------
@@ -312,7 +317,7 @@ VECTOR_LAYOUTS = {
 
 def test_vector_types_have_cuda_sizes_and_alignments():
     out = np.full(2 * 48, -1, np.int32)
-    kernel("vector_types.cu", "vector_layouts")(1, 1, (out,))
+    kernel("vector_types.cu", "vector_layouts")((1,), (1,), (out,))
     names = [f"{t}{w}" for t in VECTOR_LAYOUTS for w in range(1, 5)]
     got = {name: tuple(layout) for name, layout in zip(names, out.reshape(-1, 2).tolist(), strict=True)}
     expected = {f"{t}{w + 1}": layout for t, ls in VECTOR_LAYOUTS.items() for w, layout in enumerate(ls)}
@@ -334,7 +339,7 @@ def test_float4_and_double2_accesses_keep_member_order(n4):
 
 def test_make_vector_functions_fill_members_in_order():
     out = np.zeros(45, np.int64)
-    kernel("vector_types.cu", "make_vectors")(1, 1, (out,))
+    kernel("vector_types.cu", "make_vectors")((1,), (1,), (out,))
     expected = [-1, 2, -3, 4, 250, 251, 252, -300, 301, 65535, 1, 2, 3, -7, 8, -9, 4000000000, 5,
                 -10000000000, 11, 12, -13, 14, -15, 16, 17, 18, 19, 1, -3, 5, 3, -4, 5, -6, 20, 21, 22, 23, 24, 25,
                 26, 27]
@@ -518,7 +523,7 @@ def test_classification_of_floats_and_doubles():
     x = np.array(values, np.float32)
     d = np.array(values[::-1], np.float64)
     out = np.zeros(x.size, np.int32)
-    kernel("math.cu", "classify")(1, 32, (x, d, out, np.int32(x.size)))
+    kernel("math.cu", "classify")((1,), (32,), (x, d, out, np.int32(x.size)))
     flags = [np.isnan(x), np.isinf(x), np.isfinite(x), np.signbit(x),
              np.isnan(d), np.isinf(d), np.isfinite(d), np.signbit(d)]
     np.testing.assert_array_equal(out, sum(f.astype(np.int32) << k for k, f in enumerate(flags)))
@@ -541,7 +546,7 @@ def test_atomic_adds_from_many_blocks_lose_no_update():
     counters = [np.zeros(1, t) for t in (np.int32, np.uint32, np.uint64, np.float32, np.float64)]
     isub, usub = np.full(1, 10, np.int32), np.full(1, 10, np.uint32)
     hsum, scoped = np.zeros(1, np.float16), np.zeros(1, np.int32)
-    kernel("atomics.cu", "atomic_sums")(grid, block, (*counters, isub, usub, hsum, scoped, np.int32(reps)))
+    kernel("atomics.cu", "atomic_sums")((grid,), (block,), (*counters, isub, usub, hsum, scoped, np.int32(reps)))
     gid = np.arange(threads)
     assert [c[0] for c in counters] == [threads * reps, 2 * threads * reps, 3 * threads * reps,
                                         reps * (gid % 5).sum(), reps * (gid % 7).sum()]
@@ -561,7 +566,7 @@ def test_atomic_adds_from_many_blocks_lose_no_update():
 ])
 def test_float_atomic_add_flushes_subnormals_like_the_gpu(start, addend, expected):
     target, old = np.array([start], np.float32), np.zeros(1, np.float32)
-    kernel("atomics.cu", "atomic_add_subnormal")(1, 1, (target, np.array([addend], np.float32), old))
+    kernel("atomics.cu", "atomic_add_subnormal")((1,), (1,), (target, np.array([addend], np.float32), old))
     same(target, np.array([expected], np.float32))
     same(old, np.array([start], np.float32))  # the old value comes back unflushed
 
@@ -573,7 +578,7 @@ def test_atomic_min_max_find_the_extremes(values):
     imax, imin = np.array([-(2**31)], np.int32), np.array([2**31 - 1], np.int32)
     umax, umin = np.zeros(1, np.uint32), np.array([2**32 - 1], np.uint32)
     llmax, ullmin = np.array([-(2**63)], np.int64), np.array([2**64 - 1], np.uint64)
-    kernel("atomics.cu", "atomic_extrema")(4, 64, (v, imax, imin, umax, umin, llmax, ullmin, np.int32(v.size)))
+    kernel("atomics.cu", "atomic_extrema")((4,), (64,), (v, imax, imin, umax, umin, llmax, ullmin, np.int32(v.size)))
     u = v.view(np.uint32)
     assert (imax[0], imin[0], umax[0], umin[0]) == (v.max(), v.min(), u.max(), u.min())
     assert llmax[0] == int(v.max()) * 10**9
@@ -585,7 +590,7 @@ def test_atomic_min_max_find_the_extremes(values):
 def test_atomic_exchange_hands_out_every_value_once(n):
     slot, fslot, uslot = np.array([-1], np.int32), np.array([-1], np.float32), np.array([7], np.uint64)
     taken, ftaken, utaken = np.zeros(n, np.int32), np.zeros(n, np.float32), np.zeros(n, np.uint64)
-    kernel("atomics.cu", "atomic_exchanges")(4, 64, (slot, taken, fslot, ftaken, uslot, utaken, np.int32(n)))
+    kernel("atomics.cu", "atomic_exchanges")((4,), (64,), (slot, taken, fslot, ftaken, uslot, utaken, np.int32(n)))
     ids = list(range(n))
     assert sorted([*taken.tolist(), int(slot[0])]) == [-1, *ids]
     assert sorted([*ftaken.tolist(), float(fslot[0])]) == [-1.0, *ids]
@@ -597,7 +602,7 @@ def test_atomic_exchange_hands_out_every_value_once(n):
 def test_atomic_inc_dec_wrap_at_the_limit(n, limit, start):
     inc, dec = np.array([start], np.uint32), np.array([start], np.uint32)
     inc_taken, dec_taken = np.zeros(n, np.uint32), np.zeros(n, np.uint32)
-    kernel("atomics.cu", "atomic_wrapping")(4, 64, (inc, inc_taken, dec, dec_taken, np.uint32(limit), np.int32(n)))
+    kernel("atomics.cu", "atomic_wrapping")((4,), (64,), (inc, inc_taken, dec, dec_taken, np.uint32(limit), np.int32(n)))
     # Sequential model: the threads' order is unknown, but the sequence of values is not.
     i_seq, d_seq, i, d = [], [], start, start
     for _ in range(n):
@@ -614,7 +619,7 @@ def test_atomic_inc_dec_wrap_at_the_limit(n, limit, start):
 def test_atomic_bitwise_ops_combine_all_threads(n):
     or_word, and_word = np.zeros(1, np.int32), np.array([2**32 - 1], np.uint32)
     xor_word, or64 = np.zeros(1, np.uint32), np.zeros(1, np.uint64)
-    kernel("atomics.cu", "atomic_bits")(4, 64, (or_word, and_word, xor_word, or64, np.int32(n)))
+    kernel("atomics.cu", "atomic_bits")((4,), (64,), (or_word, and_word, xor_word, or64, np.int32(n)))
     gids = range(n)
     xor = 0
     for g in gids:
@@ -628,7 +633,7 @@ def test_atomic_bitwise_ops_combine_all_threads(n):
 def run_cas_lock(sanitize, grid, block, reps):
     lock, counter = np.zeros(1, np.int32), np.zeros(1, np.int32)
     small, wide = np.zeros(1, np.uint16), np.zeros(1, np.uint64)
-    kernel("atomics.cu", "cas_lock", sanitize)(grid, block, (lock, counter, small, wide, np.int32(reps)))
+    kernel("atomics.cu", "cas_lock", sanitize)((grid,), (block,), (lock, counter, small, wide, np.int32(reps)))
     threads = grid * block
     assert (lock[0], counter[0], small[0], int(wide[0])) == (0, threads * reps, threads, threads << 32)
 
@@ -637,17 +642,48 @@ def test_cas_spin_lock_with_fences_serialises_critical_sections():
     run_cas_lock(None, 2, 64, 3)
 
 
-def test_fenced_lock_is_race_free_under_thread_sanitizer():
+def test_fenced_lock_is_race_free_under_the_race_check():
     # The lock's atomics are relaxed: only the fences order the plain counter
-    # updates, so this fails if ThreadSanitizer cannot see __threadfence().
-    run_cas_lock("thread", 2, 16, 2)
+    # updates, so this fails if the race check cannot see __threadfence().
+    run_cas_lock("race", 2, 16, 2)
 
 
-@pytest.mark.parametrize("sanitize", [None, "thread"])
+@pytest.mark.parametrize("sanitize", [None, "race"])
 def test_last_block_reduction_sees_every_partial_sum(sanitize):
     grid, block = 5, 32
     x = np.arange(grid * block, dtype=np.int32) - 40
     partial, ticket, total = np.zeros(grid, np.int32), np.zeros(1, np.uint32), np.zeros(1, np.int32)
-    kernel("atomics.cu", "last_block_sum", sanitize)(grid, block, (x, partial, ticket, total))
+    kernel("atomics.cu", "last_block_sum", sanitize)((grid,), (block,), (x, partial, ticket, total))
     np.testing.assert_array_equal(partial, x.reshape(grid, block).sum(axis=1))
     assert (total[0], ticket[0]) == (x.sum(), 0)
+
+
+# ---- flush to zero (-ftz=true, as CuPy compiles every kernel) ----------------------------
+
+def test_float_arithmetic_flushes_subnormals_as_cupy_compiles_it():
+    # Operand 1e-40 is read as zero; the product 1e-20 * 1e-20 = 1e-40 becomes zero.
+    a = np.array([1e-40, 1e-20, -1e-40, 1.5], np.float32)
+    b = np.array([0.0, 1e-20, 0.0, 2.0], np.float32)
+    c = np.zeros(4, np.float32)
+    got = {}
+    for ftz in (False, True):
+        out = np.zeros(20 * 4, np.float32)
+        kernel("math.cu", "float_exact", ftz=ftz)(GRID, BLOCK, (a, b, c, out, np.int32(4)))
+        got[ftz] = out.reshape(20, 4)
+    same(got[False][0], a + b)
+    same(got[False][2], a * b)
+    same(got[True][0], np.array([0.0, 2e-20, 0.0, 3.5], np.float32))  # (-0) + 0 is +0
+    same(got[True][2], np.array([0.0, 0.0, -0.0, 3.0], np.float32))
+
+
+def test_half_subnormals_are_not_flushed_their_arithmetic_is_float():
+    # A __half subnormal (below 6.1e-5) is a normal float, so -ftz=true leaves half arithmetic alone.
+    tiny = np.array([2.0**-24, 3 * 2.0**-24, 2.0**-15, -(2.0**-20)], np.float16)
+    ones = np.ones(4, np.float16)
+    outs = []
+    for ftz in (False, True):
+        out = np.zeros(16 * 4, np.float16)
+        kernel("half.cu", "half_arithmetic", ftz=ftz)(GRID, BLOCK, (tiny, ones, tiny, out, np.int32(4)))
+        outs.append(out)
+    same(outs[True], outs[False])
+    same(outs[True].reshape(-1, 4)[2], tiny * ones)  # __hmul keeps the subnormals

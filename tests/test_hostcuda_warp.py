@@ -47,14 +47,14 @@ def test_shuffles_follow_cudas_lane_rules(ctype, p, width, seed):
     rng = np.random.default_rng(seed)
     v = rng.integers(0, 1000, 64).astype(dtype) + (dtype(0.5) if np.dtype(dtype).kind == "f" else 0)
     out = np.zeros((64, 4), dtype)
-    kernel(f"shuffles<{ctype}>")(2, 32, (v, out, np.int32(p), np.int32(width)))
+    kernel(f"shuffles<{ctype}>")((2,), (32,), (v, out, np.int32(p), np.int32(width)))
     np.testing.assert_array_equal(out, expected_shuffles(v, p, width))
 
 
 def test_butterfly_sum_gives_every_lane_the_warp_total():
     x = np.arange(96, dtype=np.float32)
     out = np.zeros(96, np.float32)
-    kernel("warp_sums")(1, 96, (x, out))
+    kernel("warp_sums")((1,), (96,), (x, out))
     np.testing.assert_array_equal(out, np.repeat(x.reshape(3, 32).sum(axis=1), 32))
 
 
@@ -62,7 +62,7 @@ def test_butterfly_sum_gives_every_lane_the_warp_total():
 def test_ballot_all_and_any_see_every_lane(bits):
     x = np.array(bits, np.int32)
     out = np.zeros((64, 3), np.uint32)
-    kernel("warp_votes")(1, 64, (x, out))
+    kernel("warp_votes")((1,), (64,), (x, out))
     for w in range(2):
         lanes = x[32 * w:32 * (w + 1)]
         ballot = sum(1 << k for k in range(32) if lanes[k])
@@ -72,7 +72,7 @@ def test_ballot_all_and_any_see_every_lane(bits):
 def test_a_mask_of_even_lanes_synchronises_only_those_lanes():
     x = np.arange(64, dtype=np.int32)
     out = np.zeros(64, np.int32)
-    kernel("even_lanes_sum")(1, 64, (x, out))
+    kernel("even_lanes_sum")((1,), (64,), (x, out))
     # Lane 0 of each warp holds the sum over that warp's even lanes.
     assert out[0] == x[0:32:2].sum() and out[32] == x[32:64:2].sum()
     assert (out[1::2] == -1).all()
@@ -81,7 +81,7 @@ def test_a_mask_of_even_lanes_synchronises_only_those_lanes():
 def test_syncwarp_orders_shared_memory_between_lanes():
     x = np.arange(32, dtype=np.int32) * 10
     out = np.zeros(32, np.int32)
-    kernel("rotate_through_shared")(1, 32, (x, out))
+    kernel("rotate_through_shared")((1,), (32,), (x, out))
     np.testing.assert_array_equal(out, np.roll(x, -1))
 
 
@@ -89,7 +89,7 @@ def test_a_lane_that_skips_a_full_warp_shuffle_is_reported_as_a_deadlock():
     x = np.ones(32, np.float32)
     with pytest.raises(hostcuda.KernelError, match=r"deadlock.*warp 0 waits in a __shfl\*_sync with mask "
                                                    r"0xffffffff, 31 of 32 lanes arrived"):
-        kernel("shuffle_missing_lane")(1, 32, (x, x.copy()))
+        kernel("shuffle_missing_lane")((1,), (32,), (x, x.copy()))
 
 
 def test_shuffle_from_a_lane_that_does_not_exist_is_reported():
@@ -98,4 +98,4 @@ def test_shuffle_from_a_lane_that_does_not_exist_is_reported():
     v = np.arange(48, dtype=np.float32)
     out = np.zeros((48, 4), np.float32)
     with pytest.raises(hostcuda.KernelError, match="reads lane 16, which is not in mask 0xffffffff or does not exist"):
-        kernel("shuffles<float>")(1, 48, (v, out, np.int32(1), np.int32(32)))
+        kernel("shuffles<float>")((1,), (48,), (v, out, np.int32(1), np.int32(32)))

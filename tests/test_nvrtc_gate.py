@@ -88,6 +88,25 @@ def test_template_instantiations_compile_for_every_arch_and_report_registers(tmp
 
 
 @pytest.mark.usefixtures("need_nvrtc")
+def test_the_gate_compiles_with_cupys_options_so_float_arithmetic_flushes_subnormals(tmp_path: Path) -> None:
+    # CuPy appends -ftz=true to every compile; the gate must compile the same code.
+    source = single_kernel_source(tmp_path, 'extern "C" __global__ void k(float* y) { y[0] = y[1] * y[2]; }\n')
+    (result,) = nvrtc.gate([source], ("compute_90",))  # a virtual architecture: the result is PTX
+    assert result.passed, result.failure_message()
+    assert "-ftz=true" in result.options and "--device-as-default-execution-space" in result.options
+    assert b"mul.ftz.f32" in result.binary or b"mul.rn.ftz.f32" in result.binary
+
+
+@pytest.mark.usefixtures("need_nvrtc")
+def test_a_source_that_asks_for_ieee_subnormals_fails_the_gate(tmp_path: Path) -> None:
+    # CuPy's -ftz=true comes after the source's options and wins; NVRTC warns, and the gate fails.
+    source = KernelSource(write(tmp_path / "kernel.cu", 'extern "C" __global__ void k(float* y) { y[0] = 1.0f; }\n'),
+                          options=("-ftz=false",))
+    (result,) = nvrtc.gate([source], ("sm_90",))
+    assert not result.passed and "ftz" in result.failure_message()
+
+
+@pytest.mark.usefixtures("need_nvrtc")
 @pytest.mark.parametrize(
     ("statement", "diagnostic"),
     [

@@ -256,8 +256,15 @@ class CompileResult:
         return message
 
 
+# What CuPy appends to every compile after the caller's options
+# (cupy/cuda/compiler.py: `options += ('-ftz=true',)`, then the architecture, then
+# `--device-as-default-execution-space`), so the gate compiles what a GPU runs:
+# float32 subnormals flushed to zero.  (CuPy's --pch only caches headers.)
+CUPY_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+
+
 def gate_options(arch: str, options: Iterable[str] = ()) -> tuple[str, ...]:
-    """The options the gate compiles with: target, ptxas report, the source's own, then the CUDA headers.
+    """The options the gate compiles with: target, ptxas report, the source's own, CuPy's, then the CUDA headers.
 
     The CUDA include directories come last so that a source's own directories take precedence.
     """
@@ -265,7 +272,7 @@ def gate_options(arch: str, options: Iterable[str] = ()) -> tuple[str, ...]:
     if arch.startswith("sm_"):  # only a real architecture runs ptxas
         target.append("--ptxas-options=-v")
     cuda_headers = [f"-I{directory}" for directory in cuda_include_dirs()]
-    return (*target, *options, *cuda_headers)
+    return (*target, *options, *CUPY_OPTIONS, *cuda_headers)
 
 
 def compile_source(

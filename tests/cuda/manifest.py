@@ -18,6 +18,7 @@ SOURCES = (
     KernelSource(HERE / "execution_model.cu", name_expressions=BLOCK_SUMS),
     KernelSource(HERE / "warp_collectives.cu", name_expressions=tuple(f"shuffles<{t}>" for t in SHUFFLE_TYPES)),
     KernelSource(HERE / "planted_bugs.cu"),
+    KernelSource(HERE / "planted_races.cu"),
     KernelSource(HERE / "half.cu"),
     KernelSource(HERE / "vector_types.cu"),
     KernelSource(HERE / "math.cu"),

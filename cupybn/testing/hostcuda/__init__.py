@@ -4,8 +4,9 @@
 C++ compiler (g++ >= 12, C++20) against a small compatibility header, and runs
 kernels on NumPy arrays.  Every CUDA thread of a block is a real thread and
 ``__syncthreads()`` a real barrier; warps meet only at warp-level sync points.
-The same source can be built under ThreadSanitizer or AddressSanitizer with
-UndefinedBehaviorSanitizer.  See ``docs/hostcuda.md`` for the model and its limits.
+The same source can be built with a race check that follows CUDA's orderings
+(``sanitize="race"``) or with AddressSanitizer and UndefinedBehaviorSanitizer
+(``sanitize="address"``).  See ``docs/hostcuda.md`` for the model and its limits.
 
 The names mirror CuPy's, so code that takes its kernel factory as a parameter
 (``cupy`` on a GPU) runs unchanged with this module::
@@ -16,10 +17,11 @@ The names mirror CuPy's, so code that takes its kernel factory as a parameter
 """
 from ._build import CompileError
 from ._cupy_kernels import ElementwiseKernel, ReductionKernel
+from ._races import Race, RaceAccess
 from ._raw import Function, KernelError, RawKernel, RawModule, SanitizerError
 
-__all__ = ["CompileError", "ElementwiseKernel", "Function", "HostKernels", "KernelError", "RawKernel", "RawModule",
-           "ReductionKernel", "SanitizerError", "host_cupy_backend"]
+__all__ = ["CompileError", "ElementwiseKernel", "Function", "HostKernels", "KernelError", "Race", "RaceAccess",
+           "RawKernel", "RawModule", "ReductionKernel", "SanitizerError", "host_cupy_backend"]
 
 
 class HostKernels:
@@ -30,9 +32,11 @@ class HostKernels:
     def __init__(self, sanitize: str | None = None):
         self.sanitize = sanitize
 
-    def RawModule(self, code=None, *, path=None, options=(), name_expressions=(), **ignored):  # noqa: N802
-        return RawModule(code, path=path, options=options, name_expressions=name_expressions or (),
-                         sanitize=self.sanitize)
+    def RawModule(self, **kwargs):  # noqa: N802
+        return RawModule(sanitize=self.sanitize, **kwargs)
+
+    def RawKernel(self, *args, **kwargs):  # noqa: N802
+        return RawKernel(*args, sanitize=self.sanitize, **kwargs)
 
     def ElementwiseKernel(self, *args, **kwargs):  # noqa: N802
         return ElementwiseKernel(*args, sanitize=self.sanitize, **kwargs)

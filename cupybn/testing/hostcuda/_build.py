@@ -24,11 +24,15 @@ from pathlib import Path
 INCLUDE_DIR = Path(__file__).parent / "include"
 
 # Bump when the generated code changes in a way the header hash cannot see.
-_BUILD_FORMAT = "1"
+_BUILD_FORMAT = "2"
 
+# "race": GCC's ThreadSanitizer instrumentation with the harness's own runtime in
+# place of ThreadSanitizer's (include/hostcuda/racecheck.h): a race check with
+# CUDA's orderings.  The object is linked without libtsan, and as a position-
+# dependent executable so that the addresses it reports are addr2line's.
 SANITIZERS = {
     None: [],
-    "thread": ["-fsanitize=thread"],
+    "race": ["-fsanitize=thread", "-Wno-tsan", "-fno-pie", "-DHOSTCUDA_RACECHECK=1"],
     "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
 }
 
@@ -130,7 +134,10 @@ _PASSED_PREFIXES = ("-D", "-U", "-I", "--define-macro", "--include-path")
 
 
 def host_options(options: tuple[str, ...]) -> list[str]:
+    """The g++ options for these NVRTC/CuPy options: macros, include folders, and
+    flush-to-zero (``-ftz=true``; the last ``-ftz`` given wins, as in NVRTC)."""
     out: list[str] = []
+    ftz = False
     it = iter(options)
     for opt in it:
         if opt in ("-D", "-U", "-I"):
@@ -141,6 +148,13 @@ def host_options(options: tuple[str, ...]) -> list[str]:
             out.append("-I" + opt.split("=", 1)[1])
         elif opt.startswith(("-D", "-U", "-I")):
             out.append(opt)
+        elif opt.startswith(("-ftz=", "--ftz=")):
+            value = opt.split("=", 1)[1]
+            if value not in ("true", "false"):
+                raise CompileError(f"option {opt!r}: NVRTC takes -ftz=true or -ftz=false")
+            ftz = value == "true"
+    if ftz:
+        out.append("-DHOSTCUDA_FTZ=1")
     return out
 
 
@@ -173,13 +187,38 @@ def cache_dir() -> Path:
     return Path(base) / "cupybn" / "hostcuda"
 
 
-def _command(cxx: str, tu: Path, out: Path, options: list[str], sanitize: str | None) -> list[str]:
+def _commands(cxx: str, tu: Path, out: Path, options: list[str], sanitize: str | None) -> list[list[str]]:
     cmd = [cxx, "-std=c++20", "-pthread", "-x", "c++", f"-I{INCLUDE_DIR}", "-Wno-unknown-pragmas"]
     if sanitize is None:
-        cmd += ["-O1", "-fPIC", "-shared"]
-    else:
-        cmd += ["-O1", "-g"] + SANITIZERS[sanitize]
-    return cmd + options + ["-o", str(out), str(tu)]
+        return [cmd + ["-O1", "-fPIC", "-shared"] + options + ["-o", str(out), str(tu)]]
+    cmd += ["-O1", "-g"] + SANITIZERS[sanitize] + options
+    if sanitize != "race":
+        return [cmd + ["-o", str(out), str(tu)]]
+    obj = out.with_suffix(".o")  # compiled instrumented, linked with our runtime in place of ThreadSanitizer's
+    return [cmd + ["-c", "-o", str(obj), str(tu)],
+            [cxx, "-pthread", "-no-pie", "-o", str(out), str(obj), str(_race_runtime())]]
+
+
+RACE_RUNTIME = INCLUDE_DIR / "hostcuda" / "racecheck_runtime.cc"
+
+
+def _race_runtime() -> Path:
+    """The race check's runtime, compiled once (without instrumentation) and cached."""
+    cxx, version = compiler()
+    key = hashlib.sha256("\0".join([_BUILD_FORMAT, _header_digest(), version]).encode()).hexdigest()[:32]
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{key}.racecheck.o"
+    if not target.exists():
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            out = Path(tmp) / target.name
+            cmd = [cxx, "-std=c++20", "-pthread", "-O2", "-g", "-fno-pie", "-c", "-o", str(out), str(RACE_RUNTIME)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise CompileError(f"compiling the race check's runtime failed:\n{proc.stderr.strip()}\n"
+                                   f"(command: {shlex.join(cmd)})")
+            os.replace(out, target)
+    return target
 
 
 def build(
@@ -187,7 +226,7 @@ def build(
 ) -> Build:
     """Compile (or find in the cache) the module for these kernels."""
     if sanitize not in SANITIZERS:
-        raise ValueError(f"sanitize must be None, 'thread' or 'address', got {sanitize!r}")
+        raise ValueError(f"sanitize must be None, 'race' or 'address', got {sanitize!r}")
     cxx, version = compiler()
     tu_text = translation_unit(code, kernels, standalone=sanitize is not None, source_name=source_name)
     flags = host_options(options)
@@ -203,12 +242,12 @@ def build(
             tu = Path(tmp) / "module.cpp"
             tu.write_text(tu_text)
             out = Path(tmp) / target.name
-            cmd = _command(cxx, tu, out, flags, sanitize)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise CompileError(
-                    f"host compilation of {source_name} failed:\n{proc.stderr.strip()}\n"
-                    f"(command: {shlex.join(cmd)})"
-                )
+            for cmd in _commands(cxx, tu, out, flags, sanitize):
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise CompileError(
+                        f"host compilation of {source_name} failed:\n{proc.stderr.strip()}\n"
+                        f"(command: {shlex.join(cmd)})"
+                    )
             os.replace(out, target)  # atomic: concurrent builders agree on one file
     return Build(target, sanitize)

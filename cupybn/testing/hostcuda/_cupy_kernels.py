@@ -644,7 +644,7 @@ class ElementwiseKernel:
                                     self.preamble, self.loop_prep, self.after_loop)
         kernel = _kernel_function(source, self.name, self.options, self.sanitize)
         threads = _thread_count(int(np.prod(loop_shape)), block_size)
-        kernel(1, threads, (*args, meta.array()))
+        kernel((1,), (threads,), (*args, meta.array()))
 
 
 class ReductionKernel:
@@ -736,7 +736,7 @@ class ReductionKernel:
         source = reduction_source(self.name, slots, offsets, self.nin, (len(in_shape), len(out_shape)),
                                   type_map, exprs, self.preamble)
         kernel = _kernel_function(source, self.name, self.options, self.sanitize)
-        kernel(1, _thread_count(int(np.prod(out_shape)), None), (*args, meta.array()))
+        kernel((1,), (_thread_count(int(np.prod(out_shape)), None),), (*args, meta.array()))
 
 
 def _raw_typedefs(in_args: Sequence[Any], out_args: Sequence[np.ndarray]) -> TypeMap:

@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from . import _races
 from ._build import Build, CompileError, build, plain_kernels
+from ._races import Race
 
 __all__ = ["CompileError", "Function", "KernelError", "RawKernel", "RawModule", "SanitizerError"]
 
@@ -30,12 +32,18 @@ class KernelError(RuntimeError):
 
 
 class SanitizerError(KernelError):
-    """A sanitizer build of the kernel reported a problem; ``report`` holds its text."""
+    """A sanitizer build of the kernel reported a problem.
 
-    def __init__(self, kernel: str, sanitizer: str, report: str):
+    ``report`` holds its text; for the race check, ``races`` holds each race found
+    (a :class:`cupybn.testing.hostcuda.Race`: the memory, the variable, the two
+    accesses with their threads and source lines, and why nothing orders them).
+    """
+
+    def __init__(self, kernel: str, sanitizer: str, report: str, races: tuple[Race, ...] = ()):
         self.kernel = kernel
         self.sanitizer = sanitizer
         self.report = report
+        self.races = races
         super().__init__(f"{sanitizer} sanitizer reported a problem in kernel {kernel!r}:\n{report}")
 
 
@@ -48,10 +56,14 @@ class _LaunchConfig(ctypes.Structure):
 
 
 def _dims(value: Any, what: str) -> tuple[int, int, int]:
-    dims = (value,) if isinstance(value, (int, np.integer)) else tuple(value)
-    if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, np.integer)) for d in dims):
-        raise TypeError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
-    dims = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+    # CuPy's Function.__call__ declares `tuple grid, tuple block`: an int or a list is a TypeError there.
+    if not isinstance(value, tuple):
+        raise TypeError(f"Argument '{what}' has incorrect type (expected tuple, got {type(value).__name__}): "
+                        f"CuPy's kernels take grid and block as tuples only")
+    if not 1 <= len(value) <= 3 or not all(isinstance(d, (int, np.integer)) for d in value):
+        raise TypeError(f"{what} must be a tuple of 1 to 3 ints, got {value!r}")
+    dims = tuple(int(d) for d in value) + (1,) * (3 - len(value))
+    # CuPy would launch max(1, d); a dimension below 1 is always a bug in the caller.
     if any(d < 1 or d >= 2**32 for d in dims):
         raise ValueError(f"{what} dimensions must be in [1, 2**32), got {value!r}")
     return dims  # type: ignore[return-value]
@@ -188,7 +200,20 @@ def _merged_regions(arrays: dict[int, np.ndarray]) -> tuple[list[tuple[int, int]
     return [(lo, hi) for lo, hi in regions], where
 
 
-def _run_sanitized(mod: Build, index: int, kernel: str, cfg: tuple, packed: _Packed, nargs: int) -> None:
+def _global_namer(packed: _Packed, regions: list[tuple[int, int]], where: dict[int, tuple[int, int]]):
+    """For race reports: the kernel argument behind byte `offset` of region `blob`."""
+    def describe(blob: int, offset: int) -> tuple[str, int]:
+        address = regions[blob][0] + offset
+        for i, a in sorted(packed.arrays.items()):
+            lo, hi = _extent(a)
+            if where[i][0] == blob and lo <= address < hi:
+                return f"argument {i} ({a.dtype} array)", address - a.ctypes.data
+        return f"array {blob}", offset
+    return describe
+
+
+def _run_sanitized(mod: Build, index: int, kernel: str, cfg: tuple, packed: _Packed, nargs: int,
+                   source_name: str) -> None:
     regions, where = _merged_regions(packed.arrays)
     req = [b"HCREQ001", struct.pack("<Q", index)]
     req.append(struct.pack("<7Q", *cfg[0], *cfg[1], cfg[2]))
@@ -216,6 +241,10 @@ def _run_sanitized(mod: Build, index: int, kernel: str, cfg: tuple, packed: _Pac
             raise KernelError(f"kernel {kernel!r} did not finish within {SANITIZER_TIMEOUT_S:.0f} s "
                               f"under the {mod.sanitize} sanitizer (a hang?)") from e
         report = proc.stderr
+        if "hostcuda-race-total" in report:
+            races = _races.parse(report, mod.path, source_name, _global_namer(packed, regions, where))
+            total = report.rsplit("hostcuda-race-total races=", 1)[1].split()[0]
+            raise SanitizerError(kernel, "race", _races.summary(kernel, races, total), races)
         if any(marker in report for marker in _REPORT_MARKERS):
             raise SanitizerError(kernel, str(mod.sanitize), report.strip())
         if proc.returncode == 3 and "hostcuda-kernel-error:" in report:
@@ -264,14 +293,19 @@ class Function:
         g, b = _dims(grid, "grid"), _dims(block, "block")
         if not isinstance(args, (tuple, list)):
             raise TypeError(f"args must be a tuple of kernel arguments, got {type(args).__name__}")
-        if shared_mem < 0 or shared_mem > self.max_dynamic_shared_size_bytes:
+        if not isinstance(shared_mem, (int, np.integer)):
+            raise TypeError(f"shared_mem must be an int, got {type(shared_mem).__name__}")
+        if shared_mem < 0:
+            raise OverflowError(f"shared_mem={shared_mem}: can't convert negative value to size_t")
+        if shared_mem > self.max_dynamic_shared_size_bytes:
             raise ValueError(
                 f"kernel {self.name!r}: shared_mem={shared_mem} exceeds max_dynamic_shared_size_bytes="
                 f"{self.max_dynamic_shared_size_bytes} (set that attribute first, as on a GPU)"
             )
         packed = _Packed(self.name, self._parameter_codes(), args)
         if self._module.sanitize is not None:
-            _run_sanitized(self._module._build(), self._index, self.name, (g, b, shared_mem), packed, len(args))
+            _run_sanitized(self._module._build(), self._index, self.name, (g, b, shared_mem), packed, len(args),
+                           self._module._source_name)
             return
         cfg = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem)
         err = ctypes.create_string_buffer(2048)
@@ -285,28 +319,44 @@ class Function:
 class RawModule:
     """Host counterpart of ``cupy.RawModule(code=..., options=..., name_expressions=...)``.
 
-    ``sanitize`` is None (run in this process), ``"thread"`` (ThreadSanitizer) or
-    ``"address"`` (AddressSanitizer and UndefinedBehaviorSanitizer); a sanitizer
-    run happens in a child process on copies of the arrays, and a report raises
-    :class:`SanitizerError`.  Only ``-D``, ``-U`` and ``-I`` options change the
-    host build; the module is compiled on first use and cached on disk.
+    The arguments CuPy takes are checked as CuPy checks them: ``code`` is a
+    keyword-only string and ``options`` a tuple.  CuPy compiles every kernel with
+    ``-ftz=true`` after the caller's options (float32 subnormals flush to zero),
+    and so does this module unless ``ftz=False``, which keeps the options as
+    given (NVRTC's default is IEEE subnormals).  CuPy's ``path=`` loads compiled
+    cubin or PTX, which the host cannot run, so it is refused.
+
+    Host-only arguments: ``sanitize`` is None (run in this process), ``"race"``
+    (the race check, with CUDA's orderings) or ``"address"`` (AddressSanitizer
+    and UndefinedBehaviorSanitizer); a sanitizer run happens in a child process
+    on copies of the arrays, and a report raises :class:`SanitizerError`.
+    ``source_name`` is the file name reports give the source (by default the
+    name of the cupybn kernel file with this text, or ``kernel.cu``).  Only
+    ``-D``, ``-U``, ``-I`` and ``-ftz`` options change the host build; the module
+    is compiled on first use and cached on disk.
     """
 
-    def __init__(self, code: str | None = None, *, path: str | os.PathLike | None = None,
-                 options: Sequence[str] = (), name_expressions: Sequence[str] = (),
-                 sanitize: str | None = None):
+    def __init__(self, *, code: str | None = None, path: str | os.PathLike | None = None,
+                 options: tuple[str, ...] = (), name_expressions: Sequence[str] | None = None,
+                 sanitize: str | None = None, source_name: str | None = None, ftz: bool = True,
+                 **cupy_only: Any):
         if (code is None) == (path is None):
-            raise TypeError("give exactly one of code= and path=")
+            raise TypeError("Exactly one of `code` and `path` keyword arguments must be given.")
         if path is not None:
-            code = Path(path).read_text()
-            self._source_name = str(path)
-        else:
-            self._source_name = "kernel.cu"
-        assert code is not None
+            raise ValueError("cupy.RawModule(path=...) loads compiled cubin/PTX, which the host harness cannot run; "
+                             "pass the CUDA source as code=")
+        if not isinstance(code, str):
+            raise TypeError(f"Argument 'code' has incorrect type (expected str, got {type(code).__name__})")
+        if not isinstance(options, tuple):
+            raise TypeError(f"Argument 'options' has incorrect type (expected tuple, got {type(options).__name__})")
+        unknown = set(cupy_only) - _CUPY_ONLY_ARGUMENTS
+        if unknown:
+            raise TypeError(f"RawModule() got unexpected keyword arguments {sorted(unknown)}")
         self.code = code
-        self.options = tuple(options)
-        self.name_expressions = tuple(name_expressions)
+        self.options = options + ("-ftz=true",) if ftz else options
+        self.name_expressions = tuple(name_expressions or ())
         self.sanitize = sanitize
+        self._source_name = source_name or _package_source_name(code)
         kernels = list(self.name_expressions)
         kernels += [k for k in plain_kernels(code) if k not in kernels]
         self._kernels = tuple(kernels)
@@ -339,8 +389,8 @@ class RawModule:
 
     def _describer(self) -> RawModule:
         if self._plain is None:
-            self._plain = RawModule(self.code, options=self.options, name_expressions=self.name_expressions)
-            self._plain._source_name = self._source_name
+            self._plain = RawModule(code=self.code, options=self.options, name_expressions=self.name_expressions,
+                                    source_name=self._source_name, ftz=False)
         return self._plain
 
     def get_function(self, name: str) -> Function:
@@ -356,11 +406,32 @@ class RawModule:
 
 
 class RawKernel(Function):
-    """Host counterpart of ``cupy.RawKernel(code, name, options=...)``."""
+    """Host counterpart of ``cupy.RawKernel(code, name, options=())``; the host-only
+    arguments are :class:`RawModule`'s."""
 
-    def __init__(self, code: str, name: str, options: Sequence[str] = (), *, sanitize: str | None = None):
-        module = RawModule(code, options=options, name_expressions=() if name in plain_kernels(code) else (name,),
-                           sanitize=sanitize)
+    def __init__(self, code: str, name: str, options: tuple[str, ...] = (), backend: str = "nvrtc", *,
+                 sanitize: str | None = None, source_name: str | None = None, ftz: bool = True, **cupy_only: Any):
+        if not isinstance(name, str):
+            raise TypeError(f"Argument 'name' has incorrect type (expected str, got {type(name).__name__})")
+        del backend  # nvrtc or nvcc: the host compiles either way
+        module = RawModule(code=code, options=options, sanitize=sanitize, source_name=source_name, ftz=ftz,
+                           name_expressions=None if name in plain_kernels(code) else (name,), **cupy_only)
         super().__init__(module, module._kernels.index(name), name)
         self.module = module
 
+
+# Arguments of cupy.RawModule/RawKernel that mean nothing on the host.
+_CUPY_ONLY_ARGUMENTS = {"backend", "translate_cucomplex", "enable_cooperative_groups", "jitify"}
+
+
+def _package_source_name(code: str) -> str:
+    """The file name of the cupybn kernel source whose text is ``code``, for reports; else ``kernel.cu``."""
+    from cupybn.kernels import PACKAGE_SOURCES  # noqa: PLC0415 - cupybn.kernels is standard library only
+
+    for source in PACKAGE_SOURCES:
+        try:
+            if source.path.read_text() == code:
+                return source.path.name
+        except OSError:
+            continue
+    return "kernel.cu"

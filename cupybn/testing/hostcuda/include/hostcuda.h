@@ -23,13 +23,16 @@
 
 // Function and variable qualifiers.  __shared__ variables become function-local
 // statics: one copy shared by every thread of the block, which is right because
-// the blocks of a grid run one after the other.  `extern __shared__` arrays are
-// rewritten by the harness (see _source.py) into a per-launch buffer.
+// the blocks of a grid run one after the other.  They are placed in a section of
+// their own, so that the runtime can refill them for every block (as it does
+// dynamic shared memory) and the race check knows them for shared memory.
+// `extern __shared__` arrays are rewritten by the harness (see _build.py) into a
+// per-launch buffer.
 #define __global__
 #define __device__
 #define __host__
 #define __constant__
-#define __shared__ static
+#define __shared__ static __attribute__((section("hostcuda_shared")))
 #define __managed__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)

@@ -1,9 +1,10 @@
 // hostcuda/atomic.h: CUDA's atomic functions and memory fences on the host.
 //
-// Every atomic is a std::atomic_ref operation, so ThreadSanitizer sees a real
-// atomic.  They are relaxed, as CUDA's atomicXxx are: ordering other memory
-// accesses takes __syncthreads() or a __threadfence*(), exactly as on the GPU,
-// so a kernel that forgets its fence shows up as a data race under TSan.
+// Every atomic is a std::atomic_ref operation, which the race check
+// (sanitize="race") sees as an atomic.  They are relaxed, as CUDA's atomicXxx
+// are: ordering other memory accesses takes __syncthreads() or a
+// __threadfence*() before the atomic, exactly as on the GPU, so a kernel that
+// forgets its fence shows up as a race.
 // Each returns the old value, as CUDA's do.
 //
 // Like the GPU's, atomicAdd on float flushes subnormal inputs and results to
@@ -51,20 +52,11 @@ T atomic_update(T* address, Update update) {
 
 inline float flush_subnormal(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
 
-// One word that every fence updates.  TSan does not model std::atomic_thread_fence
-// (GCC warns that it is unsupported there), but it does model this: a fence is a
-// release-acquire read-modify-write on a single global word, so each fence
-// synchronises with every earlier one, which is what a fence pairs with.
-inline std::atomic<unsigned>& fence_word() {
-  static std::atomic<unsigned> word{0};
-  return word;
-}
-
-inline void fence() {
-#if !defined(__SANITIZE_THREAD__)
-  std::atomic_thread_fence(std::memory_order_seq_cst);  // the real fence, for the C++ memory model
-#endif
-  fence_word().fetch_add(1, std::memory_order_acq_rel);
+// scope: 1 block, 2 device.  The host has one coherent memory, so the real
+// fence is the same for both; the race check (sanitize="race") tells them apart.
+inline void fence(int scope) {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  race::fence(scope);
 }
 
 }  // namespace detail
@@ -213,8 +205,8 @@ template <class T, class U>
 auto atomicMin_system(T* a, U v) -> decltype(atomicMin(a, v)) { return atomicMin(a, v); }
 
 // ---------------------------------------------------------------- fences
-inline void __threadfence_block() { hostcuda::detail::fence(); }
-inline void __threadfence() { hostcuda::detail::fence(); }
-inline void __threadfence_system() { hostcuda::detail::fence(); }
+inline void __threadfence_block() { hostcuda::detail::fence(1); }
+inline void __threadfence() { hostcuda::detail::fence(2); }
+inline void __threadfence_system() { hostcuda::detail::fence(2); }
 
 #endif  // CUPYBN_HOSTCUDA_ATOMIC_H

@@ -27,6 +27,11 @@
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
+#include "racecheck.h"
 
 struct uint3 {
   unsigned int x, y, z;
@@ -225,18 +230,21 @@ inline void syncthreads_impl(const char* file, int line, int op, int predicate) 
     throw Abort{};
   }
   b.sync_acc += predicate != 0;
+  race::barrier_arrive();
   if (++b.at_sync == b.nthreads) {
     // Last to arrive: compute the vote, release the others, open the next phase.
     const unsigned long long n = b.sync_acc;
     b.sync_result = b.sync_op == 1 ? static_cast<int>(n) : b.sync_op == 2 ? n == b.nthreads : n != 0;
     b.running += b.at_sync - 1;
     b.at_sync = 0;
+    race::barrier_complete();
     move_signal(b.phase);
     lock.unlock();
     b.phase.notify_all();
-    return;
+  } else {
+    block_until_moved(b, lock, b.phase);
   }
-  block_until_moved(b, lock, b.phase);
+  race::barrier_depart();
 }
 
 // The vote of the barrier just passed; it stays until every thread has reached
@@ -274,12 +282,16 @@ inline auto warp_collective(Collective kind, unsigned mask, unsigned long long v
     block_until_moved(b, lock, w.reset);
     lock.lock();
   }
+  const unsigned warp = tls.linear / 32u;
   if (w.arrived == 0) {
     w.kind = kind;
     w.mask = mask;
     w.expected = static_cast<unsigned>(__builtin_popcount(mask & w.existing));
     w.present = 0;
+    if (kind == Collective::Syncwarp) race::syncwarp_round(warp);
   }
+  // Only __syncwarp orders memory; shuffles and votes exchange values alone.
+  if (kind == Collective::Syncwarp) race::syncwarp_arrive(warp, lane);
   w.slots[lane] = value;
   w.present |= 1u << lane;
   if (++w.arrived == w.expected) {
@@ -294,6 +306,7 @@ inline auto warp_collective(Collective kind, unsigned mask, unsigned long long v
   }
   // The slots stay put until every participant has departed, this one included.
   auto result = read(w.slots, w.present, lane);
+  if (kind == Collective::Syncwarp) race::syncwarp_depart(warp);
   lock.lock();
   if (++w.departed == w.expected) {
     w.gathering = true;
@@ -471,6 +484,32 @@ inline std::string check_config(const LaunchConfig& c) {
   return "";
 }
 
+// CuPy compiles every kernel with -ftz=true: float32 arithmetic on a GPU reads
+// subnormal operands as zero and flushes subnormal results to zero.  The
+// harness's threads do the same through the FPU's flush-to-zero and
+// denormals-are-zero modes when the module was built with HOSTCUDA_FTZ=1 (which
+// also flushes float64 subnormals, which a GPU keeps: see docs/hostcuda.md).
+#if defined(HOSTCUDA_FTZ) && HOSTCUDA_FTZ
+constexpr bool kFlushToZero = true;
+#else
+constexpr bool kFlushToZero = false;
+#endif
+
+inline void set_flush_to_zero(bool on) {
+#if defined(__x86_64__) || defined(__i386__)
+  constexpr unsigned kFtzDaz = 0x8040;  // MXCSR bits 15 (flush to zero) and 6 (denormals are zero)
+  _mm_setcsr(on ? (_mm_getcsr() | kFtzDaz) : (_mm_getcsr() & ~kFtzDaz));
+#elif defined(__aarch64__)
+  unsigned long fpcr;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+  constexpr unsigned long kFz = 1ul << 24;  // flushes subnormal inputs and results
+  fpcr = on ? (fpcr | kFz) : (fpcr & ~kFz);
+  __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+#else
+  if (on) trap("flush-to-zero (-ftz=true) is supported on x86-64 and AArch64 hosts only");
+#endif
+}
+
 inline void poison_dynamic_shared(std::size_t used) {
 #if defined(__SANITIZE_ADDRESS__)
   ASAN_UNPOISON_MEMORY_REGION(dynamic_smem, kMaxDynamicShared);
@@ -512,10 +551,13 @@ inline int run_grid(const LaunchConfig& cfg, const std::function<void()>& body, 
     b.running = nthreads;
     b.at_sync = b.finished = 0;
     std::memset(dynamic_smem, kSharedFill, cfg.shared_mem);
+    if (static_shared_size() != 0) std::memset(static_shared_begin(), kSharedFill, static_shared_size());
+    race::reset_block();
   };
   start_block();
 
   std::function<void(unsigned)> job = [&](unsigned linear) {
+    set_flush_to_zero(kFlushToZero);
     tls.block = &b;
     tls.linear = linear;
     tls.thread_idx = uint3{linear % cfg.block[0], (linear / cfg.block[0]) % cfg.block[1],
@@ -525,7 +567,9 @@ inline int run_grid(const LaunchConfig& cfg, const std::function<void()>& body, 
         tls.block_idx = uint3{static_cast<unsigned>(blk % cfg.grid[0]),
                               static_cast<unsigned>((blk / cfg.grid[0]) % cfg.grid[1]),
                               static_cast<unsigned>(blk / (1ull * cfg.grid[0] * cfg.grid[1]))};
+        race::begin_block(blk, linear);
         body();
+        race::end_block();
         std::unique_lock<std::mutex> lock(b.m);
         if (b.aborted.load(std::memory_order_relaxed)) return;
         if (++b.finished == nthreads) {

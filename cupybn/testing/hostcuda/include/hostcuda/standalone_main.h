@@ -69,10 +69,17 @@ int main(int argc, char** argv) {
   cfg.shared_mem = req.u64();
 
   std::vector<std::pair<char*, unsigned long long>> blobs(req.u64());
-  for (auto& [ptr, size] : blobs) {
+#if defined(HOSTCUDA_RACECHECK)
+  hostcuda_race_init(dynamic_smem, kMaxDynamicShared, static_shared_begin(), static_shared_size());
+#endif
+  for (std::size_t i = 0; i < blobs.size(); ++i) {
+    auto& [ptr, size] = blobs[i];
     size = req.u64();
     ptr = static_cast<char*>(std::malloc(size));  // exactly the region: ASan's bounds
     std::memcpy(ptr, req.bytes(size), size);
+#if defined(HOSTCUDA_RACECHECK)
+    hostcuda_race_add_global(ptr, size, static_cast<int>(i));  // the arrays are global memory
+#endif
   }
   const unsigned long long nargs = req.u64();
   std::vector<void*> args(nargs);
@@ -93,10 +100,18 @@ int main(int argc, char** argv) {
     }
   }
   char err[2048] = {0};
-  if (hostcuda_kernels[kernel](&cfg, args.data(), err, sizeof err) != 0) {
+  const int failed = hostcuda_kernels[kernel](&cfg, args.data(), err, sizeof err);
+#if defined(HOSTCUDA_RACECHECK)
+  // Races first: a kernel that failed may have failed because of one.
+  const bool raced = hostcuda_race_finish(cfg.grid, cfg.block) != 0;
+#else
+  const bool raced = false;
+#endif
+  if (failed != 0) {
     std::fprintf(stderr, "hostcuda-kernel-error: %s\n", err);
     return 3;
   }
+  if (raced) return 66;
   std::ofstream out(argv[2], std::ios::binary);
   for (auto& [ptr, size] : blobs) {
     out.write(ptr, static_cast<std::streamsize>(size));
