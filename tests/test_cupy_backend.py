@@ -83,10 +83,12 @@ def test_results_do_not_depend_on_the_run_but_on_the_geometry_only():
 
 @pytest.mark.parametrize("shape,axis", [((2, 3, 4, 5), 1), ((40, 3), 1), ((2, 4, 5, 3), -1)],
                          ids=["planar", "rows", "channels-last"])
-@pytest.mark.parametrize("sanitize", ["race", "address"])
-def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, shape, axis):
-    # Each dtype is its own module: float32 here, float16 and float64 below.
-    backend = host_cupy_backend(sanitize)
+@pytest.mark.parametrize("sanitize,threads", [("race", 64), ("race", 256), ("address", 64)],
+                         ids=["race-64", "race-256", "address-64"])
+def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, threads, shape, axis):
+    # Each dtype is its own module: float32 here, float16 and float64 below.  The
+    # race check runs both block sizes (256 is the GPU's default).
+    backend = host_cupy_backend(sanitize, threads=threads)
     x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
     C = shape[axis]
     gamma, beta = np.linspace(0.5, 2, C, dtype=np.float32), np.linspace(-1, 1, C, dtype=np.float32)
@@ -138,11 +140,11 @@ def test_a_missing_cuda_fp16_header_is_retried_with_the_cuda_headers_cupybn_find
     seen = []
 
     class WithoutCudaHeaders(HostKernels):
-        def RawModule(self, code=None, *, options=(), **kwargs):  # noqa: N802
+        def RawModule(self, *, code=None, options=(), **kwargs):  # noqa: N802
             seen.append(options)
             if f"-I{tmp_path}" not in options:
                 raise CompileError('batch_norm.cu(19): catastrophic error: cannot open source file "cuda_fp16.h"')
-            return super().RawModule(code, options=options, **kwargs)
+            return super().RawModule(code=code, options=options, **kwargs)
 
     backend = CupyBackend(np, WithoutCudaHeaders(), threads=64, sm_count=2)
     x = np.random.default_rng(9).standard_normal((6, 2, 5)).astype(np.float32)

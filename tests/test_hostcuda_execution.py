@@ -67,11 +67,19 @@ def test_dynamic_shared_memory_is_sized_at_launch(n, block):
     np.testing.assert_array_equal(y, expected)
 
 
-def test_dynamic_shared_memory_starts_filled_not_zeroed():
+@pytest.mark.parametrize("name", ["read_uninitialised_shared", "read_uninitialised_static_shared"])
+def test_shared_memory_starts_filled_not_zeroed_in_every_block(name):
     out = np.zeros(2 * 32, np.uint32)
-    kernel("read_uninitialised_shared")((2,), (32,), (out,), shared_mem=4 * 32)
-    # Every block, the second included, starts from the fill pattern.
+    kernel(name)((2,), (32,), (out,), shared_mem=4 * 32)
+    # Every block, the second included, starts from the fill pattern, not the previous block's values.
     np.testing.assert_array_equal(out, np.full(64, 0xFFFFFFFF, np.uint32))
+
+
+def test_a_shared_declaration_the_harness_cannot_see_is_refused():
+    # __shared__ in a macro (or an #included header) would escape the rewrite that gives it per-block storage.
+    source = '#define SHARED_INT __shared__ int\nextern "C" __global__ void k(int* y) { SHARED_INT s; s = 1; y[0] = s; }\n'
+    with pytest.raises(hostcuda.CompileError, match="declare __shared__ variables in the .cu source"):
+        hostcuda.RawModule(code=source).compile()
 
 
 def test_more_than_48k_of_dynamic_shared_memory_needs_the_attribute_first():

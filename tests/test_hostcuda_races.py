@@ -124,7 +124,7 @@ def test_report_names_the_kernel_the_variable_the_threads_and_the_lines():
     with pytest.raises(hostcuda.SanitizerError) as info:
         launch(PLANTED[0], correct=0)
     race = info.value.races[0]
-    assert race.variable == "__shared__ moments_static_shared::partials"
+    assert race.variable == "__shared__ partials in moments_static_shared"
     writer = race.first if race.first.op == "write" else race.second
     reader = race.second if writer is race.first else race.first
     # Lane 0 of a warp other than 0 writes; a lane of warp 0 reads its partial.
@@ -132,7 +132,7 @@ def test_report_names_the_kernel_the_variable_the_threads_and_the_lines():
     assert reader.warp == 0 and reader.lane == writer.warp and reader.block == writer.block == (0, 0, 0)
     assert writer.location == marked_line("partial written") and reader.location == marked_line("partial read")
     text = info.value.report
-    for piece in ("'moments_static_shared'", "race on shared memory", "__shared__ moments_static_shared::partials",
+    for piece in ("'moments_static_shared'", "race on shared memory", "__shared__ partials in moments_static_shared",
                   f"thread {writer.thread} of block (0, 0, 0) (warp {writer.warp}, lane 0)",
                   "block_moments", marked_line("partial read"), "no __syncthreads()"):
         assert piece in text, piece

@@ -89,7 +89,7 @@ __device__ bool spun_too_long(long long start) { return clock64() - start > (1LL
 // A spin lock built from atomicCAS/atomicExch and fences guards a plain
 // read-modify-write of `counter`: no update is lost.  The fences are needed on
 // the GPU (the atomics are relaxed) and make the critical sections ordered for
-// ThreadSanitizer on the host.
+// the race check on the host.
 extern "C" __global__ void cas_lock(int* __restrict__ lock, int* counter, unsigned short* __restrict__ small,
                                     unsigned long long* __restrict__ wide, int reps) {
   for (int r = 0; r < reps; ++r) {
@@ -107,7 +107,7 @@ extern "C" __global__ void cas_lock(int* __restrict__ lock, int* counter, unsign
   }
   // Increment a 16-bit and a 64-bit word by CAS loops.  The first guess is 0
   // rather than a plain read of the word, which would race with the other
-  // threads' atomics (a benign race on the GPU, a report under TSan).
+  // threads' atomics (a race in CUDA's memory model, and a report of the race check).
   const long long start = clock64();
   unsigned short seen = 0, assumed;
   do {

@@ -66,6 +66,20 @@ extern "C" __global__ void read_uninitialised_shared(unsigned int* __restrict__ 
   scratch[threadIdx.x] = 0u;
 }
 
+// The same with static shared memory, declared in a template (where a plain
+// function-local static would keep the previous block's values).
+template <int kBlock>
+__device__ void read_static_scratch(unsigned int* out) {
+  __shared__ unsigned int scratch[kBlock];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = scratch[threadIdx.x];
+  __syncthreads();
+  scratch[threadIdx.x] = blockIdx.x;
+}
+
+extern "C" __global__ void read_uninitialised_static_shared(unsigned int* __restrict__ out) {
+  read_static_scratch<32>(out);
+}
+
 // __syncthreads_count / _and / _or over the predicate "x[i] > 0".
 extern "C" __global__ void barrier_votes(const int* __restrict__ x, int* __restrict__ out) {
   const int p = x[blockIdx.x * blockDim.x + threadIdx.x] > 0;

@@ -52,7 +52,7 @@ extern "C" __global__ void rotate_through_shared(const int* __restrict__ x, int*
   out[threadIdx.x] = slot[(lane + 1) & 31];
 }
 
-// The same exchange without __syncwarp: a race that ThreadSanitizer reports.
+// The same exchange without __syncwarp: a race that the race check reports.
 extern "C" __global__ void rotate_without_syncwarp(const int* __restrict__ x, int* __restrict__ out) {
   __shared__ int slot[32];
   const int lane = threadIdx.x & 31;

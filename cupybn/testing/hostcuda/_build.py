@@ -5,8 +5,8 @@ rewrite, below) and generated ``extern "C"`` entry points, one per kernel, that
 Python calls through ctypes (or, in sanitizer builds, a ``main`` that serves one
 launch read from a file).
 
-The one rewrite: ``extern __shared__ T name[];`` becomes a pointer to the
-harness' dynamic shared memory buffer.  Every other construct compiles as
+The one rewrite: ``__shared__`` declarations become references into the
+harness' shared memory (``rewrite_shared``).  Every other construct compiles as
 written, or fails to compile.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 INCLUDE_DIR = Path(__file__).parent / "include"
 
 # Bump when the generated code changes in a way the header hash cannot see.
-_BUILD_FORMAT = "2"
+_BUILD_FORMAT = "3"
 
 # "race": GCC's ThreadSanitizer instrumentation with the harness's own runtime in
 # place of ThreadSanitizer's (include/hostcuda/racecheck.h): a race check with
@@ -53,22 +53,100 @@ _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:(?:__align__|alignas)\s*\(\s*\w+\s*\)\s*)?"
     r"(?P<type>[^;\[\]]*?)\s*(?P<name>\b\w+)\s*\[\s*\]\s*;"
 )
+_SHARED = re.compile(r"(?P<quals>(?:\b(?:volatile|const)\s+)*)(?P<extern>\bextern\s+)?__shared__\b")
+_ALIGN = re.compile(r"\b(?:__align__|alignas)\s*\(([^()]*)\)")
+_DECLARATOR = re.compile(r"(?P<prefix>.*?)(?P<name>\b[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\[\]]*\]\s*)*)", re.S)
 
 
-def rewrite_extern_shared(source: str) -> str:
-    """``extern __shared__ T name[];`` -> a pointer into the dynamic shared memory buffer.
+def rewrite_shared(source: str) -> str:
+    """Turn ``__shared__`` declarations into references to the harness's shared memory.
 
-    Declarations are found in the source with its comments blanked out, so a
-    comment that mentions ``extern __shared__`` is left alone.
+    * ``extern __shared__ T name[];`` becomes a pointer to the dynamic shared
+      memory buffer.
+    * ``__shared__ T a[N], b;`` becomes ``auto& a = ::hostcuda::static_shared<T[N], ...>(...); ...``:
+      storage in one arena that the runtime refills for every block and the race
+      check knows for shared memory, one slot per declaration and template
+      instantiation (a function-local ``static`` cannot be found: GCC ignores
+      a section attribute on one in a template).
+
+    Declarations are found with comments blanked out, so a comment that mentions
+    ``__shared__`` is left alone, and lines are kept where they were.
     """
+    text = _blank_comments(source)
+    depth = _brace_depths(text)
     out, last = [], 0
-    for m in _EXTERN_SHARED.finditer(_blank_comments(source)):
-        t = m.group("type").strip()
-        # The buffer is 256-byte aligned, more than any __align__ a kernel asks for.
-        out += [source[last : m.start()],
-                f"{t}* const {m.group('name')} = reinterpret_cast<{t}*>(::hostcuda::dynamic_smem);"]
-        last = m.end()
+    for m in _SHARED.finditer(text):
+        if m.start() < last:
+            continue
+        line_start = text.rfind("\n", 0, m.start()) + 1
+        if text[line_start:m.start()].lstrip().startswith("#"):
+            continue  # a macro definition: left alone (and refused by hostcuda.h if used)
+        end = text.find(";", m.end())
+        if end < 0:
+            raise CompileError(f"line {text.count(chr(10), 0, m.start()) + 1}: a __shared__ declaration with no ';'")
+        line = text.count("\n", 0, m.start()) + 1
+        if m.group("extern"):
+            ext = _EXTERN_SHARED.fullmatch(text[m.start() + len(m.group("quals")):end + 1].strip())
+            if ext is None:
+                raise CompileError(f"line {line}: hostcuda supports `extern __shared__ T name[];` only")
+            t = (m.group("quals") + ext.group("type")).strip()
+            # The buffer is 256-byte aligned, more than any __align__ a kernel asks for.
+            replacement = f"{t}* const {ext.group('name')} = reinterpret_cast<{t}*>(::hostcuda::dynamic_smem);"
+        else:
+            in_function = depth[m.start()] > 0
+            replacement = _static_shared(m.group("quals"), text[m.end():end], line, in_function)
+        out += [source[last:m.start()], replacement + "\n" * source.count("\n", m.start(), end)]
+        last = end + 1
     return "".join(out) + source[last:]
+
+
+def _static_shared(quals: str, declaration: str, line: int, in_function: bool) -> str:
+    align = "0"
+    found = _ALIGN.search(declaration)
+    if found:
+        align = found.group(1).strip()
+        declaration = _ALIGN.sub(" ", declaration)
+    declarators = _split_top_level(declaration)
+    first = _DECLARATOR.fullmatch(declarators[0].strip())
+    if first is None or not first.group("prefix").strip():
+        raise CompileError(f"line {line}: hostcuda cannot read the __shared__ declaration {declaration.strip()!r}")
+    prefix = first.group("prefix").rstrip()
+    base = prefix.rstrip("*& \t\n")
+    where = "__PRETTY_FUNCTION__" if in_function else '""'
+    parts = []
+    for i, text in enumerate(declarators):
+        d = first if i == 0 else _DECLARATOR.fullmatch(text.strip())
+        stars = prefix[len(base):] if i == 0 else (d.group("prefix") if d else "")
+        if d is None or stars.strip(" \t\n*") or "&" in stars:
+            raise CompileError(f"line {line}: hostcuda cannot read the __shared__ declaration {declaration.strip()!r}")
+        element = f"{quals}{base}{stars.replace(' ', '')}".strip()
+        dims = re.sub(r"\s+", "", d.group("dims"))
+        parts.append(f"auto& {d.group('name')} = ::hostcuda::static_shared<std::type_identity_t<{element}>{dims}, "
+                     f"decltype([] {{}}), {align}>(\"{d.group('name')}\", {where});")
+    return " ".join(parts)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside (), [], {} and <>."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{<":
+            depth += 1
+        elif ch in ")]}>":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def _brace_depths(text: str) -> list[int]:
+    """The depth of braces at every position of ``text`` (comments blanked)."""
+    depths, depth = [], 0
+    for ch in text:
+        depths.append(depth)
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+    return depths
 
 
 def _blank_comments(source: str) -> str:
@@ -120,7 +198,7 @@ def translation_unit(code: str, kernels: tuple[str, ...], *, standalone: bool, s
     parts = [
         '#include "hostcuda.h"',
         f'#line 1 "{source_name}"',
-        rewrite_extern_shared(code),
+        rewrite_shared(code),
         _entry_points(kernels),
     ]
     if standalone:

@@ -3,9 +3,10 @@ source lines, threads and variables.
 
 The checked executable (``include/hostcuda/racecheck_runtime.cc``) prints one
 ``hostcuda-race`` line per race and one ``hostcuda-race-access`` line for each of
-its two accesses, with raw code addresses.  Here they become :class:`Race`
-objects: ``addr2line`` turns the addresses into the kernel's source lines, ``nm``
-names static ``__shared__`` arrays, and the launch's arguments name global memory.
+its two accesses, with raw code addresses, and a ``hostcuda-static-shared`` line
+for each static ``__shared__`` variable.  Here they become :class:`Race` objects:
+``addr2line`` turns the addresses into the kernel's source lines, and the
+variables and the launch's arguments name the memory.
 """
 from __future__ import annotations
 
@@ -109,25 +110,11 @@ class _Symbolizer:
                     i += 2
                 else:
                     i += 1
-        self._symbols: list[tuple[int, int, str]] | None = None
-        self._exe = exe
 
     def kernel_frames(self, pc: int) -> list[str]:
         """Frames of the kernel's own source (not the harness header, not the C++ library)."""
         return [f"{function} at {location}" for function, location in self.frames.get(pc, [])
                 if _is_kernel_source(location)]
-
-    def static_variable(self, address: int) -> tuple[str, int] | None:
-        if self._symbols is None:
-            self._symbols = []
-            for line in _run(["nm", "-C", "-S", "--defined-only", str(self._exe)]).splitlines():
-                parts = line.split(maxsplit=3)
-                if len(parts) == 4 and re.fullmatch(r"[0-9a-f]+", parts[0]) and re.fullmatch(r"[0-9a-f]+", parts[1]):
-                    self._symbols.append((int(parts[0], 16), int(parts[1], 16), parts[3]))
-        for start, size, name in self._symbols:
-            if start <= address < start + size:
-                return name, address - start
-        return None
 
 
 def _is_kernel_source(location: str) -> bool:
@@ -142,17 +129,26 @@ def _run(cmd: list[str]) -> str:
         return ""
 
 
-def _short_static_name(name: str) -> str:
-    """``f<float>(float const*, int)::partials`` -> ``f<float>::partials``: the function and the variable."""
-    end = name.rfind(")::")
-    if end < 0:
-        return name
-    depth = 0
-    for start in range(end, -1, -1):
-        depth += {")": 1, "(": -1}.get(name[start], 0)
-        if depth == 0:
-            return name[:start] + name[end + 1:]
-    return name
+def _function_name(pretty: str) -> str:
+    """``void f(float*, int) [with T = float]`` -> ``f [with T = float]``: the function, without its signature."""
+    head, paren, _ = pretty.partition("(")
+    if not paren:
+        return pretty
+    name = head.split()[-1] if head.split() else head
+    template = pretty[pretty.rfind(" [with "):] if pretty.endswith("]") and " [with " in pretty else ""
+    return name + template
+
+
+def _static_slots(lines: list[str]) -> list[tuple[int, int, str]]:
+    """(offset, size, description) of each static __shared__ slot the executable listed."""
+    slots = []
+    for line in lines:
+        if line.startswith("hostcuda-static-shared "):
+            head, _, function = line.partition(" function=")
+            fields = _fields(head)
+            where = f" in {_function_name(function.strip())}" if function.strip() else ""
+            slots.append((int(fields["offset"]), int(fields["size"]), f"__shared__ {fields['name']}{where}"))
+    return slots
 
 
 def parse(report: str, exe: Path, source_name: str,
@@ -171,6 +167,7 @@ def parse(report: str, exe: Path, source_name: str,
             records.append((_fields(line), _fields(lines[i + 1]), _fields(lines[i + 2])))
     pcs = [int(a[k], 16) for _, *accesses in records for a in accesses for k in ("pc", "caller")]
     symbols = _Symbolizer(exe, pcs, source_name)
+    slots = _static_slots(lines)
 
     def access(a: dict[str, str]) -> RaceAccess:
         frames = symbols.kernel_frames(int(a["pc"], 16))
@@ -189,9 +186,8 @@ def parse(report: str, exe: Path, source_name: str,
         elif space == "dynamic-shared":
             variable = "extern __shared__ (dynamic shared memory)"
         else:
-            found = symbols.static_variable(int(head["address"], 16))
-            variable, offset = (f"__shared__ {_short_static_name(found[0])}", found[1]) if found else (
-                "a static __shared__ array", offset)
+            found = [(start, name) for start, size, name in slots if start <= offset < start + size]
+            variable, offset = (found[0][1], offset - found[0][0]) if found else ("a static __shared__ array", offset)
         race = Race(memory="global" if space == "global" else "shared", variable=variable, offset=offset,
                     why=head["why"], first=access(first), second=access(second))
         # One race per variable and pair of (location, access): the same two

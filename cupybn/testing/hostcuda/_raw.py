@@ -177,7 +177,7 @@ class _Packed:
 
 # ---- sanitizer runs --------------------------------------------------------------
 
-_REPORT_MARKERS = ("WARNING: ThreadSanitizer", "ERROR: AddressSanitizer", "runtime error:",
+_REPORT_MARKERS = ("ERROR: AddressSanitizer", "runtime error:",
                    "ERROR: LeakSanitizer", "SUMMARY: UndefinedBehaviorSanitizer")
 
 
@@ -228,7 +228,6 @@ def _run_sanitized(mod: Build, index: int, kernel: str, cfg: tuple, packed: _Pac
         else:
             req.append(struct.pack("<QQQ", 1, *where[i]))
     env = dict(os.environ)
-    env.setdefault("TSAN_OPTIONS", "halt_on_error=1 exitcode=66 history_size=4")
     env.setdefault("ASAN_OPTIONS", "detect_leaks=0 halt_on_error=1 exitcode=66")
     env.setdefault("UBSAN_OPTIONS", "halt_on_error=1 print_stacktrace=1 exitcode=66")
     with tempfile.TemporaryDirectory(prefix="hostcuda-") as tmp:

@@ -21,18 +21,18 @@
 #include <cstring>
 #include <type_traits>
 
-// Function and variable qualifiers.  __shared__ variables become function-local
-// statics: one copy shared by every thread of the block, which is right because
-// the blocks of a grid run one after the other.  They are placed in a section of
-// their own, so that the runtime can refill them for every block (as it does
-// dynamic shared memory) and the race check knows them for shared memory.
-// `extern __shared__` arrays are rewritten by the harness (see _build.py) into a
-// per-launch buffer.
+// Function and variable qualifiers.  The harness rewrites every __shared__
+// declaration of the kernel source (see _build.py: rewrite_shared) into a
+// reference to storage in its shared memory, one copy for all the threads of the
+// running block (the blocks of a grid run one after the other), refilled for
+// every block and known to the race check.  A __shared__ left for this macro is
+// one the rewrite did not see (in an #included header, or in a macro): refused.
 #define __global__
 #define __device__
 #define __host__
 #define __constant__
-#define __shared__ static __attribute__((section("hostcuda_shared")))
+#define __shared__ \
+  _Pragma("GCC error \"hostcuda: declare __shared__ variables in the .cu source given to RawModule, not in an #included header or a macro\"")
 #define __managed__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)

@@ -14,23 +14,6 @@
 
 #include <cstddef>
 
-// Static __shared__ arrays live in this section (see hostcuda.h), so the
-// harness can find them: to refill them for every block and to check them as
-// shared memory.
-extern "C" {
-extern unsigned char __start_hostcuda_shared[] __attribute__((weak, visibility("hidden")));
-extern unsigned char __stop_hostcuda_shared[] __attribute__((weak, visibility("hidden")));
-}
-
-namespace hostcuda {
-
-inline unsigned char* static_shared_begin() { return __start_hostcuda_shared; }
-inline std::size_t static_shared_size() {
-  return __start_hostcuda_shared ? static_cast<std::size_t>(__stop_hostcuda_shared - __start_hostcuda_shared) : 0;
-}
-
-}  // namespace hostcuda
-
 #if defined(HOSTCUDA_RACECHECK)
 extern "C" {
 void hostcuda_race_init(unsigned char* dynamic_shared, std::size_t dynamic_size, unsigned char* static_shared,
@@ -38,7 +21,7 @@ void hostcuda_race_init(unsigned char* dynamic_shared, std::size_t dynamic_size,
 void hostcuda_race_add_global(const void* p, std::size_t size, int index);
 void hostcuda_race_begin_block(unsigned long long block, unsigned tid);
 void hostcuda_race_end_block();
-void hostcuda_race_reset_block();
+void hostcuda_race_reset_block(std::size_t static_shared_used);
 void hostcuda_race_barrier_arrive();
 void hostcuda_race_barrier_complete();
 void hostcuda_race_barrier_depart();
@@ -62,7 +45,10 @@ inline void begin_block(unsigned long long block, unsigned tid) {
 }
 inline void end_block() { HOSTCUDA_RACE_CALL(hostcuda_race_end_block()); }
 // A new block is about to start: its shared memory is new memory.
-inline void reset_block() { HOSTCUDA_RACE_CALL(hostcuda_race_reset_block()); }
+inline void reset_block(std::size_t static_shared_used) {
+  HOSTCUDA_RACE_CALL(hostcuda_race_reset_block(static_shared_used));
+  (void)static_shared_used;
+}
 // __syncthreads(): arrive and complete with the block's lock held, depart after.
 inline void barrier_arrive() { HOSTCUDA_RACE_CALL(hostcuda_race_barrier_arrive()); }
 inline void barrier_complete() { HOSTCUDA_RACE_CALL(hostcuda_race_barrier_complete()); }

@@ -355,13 +355,16 @@ void hostcuda_race_end_block() {
   if (current != nullptr) current->active = false;
 }
 
-// Called with no CUDA thread of the block running.
-void hostcuda_race_reset_block() {
+// Called with no CUDA thread of the block running.  A slot reserved during the
+// block (at its declaration's first run) is new memory: nothing to forget.
+void hostcuda_race_reset_block(std::size_t static_shared_used) {
   if (state == nullptr) return;
   std::lock_guard<std::mutex> lock(state->m);
   for (Region& r : state->regions) {
     if (r.space == kGlobal) continue;
-    std::fill(r.cell.begin(), r.cell.end(), 0u);
+    // Only the used part of the static arena can have been touched.
+    const std::size_t n = r.space == kStaticShared ? std::min(static_shared_used, r.cell.size()) : r.cell.size();
+    std::fill(r.cell.begin(), r.cell.begin() + static_cast<std::ptrdiff_t>(n), 0u);
     r.cells.clear();
   }
   for (Knowledge& k : state->barrier_known) k.clear();

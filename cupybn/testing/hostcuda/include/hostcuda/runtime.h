@@ -1,13 +1,15 @@
 // runtime.h: the execution model of hostcuda.
 //
 // A launch runs its blocks one after the other.  Every CUDA thread of a block is
-// a real std::thread from a reused pool, so __syncthreads() is a real barrier and
-// ThreadSanitizer sees the real synchronisation.  Warps are 32 consecutive
-// threads (by linear thread index); they meet only at warp-level collectives
-// (__syncwarp, shuffles, votes), which wait for exactly the lanes named in the
-// mask.  All waiting in a block goes through one mutex, which lets the runtime
-// tell a deadlock (a __syncthreads() that some threads skip, a shuffle whose
-// lanes never arrive) from a slow thread and fail the launch with a diagnosis.
+// a real std::thread from a reused pool, so __syncthreads() is a real barrier.
+// Warps are 32 consecutive threads (by linear thread index); they meet only at
+// warp-level collectives (__syncwarp, shuffles, votes), which wait for exactly
+// the lanes named in the mask.  All waiting in a block goes through one mutex,
+// which lets the runtime tell a deadlock (a __syncthreads() that some threads
+// skip, a shuffle whose lanes never arrive) from a slow thread and fail the
+// launch with a diagnosis.  That mutex orders everything on the host, so the
+// race check (racecheck.h) is told separately which of these events order
+// memory in CUDA: barriers and __syncwarp do, shuffles and votes do not.
 #ifndef CUPYBN_HOSTCUDA_RUNTIME_H
 #define CUPYBN_HOSTCUDA_RUNTIME_H
 
@@ -61,6 +63,49 @@ constexpr unsigned char kSharedFill = 0xFF;
 // launch's shared_mem is poisoned, so an overrun is reported.
 alignas(256) inline unsigned char dynamic_smem[kMaxDynamicShared];
 
+// The storage of every static __shared__ variable of the module (the harness
+// rewrites `__shared__ T a[N];` into `auto& a = static_shared<T[N], Site, Align>(...)`):
+// one slot per declaration and template instantiation, reserved on first use.
+// The slots of one block's kernel are its shared memory; the used part is
+// refilled for every block and shadowed by the race check.
+constexpr std::size_t kStaticSharedArena = std::size_t(1) << 20;
+alignas(256) inline unsigned char static_smem[kStaticSharedArena];
+
+struct StaticSharedSlot {
+  std::size_t offset, size;
+  const char* name;
+  const char* function;  // __PRETTY_FUNCTION__ of the declaring function, or ""
+};
+
+struct StaticSharedArena {
+  std::mutex m;
+  std::atomic<std::size_t> used{0};
+  std::vector<StaticSharedSlot> slots;
+};
+inline StaticSharedArena& static_shared_arena() {
+  static StaticSharedArena arena;
+  return arena;
+}
+inline std::size_t static_shared_used() { return static_shared_arena().used.load(std::memory_order_acquire); }
+
+inline void* reserve_static_shared(std::size_t size, std::size_t align, const char* name, const char* function) {
+  StaticSharedArena& arena = static_shared_arena();
+  std::lock_guard<std::mutex> lock(arena.m);
+  const std::size_t offset = (arena.used.load(std::memory_order_relaxed) + align - 1) / align * align;
+  if (offset + size > kStaticSharedArena) trap("the module's static __shared__ variables exceed the harness's 1 MiB");
+  std::memset(static_smem + offset, kSharedFill, size);
+  arena.slots.push_back({offset, size, name, function});
+  arena.used.store(offset + size, std::memory_order_release);
+  return static_smem + offset;
+}
+
+template <class V, class Site, std::size_t Align>
+V& static_shared(const char* name, const char* function) {
+  static V* const slot =
+      static_cast<V*>(reserve_static_shared(sizeof(V), Align != 0 ? Align : alignof(V), name, function));
+  return *slot;
+}
+
 struct LaunchConfig {
   unsigned int grid[3];
   unsigned int block[3];
@@ -103,7 +148,7 @@ inline const char* collective_name(Collective c) {
 // Waiting is on atomic counters ("signals"): a waiter notes the value under the
 // block's lock, releases the lock and sleeps until the value moves.  Releasers
 // move it under the lock with release order, so what they published is visible
-// to every thread they wake (and ThreadSanitizer sees that edge).
+// to every thread they wake.
 using Signal = std::atomic<unsigned>;
 
 struct Warp {
@@ -551,8 +596,8 @@ inline int run_grid(const LaunchConfig& cfg, const std::function<void()>& body, 
     b.running = nthreads;
     b.at_sync = b.finished = 0;
     std::memset(dynamic_smem, kSharedFill, cfg.shared_mem);
-    if (static_shared_size() != 0) std::memset(static_shared_begin(), kSharedFill, static_shared_size());
-    race::reset_block();
+    std::memset(static_smem, kSharedFill, static_shared_used());
+    race::reset_block(static_shared_used());
   };
   start_block();
 

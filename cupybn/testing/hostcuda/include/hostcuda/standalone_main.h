@@ -70,7 +70,7 @@ int main(int argc, char** argv) {
 
   std::vector<std::pair<char*, unsigned long long>> blobs(req.u64());
 #if defined(HOSTCUDA_RACECHECK)
-  hostcuda_race_init(dynamic_smem, kMaxDynamicShared, static_shared_begin(), static_shared_size());
+  hostcuda_race_init(dynamic_smem, kMaxDynamicShared, static_smem, kStaticSharedArena);
 #endif
   for (std::size_t i = 0; i < blobs.size(); ++i) {
     auto& [ptr, size] = blobs[i];
@@ -107,6 +107,12 @@ int main(int argc, char** argv) {
 #else
   const bool raced = false;
 #endif
+  if (raced) {  // names for the static __shared__ slots the report mentions
+    for (const StaticSharedSlot& s : static_shared_arena().slots) {
+      std::fprintf(stderr, "hostcuda-static-shared offset=%zu size=%zu name=%s function=%s\n", s.offset, s.size,
+                   s.name, s.function);
+    }
+  }
   if (failed != 0) {
     std::fprintf(stderr, "hostcuda-kernel-error: %s\n", err);
     return 3;
