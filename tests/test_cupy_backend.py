@@ -104,9 +104,10 @@ def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, threads, shape, 
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
-@pytest.mark.parametrize("sanitize", ["race", "address"])
-def test_half_and_double_kernels_run_clean_under_the_sanitizers(sanitize, dtype):
-    backend = host_cupy_backend(sanitize)
+@pytest.mark.parametrize("sanitize,threads", [("race", 64), ("race", 256), ("address", 64)],
+                         ids=["race-64", "race-256", "address-64"])
+def test_half_and_double_kernels_run_clean_under_the_sanitizers(sanitize, threads, dtype):
+    backend = host_cupy_backend(sanitize, threads=threads)
     pdt = np.float64 if dtype == np.float64 else np.float32
     for shape in ((2, 3, 9), (33, 3), (2, 3, 16)):  # (2, 3, 16): 16-byte packs
         x = np.random.default_rng(8).standard_normal(shape).astype(dtype)

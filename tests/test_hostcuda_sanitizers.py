@@ -73,6 +73,14 @@ def test_address_sanitizer_reports_dynamic_shared_memory_overrun():
     assert "use-after-poison" in info.value.report  # the part of the buffer beyond shared_mem
 
 
+def test_address_sanitizer_reports_a_static_shared_array_overrun():
+    with pytest.raises(hostcuda.SanitizerError, match="AddressSanitizer: use-after-poison"):
+        run("static_shared_overrun", "address", (1,), (8,), (np.zeros(8, np.int32),))
+    out = np.zeros(4, np.int32)
+    run("static_shared_overrun", "address", (2,), (4,), (out,))  # in bounds: clean
+    np.testing.assert_array_equal(out, np.arange(4))
+
+
 def test_undefined_behaviour_sanitizer_reports_signed_overflow():
     x = np.full(4, 2**30, np.int32)
     with pytest.raises(hostcuda.SanitizerError, match="signed integer overflow"):

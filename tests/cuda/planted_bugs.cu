@@ -56,3 +56,14 @@ extern "C" __global__ void dynamic_shared_overrun(float* __restrict__ y) {
   __syncthreads();
   y[t] = tile[t];
 }
+
+// Static shared memory overrun: a 4-element __shared__ array written by 8
+// threads, through a pointer (so only the bounds of the memory can tell).
+extern "C" __global__ void static_shared_overrun(int* __restrict__ out) {
+  __shared__ int slots[4];
+  const int t = threadIdx.x;
+  int* slot = slots;
+  slot[t] = t;
+  __syncthreads();
+  out[t] = slots[t % 4];
+}

@@ -141,3 +141,73 @@ extern "C" __global__ void neighbour_block_read(const float* __restrict__ x, flo
   const int from = correct ? row : (row + 1) % gridDim.x;
   z[row * n + t] = y[from * n + (n - 1 - t)];  // race: row read
 }
+
+// A counter zeroed inside the kernel by block 0, then counted up with atomics by
+// every block: the plain store races with the other blocks' atomics (the twin
+// leaves the zeroing to the host).  Atomics after a plain access must not hide it.
+extern "C" __global__ void zero_then_count(unsigned int* counter, int correct) {
+  if (!correct && blockIdx.x == 0 && threadIdx.x == 0) *counter = 0u;  // race: counter zeroed
+  atomicAdd(counter, 1u);  // race: counter counted
+}
+
+// The merging block chosen by index, not by the ticket it drew: on a GPU the
+// last block may run first, before the others' partials exist.  (The twin
+// merges in the block that drew the last ticket.)
+extern "C" __global__ void highest_block_merges(const float* __restrict__ x, float* partial,
+                                                unsigned int* __restrict__ ticket, float* __restrict__ total,
+                                                int correct) {
+  if (threadIdx.x != 0) return;
+  partial[blockIdx.x] = x[blockIdx.x];  // race: partial stored
+  __threadfence();
+  const bool last_ticket = atomicInc(ticket, gridDim.x - 1) == gridDim.x - 1;
+  if (correct ? last_ticket : blockIdx.x == gridDim.x - 1) {
+    float s = 0.0f;
+    for (unsigned int b = 0; b < gridDim.x; ++b) s += partial[b];  // race: partials summed
+    *total = s;
+  }
+}
+
+// Every thread stages its value and fences, the block meets at a barrier, and
+// thread 0 takes the ticket with no fence of its own (the staging pattern of
+// PyTorch's global reductions): the barrier passes the fences on.  The racy
+// version leaves the fences out.
+extern "C" __global__ void staged_block_sums(const float* __restrict__ x, float* staging,
+                                             unsigned int* __restrict__ ticket, float* __restrict__ out,
+                                             int correct) {
+  __shared__ bool last;
+  const int t = threadIdx.x;
+  staging[blockIdx.x * blockDim.x + t] = x[blockIdx.x * blockDim.x + t];  // race: staged
+  if (correct) __threadfence();
+  __syncthreads();
+  if (t == 0) last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) {
+    float s = 0.0f;
+    for (unsigned int b = 0; b < gridDim.x; ++b) s += staging[b * blockDim.x + t];  // race: stages summed
+    out[t] = s;
+  }
+}
+
+// A block-scoped atomic counts only within its block: from several blocks on
+// one address it races (the twin uses the device-scoped atomicAdd).
+extern "C" __global__ void count_in_blocks(unsigned int* total, int correct) {
+  if (correct) {
+    atomicAdd(total, 1u);
+  } else {
+    atomicAdd_block(total, 1u);  // race: counted in blocks
+  }
+}
+
+// memcpy and memset are memory accesses too: warp 0 fills a row with them and
+// warp 1 reads it, with no barrier between in the racy version.
+extern "C" __global__ void row_by_memcpy(const float* __restrict__ x, float* rows, float* __restrict__ out,
+                                         int correct) {
+  const int t = threadIdx.x;
+  float* row = rows + blockIdx.x * 64;
+  if (t == 0) {
+    memset(row, 0, 64 * sizeof(float));  // race: row cleared
+    memcpy(row, x, 32 * sizeof(float));  // race: row copied
+  }
+  if (correct) __syncthreads();
+  if (t >= 32) out[blockIdx.x * 32 + t - 32] = row[t - 32];  // race: copied row read
+}

@@ -32,7 +32,9 @@ _BUILD_FORMAT = "3"
 # dependent executable so that the addresses it reports are addr2line's.
 SANITIZERS = {
     None: [],
-    "race": ["-fsanitize=thread", "-Wno-tsan", "-fno-pie", "-DHOSTCUDA_RACECHECK=1"],
+    "race": ["-fsanitize=thread", "-Wno-tsan", "-fno-pie", "-DHOSTCUDA_RACECHECK=1",
+             # keep memcpy/memset/memmove calls (the runtime checks them) rather than inline copies it cannot see
+             "-fno-builtin-memcpy", "-fno-builtin-memset", "-fno-builtin-memmove"],
     "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
 }
 

@@ -26,6 +26,8 @@ WHY = {
     "blocks": "the threads are in different blocks, which nothing orders: a hand-off between blocks needs "
               "__threadfence() and then an atomic write in the first, and an atomic on the same address in "
               "the second",
+    "block-scoped": "the threads are in different blocks, and a block-scoped atomic (atomicXxx_block) is atomic "
+                    "within its own block only",
 }
 
 
@@ -35,6 +37,7 @@ class RaceAccess:
 
     op: str                        # "read" or "write"
     atomic: bool
+    block_scoped: bool             # an atomicXxx_block (atomic within its block only)
     block: tuple[int, int, int]    # blockIdx
     thread: tuple[int, int, int]   # threadIdx
     warp: int
@@ -43,7 +46,7 @@ class RaceAccess:
     stack: tuple[str, ...]         # kernel-source frames, innermost first ("function at file:line")
 
     def describe(self) -> str:
-        kind = ("atomic " if self.atomic else "") + self.op
+        kind = ("block-scoped atomic " if self.block_scoped else "atomic " if self.atomic else "") + self.op
         where = "\n      ".join(self.stack) or self.location
         return (f"{kind} by thread {self.thread} of block {self.block} (warp {self.warp}, lane {self.lane})\n"
                 f"      {where}")
@@ -173,10 +176,12 @@ def parse(report: str, exe: Path, source_name: str,
         frames = symbols.kernel_frames(int(a["pc"], 16))
         callers = symbols.kernel_frames(int(a["caller"], 16))
         stack = tuple(frames + [f"called from {c.split(' at ', 1)[1]}" for c in callers[:1]])
-        location = frames[0].rsplit(" at ", 1)[1] if frames else a["pc"]
-        return RaceAccess(op=a["op"], atomic=a["atomic"] == "1", block=_triple(a["block"]),
+        # An access inside the harness (an atomic, say) is located by the kernel's call of it.
+        kernel_line = (frames or callers or [f"?? at {a['pc']}"])[0]
+        return RaceAccess(op=a["op"], atomic=a["atomic"] != "0", block_scoped=a["atomic"] == "2",
+                          block=_triple(a["block"]),
                           thread=_triple(a["thread"]), warp=int(a["warp"]), lane=int(a["lane"]),
-                          location=location, stack=stack)
+                          location=kernel_line.rsplit(" at ", 1)[1], stack=stack)
 
     races: dict[tuple, Race] = {}
     for head, first, second in records:

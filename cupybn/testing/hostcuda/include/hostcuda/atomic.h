@@ -12,7 +12,8 @@
 // A null or misaligned address ends the launch, as it does on the GPU.
 //
 // The *_block and *_system variants are the same operations: the host has one
-// coherent memory, so a stronger scope is always correct.
+// coherent memory, so a stronger scope is always correct.  The race check tells
+// them apart: a *_block atomic is atomic within its block only.
 #ifndef CUPYBN_HOSTCUDA_ATOMIC_H
 #define CUPYBN_HOSTCUDA_ATOMIC_H
 
@@ -180,27 +181,39 @@ inline unsigned int atomicDec(unsigned int* address, unsigned int val) {
 // Templates that forward to the overloads above, so they accept exactly the
 // argument types those accept.
 template <class T, class U>
-auto atomicAdd_block(T* a, U v) -> decltype(atomicAdd(a, v)) { return atomicAdd(a, v); }
+auto atomicAdd_block(T* a, U v) -> decltype(atomicAdd(a, v)) {
+  hostcuda::race::BlockScopedAtomics scope;  // atomic within the block only
+  return atomicAdd(a, v); }
 template <class T, class U>
 auto atomicAdd_system(T* a, U v) -> decltype(atomicAdd(a, v)) { return atomicAdd(a, v); }
 template <class T, class U>
-auto atomicSub_block(T* a, U v) -> decltype(atomicSub(a, v)) { return atomicSub(a, v); }
+auto atomicSub_block(T* a, U v) -> decltype(atomicSub(a, v)) {
+  hostcuda::race::BlockScopedAtomics scope;  // atomic within the block only
+  return atomicSub(a, v); }
 template <class T, class U>
 auto atomicSub_system(T* a, U v) -> decltype(atomicSub(a, v)) { return atomicSub(a, v); }
 template <class T, class U>
-auto atomicExch_block(T* a, U v) -> decltype(atomicExch(a, v)) { return atomicExch(a, v); }
+auto atomicExch_block(T* a, U v) -> decltype(atomicExch(a, v)) {
+  hostcuda::race::BlockScopedAtomics scope;  // atomic within the block only
+  return atomicExch(a, v); }
 template <class T, class U>
 auto atomicExch_system(T* a, U v) -> decltype(atomicExch(a, v)) { return atomicExch(a, v); }
 template <class T, class U, class V>
-auto atomicCAS_block(T* a, U c, V v) -> decltype(atomicCAS(a, c, v)) { return atomicCAS(a, c, v); }
+auto atomicCAS_block(T* a, U c, V v) -> decltype(atomicCAS(a, c, v)) {
+  hostcuda::race::BlockScopedAtomics scope;  // atomic within the block only
+  return atomicCAS(a, c, v); }
 template <class T, class U, class V>
 auto atomicCAS_system(T* a, U c, V v) -> decltype(atomicCAS(a, c, v)) { return atomicCAS(a, c, v); }
 template <class T, class U>
-auto atomicMax_block(T* a, U v) -> decltype(atomicMax(a, v)) { return atomicMax(a, v); }
+auto atomicMax_block(T* a, U v) -> decltype(atomicMax(a, v)) {
+  hostcuda::race::BlockScopedAtomics scope;  // atomic within the block only
+  return atomicMax(a, v); }
 template <class T, class U>
 auto atomicMax_system(T* a, U v) -> decltype(atomicMax(a, v)) { return atomicMax(a, v); }
 template <class T, class U>
-auto atomicMin_block(T* a, U v) -> decltype(atomicMin(a, v)) { return atomicMin(a, v); }
+auto atomicMin_block(T* a, U v) -> decltype(atomicMin(a, v)) {
+  hostcuda::race::BlockScopedAtomics scope;  // atomic within the block only
+  return atomicMin(a, v); }
 template <class T, class U>
 auto atomicMin_system(T* a, U v) -> decltype(atomicMin(a, v)) { return atomicMin(a, v); }
 

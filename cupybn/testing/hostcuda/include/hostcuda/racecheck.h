@@ -21,7 +21,7 @@ void hostcuda_race_init(unsigned char* dynamic_shared, std::size_t dynamic_size,
 void hostcuda_race_add_global(const void* p, std::size_t size, int index);
 void hostcuda_race_begin_block(unsigned long long block, unsigned tid);
 void hostcuda_race_end_block();
-void hostcuda_race_reset_block(std::size_t static_shared_used);
+void hostcuda_race_reset_block();
 void hostcuda_race_barrier_arrive();
 void hostcuda_race_barrier_complete();
 void hostcuda_race_barrier_depart();
@@ -29,6 +29,8 @@ void hostcuda_race_syncwarp_round(unsigned warp);
 void hostcuda_race_syncwarp_arrive(unsigned warp, unsigned lane);
 void hostcuda_race_syncwarp_depart(unsigned warp);
 void hostcuda_race_fence(int scope);
+void hostcuda_race_harness(int delta);
+void hostcuda_race_block_scope(int delta);
 unsigned long long hostcuda_race_finish(const unsigned grid[3], const unsigned block[3]);
 }
 #define HOSTCUDA_RACE_CALL(call) call
@@ -45,10 +47,7 @@ inline void begin_block(unsigned long long block, unsigned tid) {
 }
 inline void end_block() { HOSTCUDA_RACE_CALL(hostcuda_race_end_block()); }
 // A new block is about to start: its shared memory is new memory.
-inline void reset_block(std::size_t static_shared_used) {
-  HOSTCUDA_RACE_CALL(hostcuda_race_reset_block(static_shared_used));
-  (void)static_shared_used;
-}
+inline void reset_block() { HOSTCUDA_RACE_CALL(hostcuda_race_reset_block()); }
 // __syncthreads(): arrive and complete with the block's lock held, depart after.
 inline void barrier_arrive() { HOSTCUDA_RACE_CALL(hostcuda_race_barrier_arrive()); }
 inline void barrier_complete() { HOSTCUDA_RACE_CALL(hostcuda_race_barrier_complete()); }
@@ -71,6 +70,23 @@ inline void fence(int scope) {
   HOSTCUDA_RACE_CALL(hostcuda_race_fence(scope));
   (void)scope;
 }
+
+// While one lives, the thread runs the harness's own code (a barrier, a warp
+// collective): its atomics and waits are the harness's, not the kernel's.
+struct HarnessScope {
+  HarnessScope() { HOSTCUDA_RACE_CALL(hostcuda_race_harness(1)); }
+  ~HarnessScope() { HOSTCUDA_RACE_CALL(hostcuda_race_harness(-1)); }
+  HarnessScope(const HarnessScope&) = delete;
+  HarnessScope& operator=(const HarnessScope&) = delete;
+};
+
+// While one lives, the thread's atomics are block-scoped (atomicXxx_block).
+struct BlockScopedAtomics {
+  BlockScopedAtomics() { HOSTCUDA_RACE_CALL(hostcuda_race_block_scope(1)); }
+  ~BlockScopedAtomics() { HOSTCUDA_RACE_CALL(hostcuda_race_block_scope(-1)); }
+  BlockScopedAtomics(const BlockScopedAtomics&) = delete;
+  BlockScopedAtomics& operator=(const BlockScopedAtomics&) = delete;
+};
 
 }  // namespace hostcuda::race
 

@@ -1,6 +1,6 @@
 // runtime.h: the execution model of hostcuda.
 //
-// A launch runs its blocks one after the other.  Every CUDA thread of a block is
+// A launch runs its blocks one after the other (last, first, second last, ...).  Every CUDA thread of a block is
 // a real std::thread from a reused pool, so __syncthreads() is a real barrier.
 // Warps are 32 consecutive threads (by linear thread index); they meet only at
 // warp-level collectives (__syncwarp, shuffles, votes), which wait for exactly
@@ -86,13 +86,36 @@ inline StaticSharedArena& static_shared_arena() {
   static StaticSharedArena arena;
   return arena;
 }
-inline std::size_t static_shared_used() { return static_shared_arena().used.load(std::memory_order_acquire); }
 
-inline void* reserve_static_shared(std::size_t size, std::size_t align, const char* name, const char* function) {
+// In ASan builds slots are kept apart by poisoned gaps, and the arena beyond
+// the last slot is poisoned, so an overrun of a __shared__ array is reported.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr std::size_t kStaticSharedGap = 32;
+#else
+constexpr std::size_t kStaticSharedGap = 0;
+#endif
+
+// For a new block: every slot refilled, and (ASan) everything else poisoned.
+inline void refill_static_shared() {
   StaticSharedArena& arena = static_shared_arena();
   std::lock_guard<std::mutex> lock(arena.m);
-  const std::size_t offset = (arena.used.load(std::memory_order_relaxed) + align - 1) / align * align;
+#if defined(__SANITIZE_ADDRESS__)
+  ASAN_POISON_MEMORY_REGION(static_smem, kStaticSharedArena);
+  for (const StaticSharedSlot& s : arena.slots) ASAN_UNPOISON_MEMORY_REGION(static_smem + s.offset, s.size);
+#endif
+  for (const StaticSharedSlot& s : arena.slots) std::memset(static_smem + s.offset, kSharedFill, s.size);
+}
+
+inline void* reserve_static_shared(std::size_t size, std::size_t align, const char* name, const char* function) {
+  race::HarnessScope harness;  // filling the new slot is not the kernel's write
+  StaticSharedArena& arena = static_shared_arena();
+  std::lock_guard<std::mutex> lock(arena.m);
+  const std::size_t start = arena.used.load(std::memory_order_relaxed) + kStaticSharedGap;
+  const std::size_t offset = (start + align - 1) / align * align;
   if (offset + size > kStaticSharedArena) trap("the module's static __shared__ variables exceed the harness's 1 MiB");
+#if defined(__SANITIZE_ADDRESS__)
+  ASAN_UNPOISON_MEMORY_REGION(static_smem + offset, size);
+#endif
   std::memset(static_smem + offset, kSharedFill, size);
   arena.slots.push_back({offset, size, name, function});
   arena.used.store(offset + size, std::memory_order_release);
@@ -262,6 +285,7 @@ inline void block_until_moved(Block& b, std::unique_lock<std::mutex>& lock, Sign
 
 inline void syncthreads_impl(const char* file, int line, int op, int predicate) {
   Block& b = *tls.block;
+  race::HarnessScope harness;
   std::unique_lock<std::mutex> lock(b.m);
   if (b.aborted.load(std::memory_order_relaxed)) throw Abort{};
   if (b.at_sync == 0) {
@@ -303,6 +327,7 @@ inline int syncthreads_result() { return tls.block->sync_result; }
 template <class Read>
 inline auto warp_collective(Collective kind, unsigned mask, unsigned long long value, Read read) {
   Block& b = *tls.block;
+  race::HarnessScope harness;
   Warp& w = b.warps[tls.linear / 32u];
   const unsigned lane = tls.linear % 32u;
   std::unique_lock<std::mutex> lock(b.m);
@@ -564,6 +589,15 @@ inline void poison_dynamic_shared(std::size_t used) {
 #endif
 }
 
+// The linear index of the block that runs `step`-th: the last, the first, the
+// second last, the second, ... .  CUDA promises no order, and this one keeps
+// both ends of the grid away from the end of the run: a kernel that assumes
+// block 0 or the last block runs last (to merge the others' results) reads
+// what is not written yet, and the race check sees it.
+inline unsigned long long block_in_run_order(unsigned long long step, unsigned long long nblocks) {
+  return step % 2 == 0 ? nblocks - 1 - step / 2 : step / 2;
+}
+
 // Runs body() once per CUDA thread of every block; returns 0 or writes the
 // failure into err and returns 1.
 inline int run_grid(const LaunchConfig& cfg, const std::function<void()>& body, char* err, std::size_t errlen) {
@@ -596,8 +630,8 @@ inline int run_grid(const LaunchConfig& cfg, const std::function<void()>& body, 
     b.running = nthreads;
     b.at_sync = b.finished = 0;
     std::memset(dynamic_smem, kSharedFill, cfg.shared_mem);
-    std::memset(static_smem, kSharedFill, static_shared_used());
-    race::reset_block(static_shared_used());
+    refill_static_shared();
+    race::reset_block();
   };
   start_block();
 
@@ -608,7 +642,8 @@ inline int run_grid(const LaunchConfig& cfg, const std::function<void()>& body, 
     tls.thread_idx = uint3{linear % cfg.block[0], (linear / cfg.block[0]) % cfg.block[1],
                            linear / (cfg.block[0] * cfg.block[1])};
     try {
-      for (unsigned long long blk = 0; blk < nblocks; ++blk) {
+      for (unsigned long long step = 0; step < nblocks; ++step) {
+        const unsigned long long blk = block_in_run_order(step, nblocks);
         tls.block_idx = uint3{static_cast<unsigned>(blk % cfg.grid[0]),
                               static_cast<unsigned>((blk / cfg.grid[0]) % cfg.grid[1]),
                               static_cast<unsigned>(blk / (1ull * cfg.grid[0] * cfg.grid[1]))};
@@ -767,6 +802,7 @@ inline long long clock64() {
 inline void __nanosleep(unsigned ns) { std::this_thread::sleep_for(std::chrono::nanoseconds(ns)); }
 
 [[noreturn]] inline void hostcuda::trap(const char* message) {
+  race::HarnessScope harness;
   Block* b = tls.block;
   if (b) {
     std::lock_guard<std::mutex> lock(b->m);
