@@ -135,6 +135,9 @@ PLANTED += [
             lambda: (X[:32].copy(), np.zeros(128, np.float32), np.zeros(64, np.float32)),
             copied_rows_are_right, "global", "warps", ("row copied", "copied row read"),
             more=(("row cleared", "copied row read"),)),
+    Planted("warp_staged_sums", (3,), (32,),
+            lambda: (X[:96].copy(), np.zeros(96, np.float32), np.zeros(1, np.uint32), np.zeros(32, np.float32)),
+            staged_sums_are_right, "global", "blocks", ("lane staged", "lanes summed")),
 ]
 IDS = [p.kernel for p in PLANTED]
 

@@ -211,3 +211,26 @@ extern "C" __global__ void row_by_memcpy(const float* __restrict__ x, float* row
   if (correct) __syncthreads();
   if (t >= 32) out[blockIdx.x * 32 + t - 32] = row[t - 32];  // race: copied row read
 }
+
+// Lanes of warp 0 stage their values, meet at __syncwarp, and lane 0 fences and
+// takes the ticket: the __syncwarp lets lane 0's fence cover the other lanes'
+// stores.  The racy version leaves that __syncwarp out.  (The second one passes
+// on what lane 0's ticket learnt: the shuffle alone orders no memory.)
+extern "C" __global__ void warp_staged_sums(const float* __restrict__ x, float* staging,
+                                            unsigned int* __restrict__ ticket, float* __restrict__ out,
+                                            int correct) {
+  const int lane = threadIdx.x;
+  staging[blockIdx.x * 32 + lane] = x[blockIdx.x * 32 + lane];  // race: lane staged
+  if (correct) __syncwarp();
+  bool last = false;
+  if (lane == 0) {
+    __threadfence();
+    last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  }
+  __syncwarp();
+  if (__shfl_sync(0xffffffffu, last, 0)) {
+    float s = 0.0f;
+    for (unsigned int b = 0; b < gridDim.x; ++b) s += staging[b * 32 + lane];  // race: lanes summed
+    out[lane] = s;
+  }
+}

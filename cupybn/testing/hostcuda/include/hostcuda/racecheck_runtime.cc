@@ -501,7 +501,9 @@ void hostcuda_race_barrier_depart() {
 }
 
 // Each lane that arrives at a __syncwarp ticks its own clock and adds its clock
-// to the round's; each leaves with the join of all of them.
+// to the round's; each leaves with the join of all of them.  Its accesses so far
+// also join the round's knowledge (closing them off with a new position), so
+// that a lane that fences after the __syncwarp publishes them to other blocks.
 void hostcuda_race_syncwarp_round(unsigned warp) {
   if (state == nullptr) return;
   std::memset(state->warp_clock[warp], 0, sizeof state->warp_clock[warp]);
@@ -514,6 +516,7 @@ void hostcuda_race_syncwarp_arrive(unsigned warp, unsigned lane) {
   ++t->wclock[lane];
   for (int l = 0; l < 32; ++l) state->warp_clock[warp][l] = std::max(state->warp_clock[warp][l], t->wclock[l]);
   state->warp_known[warp].join(t->known);
+  raise(state->warp_known[warp].threads, thread_key(t->block, t->tid), ++t->pos);
   state->warp_fenced[warp].join(t->fenced);
 }
 void hostcuda_race_syncwarp_depart(unsigned warp) {
