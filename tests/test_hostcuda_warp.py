@@ -85,11 +85,30 @@ def test_syncwarp_orders_shared_memory_between_lanes():
     np.testing.assert_array_equal(out, np.roll(x, -1))
 
 
-def test_a_lane_that_skips_a_full_warp_shuffle_is_reported_as_a_deadlock():
+def test_a_lane_waiting_elsewhere_during_a_full_warp_shuffle_is_reported():
     x = np.ones(32, np.float32)
-    with pytest.raises(hostcuda.KernelError, match=r"deadlock.*warp 0 waits in a __shfl\*_sync with mask "
-                                                   r"0xffffffff, 31 of 32 lanes arrived"):
-        kernel("shuffle_missing_lane")((1,), (32,), (x, x.copy()))
+    with pytest.raises(hostcuda.KernelError, match=r"meet at different warp collectives|deadlock"):
+        kernel("shuffle_and_syncwarp")((1,), (32,), (x, x.copy()))
+
+
+def test_a_lane_that_returned_is_not_waited_for_but_cannot_be_read():
+    x = np.arange(32, dtype=np.float32)
+    out = np.full(32, -1, np.float32)
+    kernel("shuffle_missing_lane")((1,), (32,), (x, out, np.int32(0)))  # shifting down never reads lane 0
+    np.testing.assert_array_equal(out, np.concatenate([[-1], x[2:], [31]]))
+    with pytest.raises(hostcuda.KernelError, match="reads lane 0, .* has exited"):
+        kernel("shuffle_missing_lane")((1,), (32,), (x, out, np.int32(1)))
+
+
+@pytest.mark.parametrize("sanitize", [None, "race"])
+def test_collectives_wait_only_for_lanes_that_have_not_exited(sanitize):
+    x = (np.arange(16, dtype=np.int32) - 5)
+    out = np.zeros(48, np.int32)
+    kernel("collectives_after_exit", sanitize)((1,), (32,), (x, out))
+    neighbour = np.roll(x, -1)
+    np.testing.assert_array_equal(out[:16], neighbour)
+    assert (out[16:32].view(np.uint32) == sum(1 << i for i in range(16) if neighbour[i] > 0)).all()
+    assert (out[32:] == 1).all()
 
 
 def test_shuffle_from_a_lane_that_does_not_exist_is_reported():
@@ -97,5 +116,5 @@ def test_shuffle_from_a_lane_that_does_not_exist_is_reported():
     # shuffling down by one reads lane 16.
     v = np.arange(48, dtype=np.float32)
     out = np.zeros((48, 4), np.float32)
-    with pytest.raises(hostcuda.KernelError, match="reads lane 16, which is not in mask 0xffffffff or does not exist"):
+    with pytest.raises(hostcuda.KernelError, match="reads lane 16, which is not in mask 0xffffffff, does not exist"):
         kernel("shuffles<float>")((1,), (48,), (v, out, np.int32(1), np.int32(32)))

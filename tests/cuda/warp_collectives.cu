@@ -60,9 +60,36 @@ extern "C" __global__ void rotate_without_syncwarp(const int* __restrict__ x, in
   out[threadIdx.x] = slot[(lane + 1) & 31];
 }
 
-// Lane 0 skips a full-warp shuffle that the others wait in: a deadlock.
-extern "C" __global__ void shuffle_missing_lane(const float* __restrict__ x, float* __restrict__ out) {
+// Lane 0 returns before a full-warp shuffle: the others go ahead without it (a
+// collective waits for the lanes that have not exited), but reading lane 0
+// (shifting up) is an error.
+extern "C" __global__ void shuffle_missing_lane(const float* __restrict__ x, float* __restrict__ out, int up) {
   const int lane = threadIdx.x & 31;
   if (lane == 0) return;
-  out[threadIdx.x] = __shfl_down_sync(0xffffffffu, x[threadIdx.x], 1);
+  out[threadIdx.x] = up ? __shfl_up_sync(0xffffffffu, x[threadIdx.x], 1) : __shfl_down_sync(0xffffffffu, x[threadIdx.x], 1);
+}
+
+// Lane 0 waits in __syncwarp while the others wait in a shuffle: a deadlock.
+extern "C" __global__ void shuffle_and_syncwarp(const float* __restrict__ x, float* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  if (lane == 0) {
+    __syncwarp();
+  } else {
+    out[threadIdx.x] = __shfl_down_sync(0xffffffffu, x[threadIdx.x], 1);
+  }
+}
+
+// Lanes 16..31 return at once; the others exchange through shared memory at a
+// full-mask __syncwarp and vote with full masks.  Since Volta a collective waits
+// only for the lanes of its mask that have not exited.
+extern "C" __global__ void collectives_after_exit(const int* __restrict__ x, int* __restrict__ out) {
+  __shared__ int slot[32];
+  const int lane = threadIdx.x % 32;
+  if (lane >= 16) return;
+  slot[lane] = x[lane];
+  __syncwarp();
+  const int neighbour = slot[(lane + 1) % 16];
+  out[lane] = neighbour;
+  out[16 + lane] = static_cast<int>(__ballot_sync(0xffffffffu, neighbour > 0));
+  out[32 + lane] = __all_sync(0xffffffffu, neighbour > -1000);
 }

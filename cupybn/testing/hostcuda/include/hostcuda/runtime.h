@@ -176,6 +176,7 @@ using Signal = std::atomic<unsigned>;
 
 struct Warp {
   unsigned existing = 0;   // lanes that exist (the last warp of a block may be partial)
+  unsigned exited = 0;     // lanes that have returned from the kernel in this block
   bool gathering = true;   // false while participants read each other's values
   Collective kind = Collective::None;
   unsigned mask = 0, expected = 0, arrived = 0, departed = 0, waiting_to_enter = 0;
@@ -356,7 +357,8 @@ inline auto warp_collective(Collective kind, unsigned mask, unsigned long long v
   if (w.arrived == 0) {
     w.kind = kind;
     w.mask = mask;
-    w.expected = static_cast<unsigned>(__builtin_popcount(mask & w.existing));
+    // CUDA waits for the lanes of the mask that have not exited.
+    w.expected = static_cast<unsigned>(__builtin_popcount(mask & w.existing & ~w.exited));
     w.present = 0;
     if (kind == Collective::Syncwarp) race::syncwarp_round(warp);
   }
@@ -412,6 +414,21 @@ inline void check_width(int width) {
   }
 }
 
+// A lane returns from the kernel (block lock held): a collective gathering with
+// a mask that names it no longer waits for it, as on a GPU since Volta.
+inline void lane_exited_locked(Block& b, unsigned linear) {
+  Warp& w = b.warps[linear / 32u];
+  const unsigned bit = 1u << (linear % 32u);
+  w.exited |= bit;
+  if (w.gathering && w.arrived != 0 && (w.mask & bit) && !(w.present & bit) && --w.expected == w.arrived) {
+    w.gathering = false;
+    w.departed = 0;
+    b.running += w.arrived;  // every lane of the round was waiting
+    move_signal(w.released);
+    w.released.notify_all();
+  }
+}
+
 // src: the lane to read, or -1 for "keep my own value".
 template <class T, class SourceLane>
 inline T shuffle(unsigned mask, T var, SourceLane source_lane) {
@@ -420,7 +437,7 @@ inline T shuffle(unsigned mask, T var, SourceLane source_lane) {
                            const int src = source_lane(static_cast<int>(lane));
                            if (src < 0) return var;
                            if (!(present & (1u << src))) {
-                             trap(format("shuffle reads lane %d, which is not in mask 0x%08x or does not exist",
+                             trap(format("shuffle reads lane %d, which is not in mask 0x%08x, does not exist or has exited",
                                          src, mask)
                                       .c_str());
                            }
@@ -629,6 +646,7 @@ inline int run_grid(const LaunchConfig& cfg, const std::function<void()>& body, 
   auto start_block = [&] {
     b.running = nthreads;
     b.at_sync = b.finished = 0;
+    for (unsigned w = 0; w < b.nwarps; ++w) b.warps[w].exited = 0;
     std::memset(dynamic_smem, kSharedFill, cfg.shared_mem);
     refill_static_shared();
     race::reset_block();
@@ -652,6 +670,7 @@ inline int run_grid(const LaunchConfig& cfg, const std::function<void()>& body, 
         race::end_block();
         std::unique_lock<std::mutex> lock(b.m);
         if (b.aborted.load(std::memory_order_relaxed)) return;
+        lane_exited_locked(b, linear);
         if (++b.finished == nthreads) {
           // Last thread of the block: open the next one.
           start_block();
@@ -787,8 +806,14 @@ HOSTCUDA_SHUFFLES(__half2)
 #undef HOSTCUDA_SHUFFLES
 
 inline unsigned __ballot_sync(unsigned mask, int predicate) { return ::hostcuda::ballot(mask, predicate); }
+// True when every lane that took part (the mask's lanes that have not exited) has a true predicate.
 inline int __all_sync(unsigned mask, int predicate) {
-  return (::hostcuda::ballot(mask, predicate) & mask) == (mask & ::hostcuda::tls.block->warps[::hostcuda::tls.linear / 32].existing);
+  return ::hostcuda::warp_collective(::hostcuda::Collective::Ballot, mask, predicate != 0,
+                                     [](const unsigned long long* slots, unsigned present, unsigned) {
+                                       for (unsigned l = 0; l < 32; ++l)
+                                         if ((present & (1u << l)) && !slots[l]) return 0;
+                                       return 1;
+                                     });
 }
 inline int __any_sync(unsigned mask, int predicate) { return ::hostcuda::ballot(mask, predicate) != 0; }
 // The lanes of this warp that exist; the harness cannot know which lanes a GPU
