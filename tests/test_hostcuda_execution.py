@@ -77,7 +77,8 @@ def test_shared_memory_starts_filled_not_zeroed_in_every_block(name):
 
 def test_a_shared_declaration_the_harness_cannot_see_is_refused():
     # __shared__ in a macro (or an #included header) would escape the rewrite that gives it per-block storage.
-    source = '#define SHARED_INT __shared__ int\nextern "C" __global__ void k(int* y) { SHARED_INT s; s = 1; y[0] = s; }\n'
+    source = ('#define SHARED_INT __shared__ int\n'
+              'extern "C" __global__ void k(int* y) { SHARED_INT s; s = 1; y[0] = s; }\n')
     with pytest.raises(hostcuda.CompileError, match="declare __shared__ variables in the .cu source"):
         hostcuda.RawModule(code=source).compile()
 

@@ -49,7 +49,8 @@ def test_correct_kernels_run_clean_and_return_their_results(sanitize):
     run("sum_with_barriers", sanitize, (1,), (128,), (x, out, n))
     assert out[0] == x.sum()
     y = np.zeros(32, np.int32)
-    run("rotate_through_shared", sanitize, (1,), (32,), (np.arange(32, dtype=np.int32), y), source="warp_collectives.cu")
+    run("rotate_through_shared", sanitize, (1,), (32,), (np.arange(32, dtype=np.int32), y),
+        source="warp_collectives.cu")
     np.testing.assert_array_equal(y, np.roll(np.arange(32), -1))
 
 

@@ -602,7 +602,8 @@ def test_atomic_exchange_hands_out_every_value_once(n):
 def test_atomic_inc_dec_wrap_at_the_limit(n, limit, start):
     inc, dec = np.array([start], np.uint32), np.array([start], np.uint32)
     inc_taken, dec_taken = np.zeros(n, np.uint32), np.zeros(n, np.uint32)
-    kernel("atomics.cu", "atomic_wrapping")((4,), (64,), (inc, inc_taken, dec, dec_taken, np.uint32(limit), np.int32(n)))
+    kernel("atomics.cu", "atomic_wrapping")((4,), (64,),
+                                            (inc, inc_taken, dec, dec_taken, np.uint32(limit), np.int32(n)))
     # Sequential model: the threads' order is unknown, but the sequence of values is not.
     i_seq, d_seq, i, d = [], [], start, start
     for _ in range(n):

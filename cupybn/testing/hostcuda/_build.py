@@ -27,7 +27,7 @@ INCLUDE_DIR = Path(__file__).parent / "include"
 _BUILD_FORMAT = "3"
 
 # "race": GCC's ThreadSanitizer instrumentation with the harness's own runtime in
-# place of ThreadSanitizer's (include/hostcuda/racecheck.h): a race check with
+# place of ThreadSanitizer's (include/hostcuda/racecheck_runtime.cc): a race check with
 # CUDA's orderings.  The object is linked without libtsan, and as a position-
 # dependent executable so that the addresses it reports are addr2line's.
 SANITIZERS = {
