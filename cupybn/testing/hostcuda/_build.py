@@ -83,10 +83,10 @@ def rewrite_shared(source: str) -> str:
         line_start = text.rfind("\n", 0, m.start()) + 1
         if text[line_start:m.start()].lstrip().startswith("#"):
             continue  # a macro definition: left alone (and refused by hostcuda.h if used)
+        line = text.count("\n", 0, m.start()) + 1
         end = text.find(";", m.end())
         if end < 0:
-            raise CompileError(f"line {text.count(chr(10), 0, m.start()) + 1}: a __shared__ declaration with no ';'")
-        line = text.count("\n", 0, m.start()) + 1
+            raise CompileError(f"line {line}: a __shared__ declaration with no ';'")
         if m.group("extern"):
             ext = _EXTERN_SHARED.fullmatch(text[m.start() + len(m.group("quals")):end + 1].strip())
             if ext is None:
@@ -289,16 +289,25 @@ def _race_runtime() -> Path:
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{key}.racecheck.o"
-    if not target.exists():
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            out = Path(tmp) / target.name
-            cmd = [cxx, "-std=c++20", "-pthread", "-O2", "-g", "-fno-pie", "-c", "-o", str(out), str(RACE_RUNTIME)]
+    _compile_into(target, "the race check's runtime",
+                  lambda tmp, out: [[cxx, "-std=c++20", "-pthread", "-O2", "-g", "-fno-pie", "-c", "-o", str(out),
+                                     str(RACE_RUNTIME)]])
+    return target
+
+
+def _compile_into(target: Path, what: str, commands) -> None:
+    """Run ``commands(tmp, out)`` in a scratch folder beside ``target`` unless ``target``
+    exists, then move ``out`` into place (atomically: concurrent builders agree on one file)."""
+    if target.exists():
+        return
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        for cmd in commands(Path(tmp), out):
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise CompileError(f"compiling the race check's runtime failed:\n{proc.stderr.strip()}\n"
+                raise CompileError(f"host compilation of {what} failed:\n{proc.stderr.strip()}\n"
                                    f"(command: {shlex.join(cmd)})")
-            os.replace(out, target)
-    return target
+        os.replace(out, target)
 
 
 def build(
@@ -317,17 +326,11 @@ def build(
     directory.mkdir(parents=True, exist_ok=True)
     suffix = ".so" if sanitize is None else f".{sanitize}.exe"
     target = directory / (key + suffix)
-    if not target.exists():
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            tu = Path(tmp) / "module.cpp"
-            tu.write_text(tu_text)
-            out = Path(tmp) / target.name
-            for cmd in _commands(cxx, tu, out, flags, sanitize):
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise CompileError(
-                        f"host compilation of {source_name} failed:\n{proc.stderr.strip()}\n"
-                        f"(command: {shlex.join(cmd)})"
-                    )
-            os.replace(out, target)  # atomic: concurrent builders agree on one file
+
+    def commands(tmp: Path, out: Path) -> list[list[str]]:
+        tu = tmp / "module.cpp"
+        tu.write_text(tu_text)
+        return _commands(cxx, tu, out, flags, sanitize)
+
+    _compile_into(target, source_name, commands)
     return Build(target, sanitize)

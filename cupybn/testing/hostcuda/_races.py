@@ -114,10 +114,9 @@ class _Symbolizer:
                 else:
                     i += 1
 
-    def kernel_frames(self, pc: int) -> list[str]:
-        """Frames of the kernel's own source (not the harness header, not the C++ library)."""
-        return [f"{function} at {location}" for function, location in self.frames.get(pc, [])
-                if _is_kernel_source(location)]
+    def kernel_frames(self, pc: int) -> list[tuple[str, str]]:
+        """(function, location) of the frames in the kernel's own source (not the harness, not the C++ library)."""
+        return [(function, location) for function, location in self.frames.get(pc, []) if _is_kernel_source(location)]
 
 
 def _is_kernel_source(location: str) -> bool:
@@ -175,13 +174,14 @@ def parse(report: str, exe: Path, source_name: str,
     def access(a: dict[str, str]) -> RaceAccess:
         frames = symbols.kernel_frames(int(a["pc"], 16))
         callers = symbols.kernel_frames(int(a["caller"], 16))
-        stack = tuple(frames + [f"called from {c.split(' at ', 1)[1]}" for c in callers[:1]])
+        stack = tuple([f"{function} at {location}" for function, location in frames]
+                      + [f"called from {location}" for _, location in callers[:1]])
         # An access inside the harness (an atomic, say) is located by the kernel's call of it.
-        kernel_line = (frames or callers or [f"?? at {a['pc']}"])[0]
+        location = (frames or callers or [("??", a["pc"])])[0][1]
         return RaceAccess(op=a["op"], atomic=a["atomic"] != "0", block_scoped=a["atomic"] == "2",
                           block=_triple(a["block"]),
                           thread=_triple(a["thread"]), warp=int(a["warp"]), lane=int(a["lane"]),
-                          location=kernel_line.rsplit(" at ", 1)[1], stack=stack)
+                          location=location, stack=stack)
 
     races: dict[tuple, Race] = {}
     for head, first, second in records:

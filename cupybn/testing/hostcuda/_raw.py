@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 import subprocess
@@ -425,12 +426,12 @@ _CUPY_ONLY_ARGUMENTS = {"backend", "translate_cucomplex", "enable_cooperative_gr
 
 def _package_source_name(code: str) -> str:
     """The file name of the cupybn kernel source whose text is ``code``, for reports; else ``kernel.cu``."""
+    return _package_sources().get(code, "kernel.cu")
+
+
+@functools.cache
+def _package_sources() -> dict[str, str]:
+    """Text -> file name of cupybn's kernel sources (read once)."""
     from cupybn.kernels import PACKAGE_SOURCES  # noqa: PLC0415 - cupybn.kernels is standard library only
 
-    for source in PACKAGE_SOURCES:
-        try:
-            if source.path.read_text() == code:
-                return source.path.name
-        except OSError:
-            continue
-    return "kernel.cu"
+    return {source.path.read_text(): source.path.name for source in PACKAGE_SOURCES}

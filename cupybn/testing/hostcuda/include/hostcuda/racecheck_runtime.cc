@@ -129,7 +129,6 @@ struct Knowledge {
   bool covers(const Access& a) const {
     return get(floors, a.block) > a.epoch || get(threads, thread_key(a.block, a.tid)) > a.pos;
   }
-  bool empty() const { return floors.empty() && threads.empty(); }
   void clear() {
     floors.clear();
     threads.clear();

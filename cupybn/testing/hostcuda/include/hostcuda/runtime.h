@@ -1,7 +1,8 @@
 // runtime.h: the execution model of hostcuda.
 //
-// A launch runs its blocks one after the other (last, first, second last, ...).  Every CUDA thread of a block is
-// a real std::thread from a reused pool, so __syncthreads() is a real barrier.
+// A launch runs its blocks one after the other (last, first, second last, ...).
+// Every CUDA thread of a block is a real std::thread from a reused pool, so
+// __syncthreads() is a real barrier.
 // Warps are 32 consecutive threads (by linear thread index); they meet only at
 // warp-level collectives (__syncwarp, shuffles, votes), which wait for exactly
 // the lanes named in the mask.  All waiting in a block goes through one mutex,
@@ -78,8 +79,8 @@ struct StaticSharedSlot {
 };
 
 struct StaticSharedArena {
-  std::mutex m;
-  std::atomic<std::size_t> used{0};
+  std::mutex m;  // guards both
+  std::size_t used = 0;
   std::vector<StaticSharedSlot> slots;
 };
 inline StaticSharedArena& static_shared_arena() {
@@ -110,7 +111,7 @@ inline void* reserve_static_shared(std::size_t size, std::size_t align, const ch
   race::HarnessScope harness;  // filling the new slot is not the kernel's write
   StaticSharedArena& arena = static_shared_arena();
   std::lock_guard<std::mutex> lock(arena.m);
-  const std::size_t start = arena.used.load(std::memory_order_relaxed) + kStaticSharedGap;
+  const std::size_t start = arena.used + kStaticSharedGap;
   const std::size_t offset = (start + align - 1) / align * align;
   if (offset + size > kStaticSharedArena) trap("the module's static __shared__ variables exceed the harness's 1 MiB");
 #if defined(__SANITIZE_ADDRESS__)
@@ -118,7 +119,7 @@ inline void* reserve_static_shared(std::size_t size, std::size_t align, const ch
 #endif
   std::memset(static_smem + offset, kSharedFill, size);
   arena.slots.push_back({offset, size, name, function});
-  arena.used.store(offset + size, std::memory_order_release);
+  arena.used = offset + size;
   return static_smem + offset;
 }
 
