@@ -19,6 +19,7 @@ import pytest
 from cuda_kernels import CUDA_DIR, module
 
 from cupybn.testing import hostcuda
+from cupybn.testing.hostcuda import _build as hostcuda_build
 
 SOURCE = "planted_races.cu"
 RUNS = 3  # a planted race must be found on each of them
@@ -132,7 +133,7 @@ PLANTED += [
     Planted("count_in_blocks", (4,), (32,), lambda: (np.zeros(1, np.uint32),), count_is_right,
             "global", "block-scoped", ("counted in blocks", "counted in blocks")),
     Planted("row_by_memcpy", (2,), (64,),
-            lambda: (X[:32].copy(), np.zeros(128, np.float32), np.zeros(64, np.float32)),
+            lambda: (X[:32].copy(), np.full(128, 7, np.float32), np.zeros(64, np.float32)),
             copied_rows_are_right, "global", "warps", ("row copied", "copied row read"),
             more=(("row cleared", "copied row read"),)),
     Planted("warp_staged_sums", (3,), (32,),
@@ -248,3 +249,20 @@ def test_planted_sources_compile_for_the_gate():
     # planted_races.cu is in the manifest, so the NVRTC gate compiles it as real CUDA.
     from cuda_kernels import manifest
     assert any(Path(s.path).name == SOURCE for s in manifest().SOURCES)
+
+
+def test_race_builds_name_no_checkout_so_one_cache_serves_every_checkout(tmp_path, monkeypatch):
+    # The cache key holds no path, so a build made from one checkout is used
+    # from others: its debug information must name the harness's headers by
+    # the fixed prefix, or a report from another checkout would locate an
+    # atomic in the harness instead of the kernel's line.
+    monkeypatch.setenv("CUPYBN_HOSTCUDA_CACHE", str(tmp_path))
+    kernel = module.__wrapped__(SOURCE, "race").get_function("zero_then_count")  # built afresh, into tmp_path
+    with pytest.raises(hostcuda.SanitizerError) as info:
+        kernel((4,), (32,), (np.zeros(1, np.uint32), np.int32(0)))
+    assert {r.lines for r in info.value.races} == {
+        frozenset({marked_line("counter zeroed"), marked_line("counter counted")})}
+    (exe,) = tmp_path.glob("*.race.exe")
+    include = str(hostcuda_build.INCLUDE_DIR).encode()
+    for built in (exe, *tmp_path.glob("*.racecheck.o")):
+        assert built.read_bytes().count(include) == 0, f"{built.name} names {hostcuda_build.INCLUDE_DIR}"

@@ -199,17 +199,18 @@ extern "C" __global__ void count_in_blocks(unsigned int* total, int correct) {
 }
 
 // memcpy and memset are memory accesses too: warp 0 fills a row with them and
-// warp 1 reads it, with no barrier between in the racy version.
+// warp 1 reads it, with no barrier between in the racy version.  The two calls
+// fill different halves, so both races are there whichever side runs first.
 extern "C" __global__ void row_by_memcpy(const float* __restrict__ x, float* rows, float* __restrict__ out,
                                          int correct) {
   const int t = threadIdx.x;
   float* row = rows + blockIdx.x * 64;
   if (t == 0) {
-    memset(row, 0, 64 * sizeof(float));  // race: row cleared
-    memcpy(row, x, 32 * sizeof(float));  // race: row copied
+    memcpy(row, x, 32 * sizeof(float));        // race: row copied
+    memset(row + 32, 0, 32 * sizeof(float));  // race: row cleared
   }
   if (correct) __syncthreads();
-  if (t >= 32) out[blockIdx.x * 32 + t - 32] = row[t - 32];  // race: copied row read
+  if (t >= 32) out[blockIdx.x * 32 + t - 32] = row[t - 32] + row[t];  // race: copied row read
 }
 
 // Lanes of warp 0 stage their values, meet at __syncwarp, and lane 0 fences and

@@ -24,7 +24,13 @@ from pathlib import Path
 INCLUDE_DIR = Path(__file__).parent / "include"
 
 # Bump when the generated code changes in a way the header hash cannot see.
-_BUILD_FORMAT = "3"
+_BUILD_FORMAT = "5"
+
+# Debug information names the harness's headers by this prefix, not by where the
+# package happens to be installed: a cached build made from one checkout is then
+# symbolized correctly from any other (the cache key does not hold the path).
+HARNESS_PREFIX = "/<hostcuda>"  # absolute, or addr2line joins it to the build folder
+_PREFIX_MAP = f"-ffile-prefix-map={INCLUDE_DIR}={HARNESS_PREFIX}"
 
 # "race": GCC's ThreadSanitizer instrumentation with the harness's own runtime in
 # place of ThreadSanitizer's (include/hostcuda/racecheck_runtime.cc): a race check with
@@ -268,7 +274,7 @@ def cache_dir() -> Path:
 
 
 def _commands(cxx: str, tu: Path, out: Path, options: list[str], sanitize: str | None) -> list[list[str]]:
-    cmd = [cxx, "-std=c++20", "-pthread", "-x", "c++", f"-I{INCLUDE_DIR}", "-Wno-unknown-pragmas"]
+    cmd = [cxx, "-std=c++20", "-pthread", "-x", "c++", f"-I{INCLUDE_DIR}", _PREFIX_MAP, "-Wno-unknown-pragmas"]
     if sanitize is None:
         return [cmd + ["-O1", "-fPIC", "-shared"] + options + ["-o", str(out), str(tu)]]
     cmd += ["-O1", "-g"] + SANITIZERS[sanitize] + options
@@ -290,8 +296,8 @@ def _race_runtime() -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{key}.racecheck.o"
     _compile_into(target, "the race check's runtime",
-                  lambda tmp, out: [[cxx, "-std=c++20", "-pthread", "-O2", "-g", "-fno-pie", "-c", "-o", str(out),
-                                     str(RACE_RUNTIME)]])
+                  lambda tmp, out: [[cxx, "-std=c++20", "-pthread", "-O2", "-g", "-fno-pie", _PREFIX_MAP,
+                                     "-c", "-o", str(out), str(RACE_RUNTIME)]])
     return target
 
 

@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from ._build import INCLUDE_DIR
+from ._build import HARNESS_PREFIX
 
 WHY = {
     "warps": "the threads are in different warps of one block, and no __syncthreads() comes between the two "
@@ -121,7 +121,7 @@ class _Symbolizer:
 
 def _is_kernel_source(location: str) -> bool:
     path = location.rsplit(":", 1)[0]
-    return not (path.startswith(str(INCLUDE_DIR)) or path.startswith("/usr/") or path == "??")
+    return not (path.startswith(HARNESS_PREFIX) or path.startswith("/usr/") or path == "??")
 
 
 def _run(cmd: list[str]) -> str:
