@@ -166,25 +166,13 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
 
     xp = be.xp
     x3 = layout.to3d(x, xp)
-    pdt = param_dtype_name(x.dtype)
+    # The per-channel results come back in the parameter dtype; the backend
+    # updates the running statistics itself (in training), after its work is done.
     if training:
-        y3, mean_hi, mean_lo, var, inv_std = be.forward_train(x3, gamma, beta, eps)
-        update = getattr(be, "update_running", None)  # one fused kernel on the CuPy backend
-        if running_mean is not None and not (
-                update and update(running_mean, running_var, mean_hi, mean_lo, var, momentum, layout.count)):
-            m = layout.count
-            mean = xp.asarray(mean_hi, "float64") + xp.asarray(mean_lo, "float64")
-            new_mean = (1.0 - momentum) * xp.asarray(running_mean, "float64") + momentum * mean
-            new_var = (1.0 - momentum) * xp.asarray(running_var, "float64") + momentum * var * (m / (m - 1))
-            running_mean[...] = new_mean.astype(running_mean.dtype)
-            running_var[...] = new_var.astype(running_var.dtype)
-        var = xp.asarray(var).astype(pdt)
+        y3, mean_hi, mean_lo, var, inv_std = be.forward_train(x3, gamma, beta, eps, running_mean, running_var,
+                                                              momentum)
     else:
-        y3, inv_std = be.forward_infer(x3, gamma, beta, running_mean, running_var, eps)
-        mean64 = xp.asarray(running_mean, "float64")
-        mean_hi = mean64.astype(pdt)
-        mean_lo = (mean64 - mean_hi).astype(pdt)
-        var = xp.asarray(running_var).astype(pdt)
+        y3, mean_hi, mean_lo, var, inv_std = be.forward_infer(x3, gamma, beta, running_mean, running_var, eps)
     saved = BatchNormSaved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma,
                            beta=beta, training=training, axis=ax, eps=eps, layout=layout,
                            backend=be)
@@ -209,9 +197,8 @@ def batch_norm_backward(dy, saved, *, backend=None):
         raise TypeError(f"dy must have the dtype of x, {saved.x.dtype}, got {dy.dtype}")
     xp = be.xp
     layout = saved.layout
+    # dgamma and dbeta come back in gamma's and beta's dtypes (None where absent).
     dx3, dgamma, dbeta = be.backward(layout.to3d(dy, xp), layout.to3d(saved.x, xp), saved.mean,
-                                     saved.mean_lo, saved.var, saved.inv_std, saved.gamma, saved.training)
-    # the gradients have their parameter's dtype
-    dgamma = None if saved.gamma is None else xp.asarray(dgamma).astype(saved.gamma.dtype)
-    dbeta = None if saved.beta is None else xp.asarray(dbeta).astype(saved.beta.dtype)
+                                     saved.mean_lo, saved.var, saved.inv_std, saved.gamma, saved.beta,
+                                     saved.training)
     return layout.from3d(dx3, xp), dgamma, dbeta

@@ -83,15 +83,20 @@ class GpuThroughNumpy:
     def _out(self, *arrays):
         return tuple(self._cp.asnumpy(a) for a in arrays)
 
-    def forward_train(self, x3, gamma, beta, eps):
-        return self._out(*self._gpu.forward_train(*self._in(x3, gamma, beta), eps))
+    def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1):
+        running = self._in(running_mean, running_var)
+        out = self._out(*self._gpu.forward_train(*self._in(x3, gamma, beta), eps, *running, momentum))
+        for host, device in zip((running_mean, running_var), running, strict=True):
+            if host is not None:
+                host[...] = self._cp.asnumpy(device)
+        return out
 
     def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
         return self._out(*self._gpu.forward_infer(*self._in(x3, gamma, beta, running_mean, running_var), eps))
 
-    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training):
-        arrays = self._in(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma)
-        return self._out(*self._gpu.backward(*arrays, training))
+    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training):
+        arrays = self._in(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta)
+        return tuple(None if a is None else self._cp.asnumpy(a) for a in self._gpu.backward(*arrays, training))
 
 
 BACKENDS = [

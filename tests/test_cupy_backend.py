@@ -26,6 +26,7 @@ from cupybn.testing import (
     reference_forward,
     tolerance,
 )
+from cupybn.backends._running import update_running
 from cupybn.testing.hostcuda import host_cupy_backend
 from cupybn.testing.strategies import batch_norm_inputs, make_x
 
@@ -155,27 +156,25 @@ def test_a_missing_cuda_fp16_header_is_retried_with_the_cuda_headers_cupybn_find
 
 
 @pytest.mark.parametrize("running_dtype", [np.float16, np.float32, np.float64])
-@pytest.mark.parametrize("acc", [np.float32, np.float64])
-def test_the_fused_running_statistics_update_is_the_generic_formula_rounded_once(acc, running_dtype):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_fused_running_statistics_update_is_the_generic_formula_rounded_once(dtype, running_dtype):
+    # Channels of 8 values k * 2**e + offset: mean and variance are exact in any
+    # dtype, so the in-kernel update must equal the generic formula bit for bit.
+    C, momentum = 37, 0.3
     rng = np.random.default_rng(10)
-    C, count, momentum = 37, 50, 0.3
-    mean_hi = rng.normal(5, 2, C).astype(acc)
-    mean_lo = (rng.normal(0, 1e-7, C) * np.abs(mean_hi)).astype(acc)
-    var = rng.uniform(0.1, 3, C)
+    scales = 2.0 ** rng.integers(-3, 4, C)
+    x = (np.arange(8)[:, None] * scales + rng.integers(-50, 50, C)).astype(dtype)
     rm, rv = rng.normal(0, 1, C).astype(running_dtype), rng.uniform(0.5, 2, C).astype(running_dtype)
-    mean = mean_hi.astype(np.float64) + mean_lo.astype(np.float64)
-    want_mean = ((1 - momentum) * rm.astype(np.float64) + momentum * mean).astype(running_dtype)
-    want_var = ((1 - momentum) * rv.astype(np.float64) + momentum * var * (count / (count - 1))).astype(running_dtype)
-    assert host_cupy_backend().update_running(rm, rv, mean_hi, mean_lo, var, momentum, count)
+    want_mean, want_var = rm.copy(), rv.copy()
+    y, saved = cupybn.batch_norm(x, running_mean=rm, running_var=rv, momentum=momentum, backend=host_cupy_backend())
+    update_running(np, want_mean, want_var, saved.mean, saved.mean_lo, saved.var, momentum, 8)
     np.testing.assert_array_equal(rm, want_mean)
     np.testing.assert_array_equal(rv, want_var)
 
 
-def test_running_statistics_of_mixed_dtypes_take_the_generic_path():
+def test_running_statistics_of_mixed_dtypes_are_each_updated_in_their_own_dtype():
     x = np.random.default_rng(11).standard_normal((20, 3)).astype(np.float32)
-    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float64)
-    assert not host_cupy_backend().update_running(rm, rv, np.zeros(3, np.float32), np.zeros(3, np.float32),
-                                                  np.ones(3), 0.1, 20)
+    rm, rv = np.zeros(3, np.float32), np.ones(6, np.float64)[::2]  # and a strided view, updated in place
     cupybn.batch_norm(x, running_mean=rm, running_var=rv, momentum=1.0, backend=host_cupy_backend())
     np.testing.assert_allclose(rm, x.mean(axis=0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(rv, x.var(axis=0, ddof=1), rtol=1e-6)
@@ -189,15 +188,21 @@ def test_16_byte_packs_in_the_elementwise_kernels_give_the_same_bits_as_single_v
     x3 = np.ascontiguousarray(inputs.x).reshape(inputs.x.shape[0], inputs.x.shape[1], -1)  # any (outer, C, inner)
     rng = inputs.rng(1)
     channels, acc = x3.shape[1], (np.float64 if x3.dtype == np.float64 else np.float32)
-    centre, scale, offset, a, b, k = (rng.standard_normal(channels).astype(acc) for _ in range(6))
+    stats, coef = rng.standard_normal((7, channels)).astype(acc), rng.standard_normal((3, channels)).astype(acc)
+    running = [rng.standard_normal(channels).astype(acc), rng.uniform(0.5, 2, channels).astype(acc)]
     dy3 = rng.standard_normal(x3.shape).astype(x3.dtype)
     results = []
     for backend in (host_cupy_backend(), host_cupy_backend(vector_loads=False)):
-        y3 = backend._affine(x3, centre, scale, offset)
-        dx3 = np.empty_like(x3)
-        backend._elementwise("bn_backward_elementwise", (dy3, x3, dx3),
-                             (np.int64(x3.shape[2]), np.int32(channels), np.int32(1), centre, a, b, k))
-        results.append((y3.tobytes(), dx3.tobytes()))
+        def launch(template, *arrays, rest):
+            out = np.empty_like(x3)
+            plan = backend._elementwise(template, x3.shape, x3.dtype, aligned=True)
+            plan((*arrays, out, *plan.geometry, *rest))
+            return out.tobytes()
+
+        codes = [c for a in running + [None, None] for c in backend._channel(a, stats)]
+        results.append((launch("bn_normalize", x3, rest=(stats,)),
+                        launch("bn_normalize_running", x3, rest=(*codes, np.float64(1e-5), stats.copy())),
+                        launch("bn_backward_elementwise", dy3, x3, rest=(np.int32(1), stats[0], coef))))
     assert results[0] == results[1]
 
 
@@ -205,12 +210,19 @@ def test_packs_are_used_only_for_aligned_arrays_of_whole_packs():
     backend = host_cupy_backend()
     base = np.zeros(4096 + 16, np.float32)
     start = (-base.ctypes.data % 16) // 4  # the first 16-byte aligned element
-    aligned = base[start:start + 4096]
-    assert backend._pack(aligned, aligned) == 4
-    assert backend._pack(base[start + 1:start + 4097], aligned) == 1  # misaligned by 4 bytes
-    assert backend._pack(aligned[:4094], aligned[:4094]) == 1  # not a whole number of packs
-    assert backend._pack(aligned.astype(np.float16), aligned.astype(np.float16)) in (8, 1)
-    assert host_cupy_backend(vector_loads=False)._pack(aligned, aligned) == 1
+    aligned = base[start:start + 4096].reshape(8, 8, 64)
+    misaligned = base[start + 1:start + 4097].reshape(8, 8, 64)
+
+    def packs(mode, *arrays):
+        plan = backend._plan(mode, *arrays)
+        return [launch.kernel.name.rsplit(", ", 1)[1] for launch in (plan.reduction, plan.elementwise) if launch]
+
+    assert packs("train", aligned) == ["4>", "4>"]
+    assert packs("train", misaligned) == ["1>", "1>"]  # misaligned by 4 bytes
+    assert packs("grad", aligned, misaligned) == ["1>", "1>"]
+    assert packs("infer", base[start:start + 105].reshape(3, 7, 5)) == ["1>"]  # not a whole number of packs
+    assert backend._pack_size(np.float16, True, 64) == 8 and backend._pack_size(np.float16, True, 63) == 1
+    assert host_cupy_backend(vector_loads=False)._pack_size(np.float32, True, 64) == 1
 
 
 def _strided_views(dtype, rng):
@@ -270,10 +282,10 @@ def test_planar_reductions_read_16_byte_packs_where_rows_are_whole_packs(dtype, 
     rng = np.random.default_rng(14)
     vec = 16 // np.dtype(dtype).itemsize
     meets_the_reference(make_x((6, 3, 8, 8), dtype, 20.0, 3.0, rng), backend)  # rows of 64: whole packs
-    assert ("bn_stats_planar", (64, vec)) in launched and ("bn_grad_sums_planar", (64, vec)) in launched
+    assert ("bn_stats_planar", (64, vec)) in launched and ("bn_grad_planar", (64, vec)) in launched
     launched.clear()
     meets_the_reference(make_x((6, 3, 7, 3), dtype, 20.0, 3.0, rng), backend)  # rows of 21: single values
-    assert ("bn_stats_planar", (64, 1)) in launched and ("bn_grad_sums_planar", (64, 1)) in launched
+    assert ("bn_stats_planar", (64, 1)) in launched and ("bn_grad_planar", (64, 1)) in launched
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

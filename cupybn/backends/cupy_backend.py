@@ -18,11 +18,12 @@ import threading
 
 import numpy as np
 
-from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, RUNNING_TYPES, VECTOR_BYTES, cuda_header_dirs
+from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, CHANNEL_KINDS, VECTOR_BYTES, cuda_header_dirs
 from ._cupy_general import GeneralPath
+from ._running import update_running
 from .numpy_backend import quiet
 
-# Per-channel kernels run one thread per channel in blocks of this size.
+# Per-channel kernels (general path) run one thread per channel in blocks of this size.
 _CHANNEL_BLOCK = 128
 # Elementwise kernels: blocks per SM (grid-stride beyond); their blocks have the
 # backend's `threads` threads, like the reductions.
@@ -30,6 +31,17 @@ _ELEMENTWISE_BLOCKS_PER_SM = 8
 # Partial counts are float32 in the kernels: keep each block's share exact.
 _MAX_VALUES_PER_BLOCK = 2**24
 _MAX_GRID_Y = 65535
+# Rows of the per-channel arrays the kernels write (batch_norm.cu: StatRow, CoefRow).
+_MEAN_HI, _MEAN_LO, _VAR, _INV_STD, _SCALE, _OFFSET = range(6)
+_STAT_ROWS = 7
+_COEF_ROWS = 3
+# A ticket per channel (planar) or per tile of 32 channels (rows); the buffer
+# grows to the largest call seen on a stream.
+_MIN_TICKETS = 1024
+
+_ABSENT = (np.int32(0), np.int64(0))
+_PASSES = (np.int32(0), np.int32(1))
+_MODES = (np.int32(0), np.int32(1))
 
 
 class KernelLaunchError(RuntimeError):
@@ -45,7 +57,12 @@ class CupyBackend:
     multiprocessors to fill (read from the device when None);
     ``values_per_thread``: how much data a reduction thread takes at least
     before a channel is split over more blocks; ``vector_loads``: let the
-    elementwise kernels move 16 bytes at a time where the arrays allow it.
+    kernels move 16 bytes at a time where the arrays allow it.
+
+    A call on contiguous data is a reduction kernel (two in training: the
+    second does nothing unless a channel needs it), then one elementwise
+    kernel; its launch geometry is worked out once per shape, dtype and
+    alignment and kept (``_plan``).
     """
 
     supported_dtypes = frozenset(C_TYPES)  # CuPy has no bfloat16 arrays
@@ -69,7 +86,15 @@ class CupyBackend:
         self.name = name
         self._modules: dict[str, object] = {}
         self._launchers: dict[tuple[str, str], _Launcher] = {}
+        self._plans: dict[tuple, _Plan] = {}
+        self._channel_codes: dict[tuple, tuple] = {}
+        self._tickets: dict[object, object] = {}
         self._lock = threading.Lock()
+        on_device = hasattr(xp, "cuda")
+        self._address = (lambda a: a.data.ptr) if on_device else (lambda a: a.ctypes.data)
+        # Tickets are reused launch after launch, so each stream has its own.
+        self._stream = ((lambda: (xp.cuda.runtime.getDevice(), xp.cuda.get_current_stream().ptr))
+                        if on_device else (lambda: None))
 
     def __repr__(self) -> str:
         return f"CupyBackend({self.name}, threads={self.threads})"
@@ -79,7 +104,7 @@ class CupyBackend:
 
     # ---- kernels ------------------------------------------------------------------
 
-    def _function(self, dtype, template: str, *params):
+    def _function(self, dtype, template: str, *params) -> _Launcher:
         """The compiled kernel ``template<storage, arithmetic, params...>`` for data of ``dtype``."""
         name = np.dtype(dtype).name
         if name not in C_TYPES:
@@ -121,7 +146,19 @@ class CupyBackend:
             self._sm_count = int(device.attributes["MultiProcessorCount"])
         return self._sm_count
 
-    # ---- launch geometry ------------------------------------------------------------
+    def _forget_tickets(self) -> None:
+        """After a failed launch the tickets may not be back at 0: start again from fresh ones."""
+        self._tickets.clear()
+
+    def _tickets_for(self, count: int):
+        stream = self._stream()
+        tickets = self._tickets.get(stream)
+        if tickets is None or tickets.size < count:
+            tickets = self.xp.zeros(max(count, _MIN_TICKETS), np.uint32)
+            self._tickets[stream] = tickets
+        return tickets
+
+    # ---- launch geometry (once per shape, dtype and alignment) -------------------------
 
     def _slices(self, per_channel: int, columns: int, per_thread_step: int, multiple: int = 1) -> tuple[int, int]:
         """How many blocks share a channel, and how many values (planar) or rows each takes.
@@ -138,64 +175,72 @@ class CupyBackend:
         per_block = math.ceil(per_channel / slices / multiple) * multiple  # whole packs per block
         return math.ceil(per_channel / per_block), per_block  # no empty slices
 
-    def _pack(self, *arrays) -> int:
-        """Values per load/store of the elementwise kernels: 16 bytes' worth where
-        every array starts 16-byte aligned and the size is a whole number of packs."""
-        itemsize = arrays[0].dtype.itemsize
-        vec = VECTOR_BYTES // itemsize
-        if (self.vector_loads and arrays[0].size % vec == 0
-                and all(_address(a) % VECTOR_BYTES == 0 for a in arrays)):
-            return vec
-        return 1
+    def _pack_size(self, dtype, aligned: bool, divides: int) -> int:
+        """Values per load/store: 16 bytes' worth where the arrays are 16-byte aligned
+        and ``divides`` is a whole number of packs; otherwise 1."""
+        vec = VECTOR_BYTES // np.dtype(dtype).itemsize
+        return vec if self.vector_loads and aligned and divides % vec == 0 else 1
 
-    def _elementwise(self, template: str, arrays, rest):
-        """Launches an elementwise kernel over the (equal-shaped) arrays, then ``rest``."""
-        total = arrays[0].size
-        vec = self._pack(*arrays)
-        packs = total // vec
-        grid = max(1, min(math.ceil(packs / self.threads), _ELEMENTWISE_BLOCKS_PER_SM * self.sm_count()))
-        self._function(arrays[0].dtype, template, vec)((grid,), (self.threads,), (*arrays, np.int64(total), *rest))
-
-    # ---- building blocks ----------------------------------------------------------------
-
-    def _acc(self, dtype):
-        return self.xp.float64 if np.dtype(dtype) == np.float64 else self.xp.float32
-
-    def _per_channel64(self, a, channels: int, default: float):
-        xp = self.xp
-        if a is None:
-            return xp.full(channels, default, xp.float64)
-        return xp.ascontiguousarray(xp.asarray(a, xp.float64))
-
-    def _reduce(self, planar_template: str, rows_template: str, x3, arrays_before, arrays_after, parts: int):
-        """Launches a planar or rows reduction over x3's layout; returns (partials, slices)."""
-        xp = self.xp
-        outer, channels, inner = x3.shape
-        acc = self._acc(x3.dtype)
+    def _reduction(self, family: str, shape, dtype, aligned: bool) -> _Launch:
+        """The statistics ("bn_stats") or gradient ("bn_grad") reduction over a contiguous (outer, C, inner)."""
+        outer, channels, inner = shape
         if inner > 1:
-            # Packs of 16 bytes where rows are whole packs and every array is aligned.
-            vec = self._pack(*arrays_before) if inner % (VECTOR_BYTES // x3.dtype.itemsize) == 0 else 1
+            vec = self._pack_size(dtype, aligned, inner)
             slices, per_block = self._slices(outer * inner, channels, self.threads * vec, multiple=vec)
-            partials = [xp.empty(channels * slices, acc) for _ in range(parts)]
-            fn = self._function(x3.dtype, planar_template, self.threads, vec)
-            fn((channels, slices), (self.threads,),
-               (*arrays_before, np.int64(outer), np.int32(channels), np.int64(inner), np.int64(per_block),
-                *arrays_after, *partials))
-        else:
-            rows = self.threads // 32
-            tiles = math.ceil(channels / 32)
-            slices, per_block = self._slices(outer, tiles, rows)
-            partials = [xp.empty(channels * slices, acc) for _ in range(parts)]
-            fn = self._function(x3.dtype, rows_template, rows)
-            fn((tiles, slices), (32, rows),
-               (*arrays_before, np.int64(outer), np.int32(channels), np.int64(per_block), *arrays_after, *partials))
-        return partials, slices
+            return _Launch(self._function(dtype, f"{family}_planar", self.threads, vec), (channels, slices),
+                           (self.threads,), (np.int64(outer), np.int32(channels), np.int64(inner),
+                                             np.int64(per_block)), slices, channels)
+        rows = self.threads // 32
+        tiles = math.ceil(channels / 32)
+        slices, per_block = self._slices(outer, tiles, rows)
+        return _Launch(self._function(dtype, f"{family}_rows", rows), (tiles, slices), (32, rows),
+                       (np.int64(outer), np.int32(channels), np.int64(per_block)), slices, tiles)
 
-    def _affine(self, x3, centre, scale, offset):
-        outer, channels, inner = x3.shape
-        y3 = self.xp.empty(x3.shape, x3.dtype)
-        self._elementwise("bn_affine", (x3, y3), (np.int64(inner), np.int32(channels), centre, scale, offset))
-        return y3
+    def _elementwise(self, template: str, shape, dtype, aligned: bool) -> _Launch:
+        outer, channels, inner = shape
+        total = outer * channels * inner
+        vec = self._pack_size(dtype, aligned, total)
+        grid = max(1, min(math.ceil(total // vec / self.threads), _ELEMENTWISE_BLOCKS_PER_SM * self.sm_count()))
+        return _Launch(self._function(dtype, template, vec), (grid,), (self.threads,),
+                       (np.int64(total), np.int64(inner), np.int32(channels)), 0, 0)
+
+    def _plan(self, mode: str, x3, *others) -> _Plan:
+        """The kernels and geometry of one mode for arrays like these (cached)."""
+        aligned = all(self._address(a) % VECTOR_BYTES == 0 for a in (x3, *others))
+        key = (mode, x3.shape, x3.dtype, aligned)
+        plan = self._plans.get(key)
+        if plan is None:
+            shape, dtype = x3.shape, x3.dtype
+            if mode.startswith("general"):  # strided views: the general path's kernels
+                plan = _Plan(None, None)
+            elif mode == "train":
+                plan = _Plan(self._reduction("bn_stats", shape, dtype, aligned),
+                             self._elementwise("bn_normalize", shape, dtype, aligned))
+            elif mode == "infer":
+                plan = _Plan(None, self._elementwise("bn_normalize_running", shape, dtype, aligned))
+            else:
+                plan = _Plan(self._reduction("bn_grad", shape, dtype, aligned),
+                             self._elementwise("bn_backward_elementwise", shape, dtype, aligned))
+            plan.count = shape[0] * shape[2]
+            plan.acc = np.float64 if dtype == np.float64 else np.float32
+            self._plans[key] = plan
+        return plan
+
+    def _channel(self, a, stand_in) -> tuple:
+        """A per-channel array as the kernels take it: (array, kind, stride in elements).
+        ``stand_in`` fills the pointer of an absent one (kind 0: never read)."""
+        if a is None:
+            return (stand_in, *_ABSENT)
+        key = (a.dtype, a.strides)
+        codes = self._channel_codes.get(key)
+        if codes is None:
+            codes = (np.int32(CHANNEL_KINDS[a.dtype.name]), np.int64(a.strides[0] // a.itemsize))
+            self._channel_codes[key] = codes
+        return (a, *codes)
+
+    def _kernel_readable(self, a):
+        """``a`` if the kernels can read its dtype, else a float64 copy (bfloat16 on the host harness)."""
+        return a if a is None or a.dtype.name in CHANNEL_KINDS else self.xp.asarray(a, np.float64)
 
     # ---- the three operations (docs/backends.md) ---------------------------------------
 
@@ -203,147 +248,150 @@ class CupyBackend:
     def _general(self) -> GeneralPath:
         return GeneralPath(self._kernels)
 
-    def _finalize_stats(self, x3, parts, slices, shift, active, gamma64, beta64, eps, outputs, far_out):
-        channels = x3.shape[1]
-        mean_hi, mean_lo, var, inv_std, scale, offset, next_shift = outputs
-        self._function(x3.dtype, "bn_stats_finalize")(
-            (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
-            (*parts, np.int32(channels), np.int32(slices), shift, active, gamma64, beta64, np.float64(eps),
-             mean_hi, mean_lo, var, inv_std, scale, offset, far_out, next_shift))
-
-    def _stats_outputs(self, channels: int, acc):
+    @quiet
+    def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1):
         xp = self.xp
-        mean_hi, mean_lo, inv_std, scale, offset, next_shift = (xp.empty(channels, acc) for _ in range(6))
-        return mean_hi, mean_lo, xp.empty(channels, xp.float64), inv_std, scale, offset, next_shift
+        gamma, beta = self._kernel_readable(gamma), self._kernel_readable(beta)
+        fused_running = running_mean is not None and all(
+            a.dtype.name in CHANNEL_KINDS for a in (running_mean, running_var))
+        general = not x3.flags.c_contiguous
+        plan = self._plan("general-train" if general else "train", x3)
+        channels = x3.shape[1]
+        stats = xp.empty((_STAT_ROWS, channels), plan.acc)
+        far = xp.empty(channels, np.int32)
+        params = (*self._channel(gamma, stats), *self._channel(beta, stats), np.float64(eps),
+                  *self._channel(running_mean if fused_running else None, stats),
+                  *self._channel(running_var if fused_running else None, stats),
+                  np.float64(momentum), np.float64(plan.count / (plan.count - 1)))
+        if general:
+            y3 = self._forward_train_general(x3, plan, stats, far, params)
+        else:
+            reduce, normalize = plan.reduction, plan.elementwise
+            part = xp.empty(2 * channels * reduce.slices, plan.acc)
+            tickets = self._tickets_for(reduce.tickets)
+            # The second pass recomputes the channels whose shift the first found
+            # far from the mean; the device decides, so it is always launched.
+            for pass_ in _PASSES:
+                reduce((x3, *reduce.geometry, pass_, part, tickets, stats, far, *params))
+            y3 = xp.empty(x3.shape, x3.dtype)
+            normalize((x3, y3, *normalize.geometry, stats))
+        if running_mean is not None and not fused_running:
+            update_running(xp, running_mean, running_var, stats[_MEAN_HI], stats[_MEAN_LO], stats[_VAR],
+                           momentum, plan.count)
+        return y3, stats[_MEAN_HI], stats[_MEAN_LO], stats[_VAR], stats[_INV_STD]
 
-    def _forward_train_general(self, x3, gamma64, beta64, eps):
+    def _forward_train_general(self, x3, plan, stats, far, params):
         """Strided x3, read in place: two-pass statistics in double (see _cupy_general)."""
         xp = self.xp
-        outer, channels, inner = x3.shape
-        count = outer * inner
-        acc = self._acc(x3.dtype)
-        per_channel = (1, channels, 1)
-        shift = x3[0, :, 0].astype(acc)
-        mean_d = self._general.shifted_sum(x3, shift.reshape(per_channel), axis=(0, 2)) / count
-        # mean = shift + mean_d as a double-double (TwoSum): float64 data keeps
-        # its last bits at large offsets, and a far shift costs nothing.
-        k = shift.astype(xp.float64)
-        mean = k + mean_d
-        back = mean - k
-        error = (k - (mean - back)) + (mean_d - back)
-        squares = self._general.squared_deviations(x3, mean.reshape(per_channel), axis=(0, 2))
-        # One "slice" per channel, centred on the mean's hi part so that nothing is lost.
-        centre = xp.ascontiguousarray(mean.astype(acc))
-        parts = (xp.full(channels, count, acc), ((mean - centre) + error).astype(acc), squares.astype(acc))
-        outputs = self._stats_outputs(channels, acc)
-        self._finalize_stats(x3, parts, 1, centre, xp.ones(channels, xp.int32), gamma64, beta64, eps, outputs,
-                             xp.empty(channels, xp.int32))
-        mean_hi, mean_lo, var, inv_std, scale, offset, _ = outputs
-        y3 = xp.empty(x3.shape, x3.dtype)
-        self._general.affine(x3, mean_hi.reshape(per_channel), scale.reshape(per_channel),
-                             offset.reshape(per_channel), y3)
-        return y3, mean_hi, mean_lo, var, inv_std
-
-    @quiet
-    def forward_train(self, x3, gamma, beta, eps):
-        xp = self.xp
         channels = x3.shape[1]
-        acc = self._acc(x3.dtype)
-        gamma64 = self._per_channel64(gamma, channels, 1.0)
-        beta64 = self._per_channel64(beta, channels, 0.0)
-        if not x3.flags.c_contiguous:
-            return self._forward_train_general(x3, gamma64, beta64, eps)
-        # The shift: one sample of each channel (the first element).
-        shift = xp.ascontiguousarray(x3[0, :, 0].astype(acc))
-        every = xp.ones(channels, xp.int32)
-        outputs = self._stats_outputs(channels, acc)
-        mean_hi, mean_lo, var, inv_std, scale, offset, next_shift = outputs
-        far = xp.empty(channels, xp.int32)
-        # Second pass, for channels whose sample was far from the mean: decided
-        # on the device (far), so the launch always happens and idle blocks leave.
-        for active, shift_in, far_out in ((every, shift, far), (far, next_shift, xp.empty(channels, xp.int32))):
-            parts, slices = self._reduce("bn_stats_planar", "bn_stats_rows", x3, (x3,), (shift_in, active), parts=3)
-            self._finalize_stats(x3, parts, slices, shift_in, active, gamma64, beta64, eps, outputs, far_out)
-        y3 = self._affine(x3, mean_hi, scale, offset)
-        return y3, mean_hi, mean_lo, var, inv_std
-
-    @quiet
-    def update_running(self, running_mean, running_var, mean_hi, mean_lo, var, momentum, count) -> bool:
-        """Updates the running statistics in place with one kernel; False (nothing
-        done) where that kernel does not apply, and the caller's generic path runs."""
-        xp = self.xp
-        dtype_name = "float64" if mean_hi.dtype == np.float64 else "float32"  # the module with this Acc
-        r = np.dtype(running_mean.dtype).name
-        if (r not in RUNNING_TYPES or running_var.dtype != running_mean.dtype or count < 2
-                or not (running_mean.flags.c_contiguous and running_var.flags.c_contiguous)):
-            return False
-        channels = running_mean.shape[0]
-        launcher = self._launcher(dtype_name, f"bn_update_running<{C_TYPES[dtype_name][1]}, {RUNNING_TYPES[r]}>")
-        launcher((math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
-                 (mean_hi, mean_lo, xp.asarray(var, xp.float64), np.float64(momentum),
-                  np.float64(count / (count - 1)), np.int32(channels), running_mean, running_var))
-        return True
+        per_channel = (1, channels, 1)
+        shift = x3[0, :, 0].astype(plan.acc)
+        mean = self._general.shifted_sum(x3, shift.reshape(per_channel), axis=(0, 2)) / plan.count
+        shift64 = shift.astype(np.float64)
+        squares = self._general.squared_deviations(x3, (shift64 + mean).reshape(per_channel), axis=(0, 2))
+        self._function(x3.dtype, "bn_stats_channelwise")(
+            (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
+            (shift64, mean, squares, np.float64(plan.count), np.int32(channels), stats, far, *params))
+        y3 = xp.empty(x3.shape, x3.dtype)
+        self._general.affine(x3, *(stats[row].reshape(per_channel) for row in (_MEAN_HI, _SCALE, _OFFSET)), y3)
+        return y3
 
     @quiet
     def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
         xp = self.xp
         channels = x3.shape[1]
-        acc = self._acc(x3.dtype)
-        centre, inv_std, scale, offset = (xp.empty(channels, acc) for _ in range(4))
-        self._function(x3.dtype, "bn_infer_coefficients")(
-            (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
-            (self._per_channel64(running_mean, channels, 0.0), self._per_channel64(running_var, channels, 1.0),
-             self._per_channel64(gamma, channels, 1.0), self._per_channel64(beta, channels, 0.0), np.float64(eps),
-             np.int32(channels), centre, inv_std, scale, offset))
-        if not x3.flags.c_contiguous:
-            y3 = xp.empty(x3.shape, x3.dtype)
-            shape = (1, channels, 1)
-            self._general.affine(x3, centre.reshape(shape), scale.reshape(shape), offset.reshape(shape), y3)
-            return y3, inv_std
-        return self._affine(x3, centre, scale, offset), inv_std
+        general = not x3.flags.c_contiguous
+        plan = self._plan("general-infer" if general else "infer", x3)
+        stats = xp.empty((_STAT_ROWS, channels), plan.acc)
+        params = (*self._channel(self._kernel_readable(running_mean), stats),
+                  *self._channel(self._kernel_readable(running_var), stats),
+                  *self._channel(self._kernel_readable(gamma), stats),
+                  *self._channel(self._kernel_readable(beta), stats), np.float64(eps))
+        y3 = xp.empty(x3.shape, x3.dtype)
+        if general:
+            self._function(x3.dtype, "bn_infer_channelwise")(
+                (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,), (*params, np.int32(channels), stats))
+            per_channel = (1, channels, 1)
+            self._general.affine(x3, *(stats[row].reshape(per_channel) for row in (_MEAN_HI, _SCALE, _OFFSET)), y3)
+        else:
+            normalize = plan.elementwise
+            normalize((x3, y3, *normalize.geometry, *params, stats))
+        return y3, stats[_MEAN_HI], stats[_MEAN_LO], stats[_VAR], stats[_INV_STD]
 
     @quiet
-    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training):
+    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training):
         del var  # the kernels centre on mean_hi whatever the spread
         xp = self.xp
-        outer, channels, inner = x3.shape
-        acc = self._acc(x3.dtype)
-        centre = xp.ascontiguousarray(xp.asarray(mean_hi, acc))
-        lo = xp.ascontiguousarray(xp.asarray(mean_lo, acc))
-        inv = xp.ascontiguousarray(xp.asarray(inv_std, acc))
+        channels = x3.shape[1]
         general = not (x3.flags.c_contiguous and dy3.flags.c_contiguous)
-        per_channel = (1, channels, 1)
-        if general:  # strided views, read in place; one "slice" per channel
-            slices = 1
-            part_dy = self._general.sum(dy3, axis=(0, 2)).astype(acc)
-            part_dyx = self._general.centred_product_sum(dy3, x3, centre.reshape(per_channel), axis=(0, 2)).astype(acc)
-        else:
-            (part_dy, part_dyx), slices = self._reduce(
-                "bn_grad_sums_planar", "bn_grad_sums_rows", x3, (dy3, x3), (centre,), parts=2)
-        dgamma, dbeta = xp.empty(channels, xp.float64), xp.empty(channels, xp.float64)
-        a, b, k = (xp.empty(channels, acc) for _ in range(3))
-        self._function(x3.dtype, "bn_grad_finalize")(
-            (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
-            (part_dy, part_dyx, np.int32(channels), np.int32(slices), np.float64(outer * inner), lo, inv,
-             self._per_channel64(gamma, channels, 1.0), np.int32(bool(training)), dgamma, dbeta, a, b, k))
+        plan = self._plan("general-grad" if general else "grad", x3, dy3)
+        mean_hi, mean_lo, inv_std = (self._as_acc(a, plan.acc) for a in (mean_hi, mean_lo, inv_std))
+        coef = xp.empty((_COEF_ROWS, channels), plan.acc)
+        # dgamma/dbeta are written in their parameters' dtypes (float64 where the kernels cannot).
+        dgamma = None if gamma is None else xp.empty(channels, _written_dtype(gamma.dtype))
+        dbeta = None if beta is None else xp.empty(channels, _written_dtype(beta.dtype))
+        mode = _MODES[bool(training)]
+        params = (mean_hi, mean_lo, inv_std, *self._channel(self._kernel_readable(gamma), coef), mode,
+                  np.float64(plan.count), coef, *self._channel(dgamma, coef)[:2], *self._channel(dbeta, coef)[:2])
         dx3 = xp.empty(x3.shape, x3.dtype)
-        if general:
-            self._general.backward(dy3, x3, centre.reshape(per_channel), a.reshape(per_channel),
-                                   b.reshape(per_channel), k.reshape(per_channel), np.int32(bool(training)), dx3)
+        if general:  # strided views, read in place
+            per_channel = (1, channels, 1)
+            sum_dy = self._general.sum(dy3, axis=(0, 2))
+            sum_dyx = self._general.centred_product_sum(dy3, x3, mean_hi.reshape(per_channel), axis=(0, 2))
+            self._function(x3.dtype, "bn_grad_channelwise")(
+                (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
+                (sum_dy, sum_dyx, np.int32(channels), *params))
+            self._general.backward(dy3, x3, mean_hi.reshape(per_channel),
+                                   *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), mode, dx3)
         else:
-            self._elementwise("bn_backward_elementwise", (dy3, x3, dx3),
-                              (np.int64(inner), np.int32(channels), np.int32(bool(training)), centre, a, b, k))
-        return dx3, dgamma, dbeta
+            reduce, elementwise = plan.reduction, plan.elementwise
+            part = xp.empty(2 * channels * reduce.slices, plan.acc)
+            reduce((dy3, x3, *reduce.geometry, part, self._tickets_for(reduce.tickets), *params))
+            elementwise((dy3, x3, dx3, *elementwise.geometry, mode, mean_hi, coef))
+        return dx3, _as_dtype(dgamma, gamma), _as_dtype(dbeta, beta)
+
+    def _as_acc(self, a, acc):
+        """A per-channel statistic as the kernels read it (our own forward passes give it so already)."""
+        if a.dtype == acc and a.flags.c_contiguous:
+            return a
+        return self.xp.ascontiguousarray(self.xp.asarray(a, acc))
+
+
+def _written_dtype(dtype):
+    return dtype if dtype.name in CHANNEL_KINDS else np.dtype(np.float64)
+
+
+def _as_dtype(result, param):
+    return result if result is None or result.dtype == param.dtype else result.astype(param.dtype)
+
+
+class _Launch:
+    """A kernel with its grid, block and leading geometry arguments for one shape."""
+
+    __slots__ = ("kernel", "grid", "block", "geometry", "slices", "tickets")
+
+    def __init__(self, kernel: _Launcher, grid: tuple, block: tuple, geometry: tuple, slices: int, tickets: int):
+        self.kernel, self.grid, self.block, self.geometry = kernel, grid, block, geometry
+        self.slices, self.tickets = slices, tickets
+
+    def __call__(self, args: tuple) -> None:
+        self.kernel(self.grid, self.block, args)
+
+
+class _Plan:
+    """What a call of one mode launches for one shape, dtype and alignment."""
+
+    __slots__ = ("reduction", "elementwise", "count", "acc")
+
+    def __init__(self, reduction: _Launch | None, elementwise: _Launch | None):
+        self.reduction, self.elementwise = reduction, elementwise
+        self.count = 0
+        self.acc = np.float32
 
 
 # Templates whose first parameter is the storage type (the others take the arithmetic type only).
-_STORAGE_TEMPLATES = ("bn_stats_planar", "bn_stats_rows", "bn_grad_sums", "bn_affine", "bn_backward_elementwise")
-
-
-def _address(a) -> int:
-    """Where an array's first element is (device or host memory)."""
-    interface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
-    return int(interface["data"][0])
+_STORAGE_TEMPLATES = ("bn_stats_planar", "bn_stats_rows", "bn_grad_planar", "bn_grad_rows", "bn_normalize",
+                      "bn_backward_elementwise")
 
 
 class _Launcher:
@@ -369,6 +417,7 @@ class _Launcher:
         except (TypeError, ValueError):
             raise  # argument mistakes are bugs here, with their own precise message
         except Exception as e:  # CUDA (or host harness) failures: say which kernel
+            self._backend._forget_tickets()
             raise KernelLaunchError(f"cupybn kernel {self.name} (grid {grid}, block {block}) failed: {e}") from e
 
 

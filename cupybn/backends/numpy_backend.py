@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ._float16 import narrow_to_half, widen_half
+from ._running import update_running
 
 # Blocks of about 256 Ki values keep a block of x, dy and a scratch buffer in a
 # 1 MiB L2 cache while amortising Python's per-call overhead.
@@ -466,32 +467,43 @@ class NumpyBackend:
 
     # ---- the three operations -------------------------------------------------
     @quiet
-    def forward_train(self, x3, gamma, beta, eps):
-        """Training forward pass.
+    def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1):
+        """Training forward pass; updates the running statistics (if given) in place.
 
-        Returns ``y3, mean_hi, mean_lo, var, inv_std``: the per-channel arrays
-        are in the compute dtype except var (float64, biased).
+        Returns ``y3, mean_hi, mean_lo, var, inv_std`` (var biased), the
+        per-channel arrays in the compute dtype.
         """
         mean_hi, mean_lo, var = self.batch_stats(x3)
         inv_std = 1.0 / np.sqrt(var + eps)
         y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=bool(np.all(var > 0)))
-        return y3, mean_hi, mean_lo, var, inv_std.astype(mean_hi.dtype)
+        if running_mean is not None:
+            update_running(np, running_mean, running_var, mean_hi, mean_lo, var, momentum,
+                           x3.shape[0] * x3.shape[2])
+        cdt = mean_hi.dtype
+        return y3, mean_hi, mean_lo, var.astype(cdt), inv_std.astype(cdt)
 
     @quiet
     def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
-        """Inference forward pass with the running statistics; returns ``y3, inv_std``."""
+        """Inference forward pass with the running statistics.
+
+        Returns ``y3, mean_hi, mean_lo, var, inv_std``: the running mean as a
+        hi/lo pair, the running variance, in the compute dtype.
+        """
         cdt = compute_dtype(x3.dtype)
-        inv_std = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
+        var = np.asarray(running_var, np.float64)
+        inv_std = 1.0 / np.sqrt(var + eps)
         mean = np.asarray(running_mean, np.float64)
         mean_hi = mean.astype(cdt)
-        y3 = self._normalize(x3, mean_hi, mean - mean_hi, inv_std, gamma, beta)
-        return y3, inv_std.astype(cdt)
+        mean_lo = mean - mean_hi
+        y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta)
+        return y3, mean_hi, mean_lo.astype(cdt), var.astype(cdt), inv_std.astype(cdt)
 
     @quiet
-    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training):
+    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training):
         """Gradients for the (outer, C, inner) view; returns ``dx3, dgamma, dbeta``.
 
-        dgamma/dbeta are float64 ``sum(dy * x_hat)`` and ``sum(dy)``; in
+        dgamma/dbeta are ``sum(dy * x_hat)`` and ``sum(dy)`` (in double, rounded
+        to gamma's and beta's dtypes; None where those are None); in
         training mode dx also flows through the batch statistics:
         ``dx = a*dy + b*(x - mean) + c`` per channel.
         """
@@ -529,7 +541,7 @@ class NumpyBackend:
                 self._store(dx3[b], res)
 
             self._map(scale_only, plan.blocks)
-            return dx3, dgamma, dbeta
+            return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
         # dx = a * (dy - dbeta/m - x_hat * dgamma/m), x_hat = (x - mean) * inv
         b = -a * inv * dgamma / m
         # Centre x before multiplying by b only where the offset would cost bits.
@@ -550,7 +562,11 @@ class NumpyBackend:
             self._store(dx3[blk], res)
 
         self._map(elementwise, plan.blocks)
-        return dx3, dgamma, dbeta
+        return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
+
+
+def _in_dtype_of(result, param):
+    return None if param is None else result.astype(param.dtype)
 
 
 def _scaled(x, scale, centre, out):

@@ -100,8 +100,9 @@ C_TYPES = {"float16": ("__half", "float"), "float32": ("float", "float"), "float
 VECTOR_BYTES = 16
 ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8}
 
-# running statistics dtype -> C type (bn_update_running)
-RUNNING_TYPES = {"float16": "__half", "float32": "float", "float64": "double"}
+# dtype of a per-channel array (gamma, beta, running statistics, dgamma, dbeta)
+# -> the `kind` code the kernels read it by (batch_norm.cu: ChannelArray); 0 is "absent".
+CHANNEL_KINDS = {"float16": 1, "float32": 2, "float64": 3}
 
 
 def batch_norm_instantiations(dtype: str) -> tuple[str, ...]:
@@ -109,18 +110,17 @@ def batch_norm_instantiations(dtype: str) -> tuple[str, ...]:
     t, acc = C_TYPES[dtype]
     names = []
     for vec in (1, VECTOR_BYTES // ITEMSIZE[dtype]):  # scalar, and 16-byte packs
-        names += [f"bn_affine<{t}, {acc}, {vec}>", f"bn_backward_elementwise<{t}, {acc}, {vec}>"]
+        names += [f"bn_normalize<{t}, {acc}, {vec}>", f"bn_normalize_running<{t}, {acc}, {vec}>",
+                  f"bn_backward_elementwise<{t}, {acc}, {vec}>"]
     for threads in BLOCK_THREADS:
         rows = threads // 32
-        names += [f"bn_stats_rows<{t}, {acc}, {rows}>", f"bn_grad_sums_rows<{t}, {acc}, {rows}>"]
+        names += [f"bn_stats_rows<{t}, {acc}, {rows}>", f"bn_grad_rows<{t}, {acc}, {rows}>"]
         for vec in (1, VECTOR_BYTES // ITEMSIZE[dtype]):
             names += [f"bn_stats_planar<{t}, {acc}, {threads}, {vec}>",
-                      f"bn_grad_sums_planar<{t}, {acc}, {threads}, {vec}>"]
-    # The per-channel kernels depend on the arithmetic type only; float16 and
-    # float32 both instantiate the float ones (each module is compiled alone).
-    names += [f"bn_stats_finalize<{acc}>", f"bn_infer_coefficients<{acc}>", f"bn_grad_finalize<{acc}>"]
-    # running statistics may be stored in any of the three types
-    names += [f"bn_update_running<{acc}, {r}>" for r in RUNNING_TYPES.values()]
+                      f"bn_grad_planar<{t}, {acc}, {threads}, {vec}>"]
+    # The general path's per-channel kernels depend on the arithmetic type only;
+    # float16 and float32 both instantiate the float ones (each module is compiled alone).
+    names += [f"bn_stats_channelwise<{acc}>", f"bn_infer_channelwise<{acc}>", f"bn_grad_channelwise<{acc}>"]
     return tuple(names)
 
 

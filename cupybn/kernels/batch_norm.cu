@@ -1,21 +1,25 @@
 // Batch Normalization kernels of cupybn's CuPy backend.
 //
-// Every input is a C-contiguous (outer, C, inner) view (cupybn/_layout.py):
-// NCHW is (N, C, H*W) and channels-last or 2-D data is (N*H*W, C, 1).  Two
-// families of reductions follow the memory order:
+// Every fast-path input is a C-contiguous (outer, C, inner) view
+// (cupybn/_layout.py): NCHW is (N, C, H*W) and channels-last or 2-D data is
+// (N*H*W, C, 1).  Two families of reductions follow the memory order:
 //   planar  (inner > 1): a channel is `outer` rows of `inner` contiguous values;
 //                        one block reduces a slice of one channel;
 //   rows    (inner == 1): channels are the contiguous columns of an (outer, C)
 //                        matrix; a block reduces 32 channels over a slice of rows.
 // A channel with much data is split over several blocks (gridDim.y slices).
-// Each block writes a partial result and a per-channel finalize kernel merges
-// the partials in slice order: no floating-point atomics, so results are
-// identical from run to run.  Elementwise kernels work on the flat array.
+// Each block writes a partial result; the block that arrives last at its
+// channel's ticket (an integer atomic after __threadfence) merges the partials
+// in slice order and finishes the channel: statistics, coefficients and the
+// running statistics (forward), or dgamma, dbeta and the dx coefficients
+// (backward).  No floating-point atomics, so results are identical from run to
+// run.  A call is then two or three launches: reduction (x2 in the rare case of
+// a far shift, below), then one elementwise kernel.
 //
 // T is the storage type (__half, float, double); Acc the arithmetic type
 // (float for __half and float, double for double).  Statistics are Welford
 // accumulations of x - shift (a sample of the channel), merged with Chan's
-// formula; the finalize kernels work in double.  See docs/cupy-backend.md.
+// formula; the last block works in double.  See docs/cupy-backend.md.
 #include <cuda_fp16.h>
 
 namespace cupybn {
@@ -235,29 +239,235 @@ struct ChannelCursor {
   }
 };
 
+
+// ---- per-channel arrays in the caller's dtype and strides ------------------------
+// gamma, beta and the running statistics are read (and the running statistics
+// and dgamma/dbeta written) where they are, in their own dtype: kind 0 = absent,
+// 1 = __half, 2 = float, 3 = double (cupy_backend._KIND); stride in elements.
+// That spares the host a cast and a copy per call.
+template <typename V>  // const void: read only; void: read and write
+struct ChannelArray {
+  V* p;
+  int kind;
+  long long stride;
+  __device__ __forceinline__ double at(int c, double absent) const {
+    const long long i = static_cast<long long>(c) * stride;
+    switch (kind) {
+      case 1: return static_cast<double>(__half2float(static_cast<const __half*>(p)[i]));
+      case 2: return static_cast<double>(static_cast<const float*>(p)[i]);
+      case 3: return static_cast<const double*>(p)[i];
+      default: return absent;
+    }
+  }
+  __device__ __forceinline__ void set(int c, double v) const {
+    const long long i = static_cast<long long>(c) * stride;
+    switch (kind) {
+      case 1: static_cast<__half*>(p)[i] = __double2half(v); break;
+      case 2: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+      case 3: static_cast<double*>(p)[i] = v; break;
+      default: break;
+    }
+  }
+};
+using ChannelIn = ChannelArray<const void>;
+using ChannelInOut = ChannelArray<void>;
+
+// Rows of the per-channel statistics array (Acc, kStatRows x C) of a forward call.
+enum StatRow { kMeanHi, kMeanLo, kVar, kInvStd, kScale, kOffset, kNextShift, kStatRows };
+// Rows of the backward coefficients (Acc, 3 x C): dx = a*dy + b*(x - mean_hi) + k.
+enum CoefRow { kCoefA, kCoefB, kCoefK };
+
+// A second statistics pass is made for channels whose shift (one sample) lay
+// more than 4 standard deviations from the mean: x - shift then has
+// log2(4) bits fewer below the spread than an ideal shift, which the float
+// bars still absorb (docs/cupy-backend.md); farther shifts lose more.
+constexpr double kFarShift = 16.0;  // (mean - shift)^2 > kFarShift * var
+
+struct ForwardParams {
+  ChannelIn gamma, beta;
+  ChannelInOut running_mean, running_var;
+  double eps, momentum, unbias;
+};
+
+// The block whose threads have just written its partials takes a ticket; true,
+// in every thread, for the last of the `blocks` blocks counting on *ticket.
+// atomicInc wraps the ticket back to 0 for the next launch on this stream.
+// The barrier lets thread 0's fence publish every thread's partial (rows
+// kernels write 32) before the ticket is taken; the last block reads the
+// partials only after it has its ticket.
+__device__ __forceinline__ bool arrive_last(unsigned int* ticket, unsigned int blocks) {
+  __shared__ int is_last;
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    __threadfence();
+    is_last = atomicInc(ticket, blocks - 1u) == blocks - 1u;
+  }
+  __syncthreads();
+  const bool last = is_last != 0;
+  if (last) __threadfence();
+  return last;
+}
+
+// Thread 0 ends with the merge over the whole (1-D) block of moments whose
+// counts travel with them (the fixed tree of warp_merge, then warp 0).
+template <int kThreads>
+__device__ __forceinline__ void block_merge_counted(Moments<double>& a) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ double shared_n[kWarps], shared_mean[kWarps], shared_m2[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  auto tree = [&]() {
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      Moments<double> b;
+      b.n = __shfl_down_sync(kFullMask, a.n, offset);
+      b.mean = __shfl_down_sync(kFullMask, a.mean, offset);
+      b.m2 = __shfl_down_sync(kFullMask, a.m2, offset);
+      if (lane % (2 * offset) == 0) merge(a, b);
+    }
+  };
+  tree();
+  if (lane == 0) {
+    shared_n[warp] = a.n;
+    shared_mean[warp] = a.mean;
+    shared_m2[warp] = a.m2;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < kWarps ? Moments<double>{shared_n[lane], shared_mean[lane], shared_m2[lane]}
+                      : Moments<double>{0.0, 0.0, 0.0};
+    tree();
+  }
+}
+
+// Channel c's moments of x - shift are complete: the statistics, the
+// coefficients of y = (x - mean_hi) * scale + offset and the running
+// statistics.  In the first pass a channel whose shift was far from the mean
+// is only flagged (far[c]) with a better shift; the second pass finishes it.
+template <typename Acc>
+__device__ void finish_stats(int c, int channels, const Moments<double>& m, double shift, int pass, Acc* stats,
+                             int* far, const ForwardParams& fp) {
+  const double v = m.m2 / m.n;
+  if (pass == 0) {
+    const bool is_far = m.mean * m.mean > kFarShift * v;  // false for NaN: nothing to gain
+    far[c] = is_far ? 1 : 0;
+    if (is_far) {
+      stats[kNextShift * channels + c] = static_cast<Acc>(shift + m.mean);
+      return;
+    }
+  }
+  // mean of x = shift + mean, as a hi/lo pair (TwoSum: exact in double arithmetic).
+  const double sum = shift + m.mean;
+  const double bb = sum - shift;
+  const double err = (shift - (sum - bb)) + (m.mean - bb);
+  const Acc hi = static_cast<Acc>(sum);
+  const Acc lo = static_cast<Acc>((sum - static_cast<double>(hi)) + err);
+  const double inv = 1.0 / sqrt(v + fp.eps);
+  const double sc = inv * fp.gamma.at(c, 1.0);
+  stats[kMeanHi * channels + c] = hi;
+  stats[kMeanLo * channels + c] = lo;
+  stats[kVar * channels + c] = static_cast<Acc>(v);
+  stats[kInvStd * channels + c] = static_cast<Acc>(inv);
+  stats[kScale * channels + c] = static_cast<Acc>(sc);
+  stats[kOffset * channels + c] = static_cast<Acc>(fp.beta.at(c, 0.0) - static_cast<double>(lo) * sc);
+  if (fp.running_mean.kind != 0) {  // in double, rounded once to the running statistics' type
+    const double mean = static_cast<double>(hi) + static_cast<double>(lo);
+    const double keep = 1.0 - fp.momentum;
+    fp.running_mean.set(c, keep * fp.running_mean.at(c, 0.0) + fp.momentum * mean);
+    fp.running_var.set(c, keep * fp.running_var.at(c, 0.0) + fp.momentum * v * fp.unbias);
+  }
+}
+
+// Channel c's backward sums are complete: dgamma, dbeta (in their arrays'
+// dtypes) and the coefficients of dx = a * dy + b * (x - mean_hi) + k.
+template <typename Acc>
+__device__ void finish_grad(int c, int channels, double sum_dy, double sum_dyx, double count, double mean_lo,
+                            double inv, double gamma, int training, Acc* coef, const ChannelInOut& dgamma,
+                            const ChannelInOut& dbeta) {
+  const double dg = inv * (sum_dyx - mean_lo * sum_dy);  // sum(dy * x_hat)
+  dgamma.set(c, dg);
+  dbeta.set(c, sum_dy);
+  const double ac = gamma * inv;
+  // dx = a * (dy - dbeta / m - x_hat * dgamma / m) with x_hat = (x - mean_hi - mean_lo) * inv
+  const double bc = training ? -ac * inv * dg / count : 0.0;
+  const double kc = training ? -ac * sum_dy / count - bc * mean_lo : 0.0;
+  coef[kCoefA * channels + c] = static_cast<Acc>(ac);
+  coef[kCoefB * channels + c] = static_cast<Acc>(bc);
+  coef[kCoefK * channels + c] = static_cast<Acc>(kc);
+}
+
+// The inference coefficients of channel c from the running statistics: the
+// running mean as centre (hi) plus a correction folded into the offset (lo).
+template <typename Acc>
+struct InferCoefficients {
+  Acc centre, inv_std, scale, offset, lo;
+};
+template <typename Acc>
+__device__ __forceinline__ InferCoefficients<Acc> infer_coefficients(int c, const ChannelIn& running_mean,
+                                                                     const ChannelIn& running_var,
+                                                                     const ChannelIn& gamma, const ChannelIn& beta,
+                                                                     double eps) {
+  const double rm = running_mean.at(c, 0.0);
+  const Acc hi = static_cast<Acc>(rm);
+  const double lo = rm - static_cast<double>(hi);
+  const double inv = 1.0 / sqrt(running_var.at(c, 1.0) + eps);
+  const double sc = inv * gamma.at(c, 1.0);
+  return {hi, static_cast<Acc>(inv), static_cast<Acc>(sc), static_cast<Acc>(beta.at(c, 0.0) - lo * sc),
+          static_cast<Acc>(lo)};
+}
+
+// What a saved inference call gives the backward pass (stats rows kMeanHi..kInvStd).
+template <typename Acc>
+__device__ __forceinline__ void save_infer_stats(int c, int channels, const InferCoefficients<Acc>& k,
+                                                 const ChannelIn& running_var, Acc* stats) {
+  stats[kMeanHi * channels + c] = k.centre;
+  stats[kMeanLo * channels + c] = k.lo;
+  stats[kVar * channels + c] = static_cast<Acc>(running_var.at(c, 1.0));
+  stats[kInvStd * channels + c] = k.inv_std;
+  stats[kScale * channels + c] = k.scale;
+  stats[kOffset * channels + c] = k.offset;
+}
+
 }  // namespace cupybn
 
-// ---- statistics -----------------------------------------------------------------
+// The per-channel arrays of the forward kernels, as kernel parameters.
+#define CUPYBN_FORWARD_PARAMS                                                                                  \
+  const void *gamma, int gamma_kind, long long gamma_stride, const void *beta, int beta_kind,                 \
+      long long beta_stride, double eps, void *running_mean, int running_mean_kind,                           \
+      long long running_mean_stride, void *running_var, int running_var_kind, long long running_var_stride,   \
+      double momentum, double unbias
+#define CUPYBN_FORWARD_PARAMS_STRUCT                                                                           \
+  cupybn::ForwardParams {                                                                                      \
+    {gamma, gamma_kind, gamma_stride}, {beta, beta_kind, beta_stride},                                         \
+        {running_mean, running_mean_kind, running_mean_stride},                                                \
+        {running_var, running_var_kind, running_var_stride}, eps, momentum, unbias                            \
+  }
 
-// Grid (C, slices), kThreads threads.  Block (c, s) reduces elements
-// [s * per_block, (s + 1) * per_block) of channel c (in channel order) and
-// writes partial (c, s).  Channels with active[c] == 0 are skipped.
+// ---- forward statistics ------------------------------------------------------------
+
+// Grid (C, slices), kThreads threads.  Block (c, s) reduces values
+// [s * per_block, (s + 1) * per_block) of channel c (in channel order), writes
+// partial (c, s), and the last block of channel c finishes it.  pass 0 takes
+// every channel with x[0, c, 0] as shift; pass 1 only the channels pass 0
+// flagged as far, with the shift it left in stats[kNextShift].
+// part: 2 * C * slices values (means, then sums of squared deviations).
 template <typename T, typename Acc, int kThreads, int kVec>
 __global__ void __launch_bounds__(kThreads)
     bn_stats_planar(const T* __restrict__ x, long long outer, int channels, long long inner, long long per_block,
-                    const Acc* __restrict__ shift, const int* __restrict__ active, Acc* __restrict__ part_n,
-                    Acc* __restrict__ part_mean, Acc* __restrict__ part_m2) {
+                    int pass, Acc* __restrict__ part, unsigned int* __restrict__ tickets, Acc* __restrict__ stats,
+                    int* __restrict__ far, CUPYBN_FORWARD_PARAMS) {
   // In packs of kVec values: the host makes inner and per_block multiples of kVec.
   using namespace cupybn;
   using P = Pack<T, kVec>;
   const int c = blockIdx.x;
   const int s = blockIdx.y;
-  if (!active[c]) return;  // the whole block leaves together
-  const long long count = outer * inner / kVec;
+  const int slices = gridDim.y;
+  if (pass == 1 && !far[c]) return;  // the whole block leaves together
+  const Acc k = pass == 0 ? widen<Acc>(x[static_cast<long long>(c) * inner]) : stats[kNextShift * channels + c];
+  const long long total = outer * inner;
+  const long long count = total / kVec;
   const long long inner_packs = inner / kVec;
   const long long begin = static_cast<long long>(s) * (per_block / kVec);
   const long long end = min(count, begin + per_block / kVec);
-  const Acc k = shift[c];
   const P* channel = reinterpret_cast<const P*>(x + static_cast<long long>(c) * inner);
   const long long row_stride = static_cast<long long>(channels) * inner_packs;
   Moments<Acc> a{Acc(0), Acc(0), Acc(0)};
@@ -272,192 +482,218 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   block_merge<Acc, kThreads>(a, max(0LL, end - begin), kVec);
+  const long long partials = static_cast<long long>(channels) * slices;
   if (threadIdx.x == 0) {
-    const long long p = static_cast<long long>(c) * gridDim.y + s;
-    part_n[p] = a.n;
-    part_mean[p] = a.mean;
-    part_m2[p] = a.m2;
+    const long long p = static_cast<long long>(c) * slices + s;
+    part[p] = a.mean;
+    part[partials + p] = a.m2;
   }
+  if (!arrive_last(tickets + c, slices)) return;
+  Moments<double> m{0.0, 0.0, 0.0};
+  for (int t = threadIdx.x; t < slices; t += kThreads) {  // each thread merges slices t, t + kThreads, ...
+    const long long p = static_cast<long long>(c) * slices + t;
+    const double n = static_cast<double>(min(per_block, total - static_cast<long long>(t) * per_block));
+    merge(m, Moments<double>{n, static_cast<double>(__ldcg(part + p)), static_cast<double>(__ldcg(part + partials + p))});
+  }
+  block_merge_counted<kThreads>(m);
+  if (threadIdx.x == 0) finish_stats(c, channels, m, static_cast<double>(k), pass, stats, far, CUPYBN_FORWARD_PARAMS_STRUCT);
 }
 
 // Grid (ceil(C / 32), slices), block (32, kRows).  Thread (tx, ty) of block
-// (bx, s) reduces rows s * per_block + ty, + kRows, ... of channel bx * 32 + tx.
+// (bx, s) reduces rows s * per_block + ty, + kRows, ... of channel bx * 32 + tx;
+// the last block of tile bx finishes its channels.  Passes, part and stats as
+// bn_stats_planar (shift x[0, c]).
 template <typename T, typename Acc, int kRows>
 __global__ void __launch_bounds__(32 * kRows)
-    bn_stats_rows(const T* __restrict__ x, long long outer, int channels, long long per_block,
-                  const Acc* __restrict__ shift, const int* __restrict__ active, Acc* __restrict__ part_n,
-                  Acc* __restrict__ part_mean, Acc* __restrict__ part_m2) {
+    bn_stats_rows(const T* __restrict__ x, long long outer, int channels, long long per_block, int pass,
+                  Acc* __restrict__ part, unsigned int* __restrict__ tickets, Acc* __restrict__ stats,
+                  int* __restrict__ far, CUPYBN_FORWARD_PARAMS) {
   using namespace cupybn;
-  __shared__ Acc shared_n[kRows][32], shared_mean[kRows][32], shared_m2[kRows][32];
+  __shared__ Acc shared_mean[kRows][32], shared_m2[kRows][32];
+  __shared__ double merged_n[kRows][32], merged_mean[kRows][32], merged_m2[kRows][32];
   const int c = blockIdx.x * 32 + threadIdx.x;
   const int s = blockIdx.y;
-  const bool live = c < channels && active[c];
+  const int slices = gridDim.y;
+  const bool live = c < channels && (pass == 0 || far[c]);
+  if (!__syncthreads_or(live)) return;  // no channel of this tile in this pass
   const long long begin = static_cast<long long>(s) * per_block;
   const long long end = min(outer, begin + per_block);
+  const Acc k = !live ? Acc(0) : pass == 0 ? load<Acc>(x, c) : stats[kNextShift * channels + c];
   Moments<Acc> a{Acc(0), Acc(0), Acc(0)};
   if (live) {
-    const Acc k = shift[c];
     for (long long row = begin + threadIdx.y; row < end; row += kRows) {
       add_value(a, load<Acc>(x, row * channels + c) - k);
     }
   }
-  shared_n[threadIdx.y][threadIdx.x] = a.n;
   shared_mean[threadIdx.y][threadIdx.x] = a.mean;
   shared_m2[threadIdx.y][threadIdx.x] = a.m2;
+  __syncthreads();
+  const long long partials = static_cast<long long>(channels) * slices;
+  if (threadIdx.y == 0 && live) {
+#pragma unroll
+    for (int r = 1; r < kRows; ++r) {
+      const long long rows_r = max(0LL, (end - begin - r + kRows - 1) / kRows);  // rows thread row r took
+      merge(a, Moments<Acc>{static_cast<Acc>(rows_r), shared_mean[r][threadIdx.x], shared_m2[r][threadIdx.x]});
+    }
+    const long long p = static_cast<long long>(c) * slices + s;
+    part[p] = a.mean;
+    part[partials + p] = a.m2;
+  }
+  if (!arrive_last(tickets + blockIdx.x, slices)) return;
+  Moments<double> m{0.0, 0.0, 0.0};
+  if (live) {
+    for (int t = threadIdx.y; t < slices; t += kRows) {
+      const long long p = static_cast<long long>(c) * slices + t;
+      const double n = static_cast<double>(min(per_block, outer - static_cast<long long>(t) * per_block));
+      merge(m, Moments<double>{n, static_cast<double>(__ldcg(part + p)), static_cast<double>(__ldcg(part + partials + p))});
+    }
+  }
+  merged_n[threadIdx.y][threadIdx.x] = m.n;
+  merged_mean[threadIdx.y][threadIdx.x] = m.mean;
+  merged_m2[threadIdx.y][threadIdx.x] = m.m2;
   __syncthreads();
   if (threadIdx.y == 0 && live) {
 #pragma unroll
     for (int r = 1; r < kRows; ++r) {
-      merge(a, Moments<Acc>{shared_n[r][threadIdx.x], shared_mean[r][threadIdx.x], shared_m2[r][threadIdx.x]});
+      merge(m, Moments<double>{merged_n[r][threadIdx.x], merged_mean[r][threadIdx.x], merged_m2[r][threadIdx.x]});
     }
-    const long long p = static_cast<long long>(c) * gridDim.y + s;
-    part_n[p] = a.n;
-    part_mean[p] = a.mean;
-    part_m2[p] = a.m2;
+    finish_stats(c, channels, m, static_cast<double>(k), pass, stats, far, CUPYBN_FORWARD_PARAMS_STRUCT);
   }
 }
 
-// One thread per channel: merges the slices of channel c (in slice order, in
-// double), then writes the statistics and the coefficients of
-// y = (x - mean_hi) * scale + offset.  far_shift[c] is set where the shift was
-// so far from the mean that the accumulation lost digits; a second pass with
-// shift = mean_hi (next_shift) then recomputes those channels.
+// One thread per channel, for the general path (strided views), whose
+// reductions give each channel's moments about `shift` in double (n = count).
 template <typename Acc>
-__global__ void bn_stats_finalize(const Acc* __restrict__ part_n, const Acc* __restrict__ part_mean,
-                                  const Acc* __restrict__ part_m2, int channels, int slices,
-                                  const Acc* __restrict__ shift, const int* __restrict__ active,
-                                  const double* __restrict__ gamma, const double* __restrict__ beta, double eps,
-                                  Acc* __restrict__ mean_hi, Acc* __restrict__ mean_lo, double* __restrict__ var,
-                                  Acc* __restrict__ inv_std, Acc* __restrict__ scale, Acc* __restrict__ offset,
-                                  int* __restrict__ far_shift, Acc* __restrict__ next_shift) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= channels || !active[c]) return;
-  double n = 0.0, mean = 0.0, m2 = 0.0;
-  for (int s = 0; s < slices; ++s) {
-    const long long p = static_cast<long long>(c) * slices + s;
-    const double nb = part_n[p];
-    if (nb == 0.0) continue;
-    const double delta = static_cast<double>(part_mean[p]) - mean;
-    const double total = n + nb;
-    mean += delta * (nb / total);
-    m2 += static_cast<double>(part_m2[p]) + delta * delta * n * (nb / total);
-    n = total;
-  }
-  const double v = m2 / n;
-  // mean of x = shift + mean, as a hi/lo pair (TwoSum: exact in double arithmetic).
-  const double k = shift[c];
-  const double sum = k + mean;
-  const double bb = sum - k;
-  const double err = (k - (sum - bb)) + (mean - bb);
-  const Acc hi = static_cast<Acc>(sum);
-  const Acc lo = static_cast<Acc>((sum - static_cast<double>(hi)) + err);
-  const double inv = 1.0 / sqrt(v + eps);
-  const double sc = inv * gamma[c];
-  mean_hi[c] = hi;
-  mean_lo[c] = lo;
-  var[c] = v;
-  inv_std[c] = static_cast<Acc>(inv);
-  scale[c] = static_cast<Acc>(sc);
-  offset[c] = static_cast<Acc>(beta[c] - static_cast<double>(lo) * sc);
-  // Accumulating x - shift costs digits in proportion to |mean - shift| / std.
-  far_shift[c] = mean * mean > v ? 1 : 0;
-  next_shift[c] = hi;
-}
-
-// One thread per channel: the coefficients for inference from the running
-// statistics (given in double, whatever their dtype), with the running mean as
-// centre (hi) plus a correction folded into the offset (lo).
-template <typename Acc>
-__global__ void bn_infer_coefficients(const double* __restrict__ running_mean, const double* __restrict__ running_var,
-                                      const double* __restrict__ gamma, const double* __restrict__ beta, double eps,
-                                      int channels, Acc* __restrict__ centre, Acc* __restrict__ inv_std,
-                                      Acc* __restrict__ scale, Acc* __restrict__ offset) {
+__global__ void bn_stats_channelwise(const double* __restrict__ shift, const double* __restrict__ mean,
+                                     const double* __restrict__ m2, double count, int channels,
+                                     Acc* __restrict__ stats, int* __restrict__ far, CUPYBN_FORWARD_PARAMS) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  const Acc hi = static_cast<Acc>(running_mean[c]);
-  const double lo = running_mean[c] - static_cast<double>(hi);
-  const double inv = 1.0 / sqrt(running_var[c] + eps);
-  const double sc = inv * gamma[c];
-  centre[c] = hi;
-  inv_std[c] = static_cast<Acc>(inv);
-  scale[c] = static_cast<Acc>(sc);
-  offset[c] = static_cast<Acc>(beta[c] - lo * sc);
+  cupybn::finish_stats(c, channels, cupybn::Moments<double>{count, mean[c], m2[c]}, shift[c], 1, stats, far,
+                       CUPYBN_FORWARD_PARAMS_STRUCT);
 }
 
-// Running statistics, updated in place in one launch (instead of a dozen small
-// array operations per training call): the same formula as the generic path in
-// api.py, in double, rounded once to the running statistics' type R.
-__device__ __forceinline__ double to_double(__half v) { return static_cast<double>(__half2float(v)); }
-__device__ __forceinline__ double to_double(float v) { return v; }
-__device__ __forceinline__ double to_double(double v) { return v; }
-__device__ __forceinline__ void store_double(__half* p, double v) { *p = __double2half(v); }
-__device__ __forceinline__ void store_double(float* p, double v) { *p = static_cast<float>(v); }
-__device__ __forceinline__ void store_double(double* p, double v) { *p = v; }
-
-template <typename Acc, typename R>
-__global__ void bn_update_running(const Acc* __restrict__ mean_hi, const Acc* __restrict__ mean_lo,
-                                  const double* __restrict__ var, double momentum, double unbias, int channels,
-                                  R* __restrict__ running_mean, R* __restrict__ running_var) {
+// One thread per channel, for the general path: the inference coefficients
+// and the saved statistics (rows kMeanHi..kOffset of stats).
+template <typename Acc>
+__global__ void bn_infer_channelwise(const void* running_mean, int running_mean_kind, long long running_mean_stride,
+                                     const void* running_var, int running_var_kind, long long running_var_stride,
+                                     const void* gamma, int gamma_kind, long long gamma_stride, const void* beta,
+                                     int beta_kind, long long beta_stride, double eps, int channels,
+                                     Acc* __restrict__ stats) {
+  using namespace cupybn;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  const double mean = static_cast<double>(mean_hi[c]) + static_cast<double>(mean_lo[c]);
-  const double keep = 1.0 - momentum;
-  store_double(running_mean + c, keep * to_double(running_mean[c]) + momentum * mean);
-  store_double(running_var + c, keep * to_double(running_var[c]) + momentum * var[c] * unbias);
+  const ChannelIn rv{running_var, running_var_kind, running_var_stride};
+  save_infer_stats(c, channels,
+                   infer_coefficients<Acc>(c, {running_mean, running_mean_kind, running_mean_stride}, rv,
+                                           {gamma, gamma_kind, gamma_stride}, {beta, beta_kind, beta_stride}, eps),
+                   rv, stats);
 }
 
 // ---- elementwise ------------------------------------------------------------------
 
 // The elementwise kernels walk the flat (outer, C, inner) array in packs of
 // kVec consecutive values (total % kVec == 0), grid-stride; each value's channel
-// comes from a cursor, so there is no division per value.
-
-// y = (x - centre[c]) * scale[c] + offset[c]
-template <typename T, typename Acc, int kVec>
-__global__ void bn_affine(const T* __restrict__ x, T* __restrict__ y, long long total, long long inner,
-                          int channels, const Acc* __restrict__ centre, const Acc* __restrict__ scale,
-                          const Acc* __restrict__ offset) {
-  using namespace cupybn;
-  using P = Pack<T, kVec>;
+// comes from a cursor, so there is no division per value.  `op(u, at, ...)`
+// maps pack u and moves the cursor through it with at.next().
+namespace cupybn {
+template <typename T, int kVec, typename Op>
+__device__ __forceinline__ void for_each_pack(long long total, long long inner, int channels, Op op) {
   const long long packs = total / kVec;
   const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
   long long u = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (u >= packs) return;
   ChannelCursor at(u * kVec, (step - 1) * kVec, inner, channels);
+  for (; u < packs; u += step) {
+    op(u, at, inner, channels);
+    at.advance(inner, channels);
+  }
+}
+}  // namespace cupybn
+
+// Training: y = (x - mean_hi[c]) * scale[c] + offset[c], from the statistics kernel's rows.
+template <typename T, typename Acc, int kVec>
+__global__ void bn_normalize(const T* __restrict__ x, T* __restrict__ y, long long total, long long inner,
+                             int channels, const Acc* __restrict__ stats) {
+  using namespace cupybn;
+  using P = Pack<T, kVec>;
+  const Acc* centre = stats + kMeanHi * channels;
+  const Acc* scale = stats + kScale * channels;
+  const Acc* offset = stats + kOffset * channels;
   const P* xs = reinterpret_cast<const P*>(x);
   P* ys = reinterpret_cast<P*>(y);
-  for (; u < packs; u += step) {
+  for_each_pack<T, kVec>(total, inner, channels, [&](long long u, ChannelCursor& at, long long inner_, int channels_) {
     const P in = xs[u];
     P out;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const int c = at.channel;
       out.v[e] = store_value<T>(mul_add(widen<Acc>(in.v[e]) - centre[c], scale[c], offset[c]));
-      at.next(inner, channels);
+      at.next(inner_, channels_);
     }
     ys[u] = out;
-    at.advance(inner, channels);
+  });
+}
+
+// Inference in one launch: the coefficients come from the running statistics
+// inside the kernel (recomputed only when a thread's channel changes), and
+// the first threads also write what the backward pass needs (stats rows
+// kMeanHi..kOffset).
+template <typename T, typename Acc, int kVec>
+__global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y, long long total, long long inner,
+                                     int channels, const void* running_mean, int running_mean_kind,
+                                     long long running_mean_stride, const void* running_var, int running_var_kind,
+                                     long long running_var_stride, const void* gamma, int gamma_kind,
+                                     long long gamma_stride, const void* beta, int beta_kind, long long beta_stride,
+                                     double eps, Acc* __restrict__ stats) {
+  using namespace cupybn;
+  using P = Pack<T, kVec>;
+  const ChannelIn rm{running_mean, running_mean_kind, running_mean_stride};
+  const ChannelIn rv{running_var, running_var_kind, running_var_stride};
+  const ChannelIn g{gamma, gamma_kind, gamma_stride};
+  const ChannelIn b{beta, beta_kind, beta_stride};
+  const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; c < channels; c += step) {
+    save_infer_stats(static_cast<int>(c), channels,
+                     infer_coefficients<Acc>(static_cast<int>(c), rm, rv, g, b, eps), rv, stats);
   }
+  const P* xs = reinterpret_cast<const P*>(x);
+  P* ys = reinterpret_cast<P*>(y);
+  int cached = -1;
+  InferCoefficients<Acc> k{};
+  for_each_pack<T, kVec>(total, inner, channels, [&](long long u, ChannelCursor& at, long long inner_, int channels_) {
+    const P in = xs[u];
+    P out;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      if (at.channel != cached) {
+        cached = at.channel;
+        k = infer_coefficients<Acc>(cached, rm, rv, g, b, eps);
+      }
+      out.v[e] = store_value<T>(mul_add(widen<Acc>(in.v[e]) - k.centre, k.scale, k.offset));
+      at.next(inner_, channels_);
+    }
+    ys[u] = out;
+  });
 }
 
 // dx = a[c] * dy + b[c] * (x - centre[c]) + k[c]; in inference (with_x == 0)
 // dx = a[c] * dy, which leaves x (even where it is not finite) out of it.
+// coef: rows kCoefA, kCoefB, kCoefK of the gradient kernel.
 template <typename T, typename Acc, int kVec>
 __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                         long long total, long long inner, int channels, int with_x,
-                                        const Acc* __restrict__ centre, const Acc* __restrict__ a,
-                                        const Acc* __restrict__ b, const Acc* __restrict__ k) {
+                                        const Acc* __restrict__ centre, const Acc* __restrict__ coef) {
   using namespace cupybn;
   using P = Pack<T, kVec>;
-  const long long packs = total / kVec;
-  const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
-  long long u = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (u >= packs) return;
-  ChannelCursor at(u * kVec, (step - 1) * kVec, inner, channels);
+  const Acc* a = coef + kCoefA * channels;
+  const Acc* b = coef + kCoefB * channels;
+  const Acc* k = coef + kCoefK * channels;
   const P* dys = reinterpret_cast<const P*>(dy);
   const P* xs = reinterpret_cast<const P*>(x);
   P* dxs = reinterpret_cast<P*>(dx);
-  for (; u < packs; u += step) {
+  for_each_pack<T, kVec>(total, inner, channels, [&](long long u, ChannelCursor& at, long long inner_, int channels_) {
     const P g = dys[u];
     P out;
     if (with_x) {
@@ -467,41 +703,53 @@ __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __res
         const int c = at.channel;
         out.v[e] = store_value<T>(
             mul_add(a[c], widen<Acc>(g.v[e]), mul_add(b[c], widen<Acc>(in.v[e]) - centre[c], k[c])));
-        at.next(inner, channels);
+        at.next(inner_, channels_);
       }
     } else {
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
         out.v[e] = store_value<T>(a[at.channel] * widen<Acc>(g.v[e]));
-        at.next(inner, channels);
+        at.next(inner_, channels_);
       }
     }
     dxs[u] = out;
-    at.advance(inner, channels);
-  }
+  });
 }
 
 // ---- backward reductions ---------------------------------------------------------
 
-// sum(dy) and sum(dy * (x - centre)) per channel slice; layout (and packs) as bn_stats_planar.
+// The per-channel arrays of the gradient kernels, as kernel parameters.
+#define CUPYBN_GRAD_PARAMS                                                                                     \
+  const Acc *__restrict__ mean_hi, const Acc *__restrict__ mean_lo, const Acc *__restrict__ inv_std,            \
+      const void *gamma, int gamma_kind, long long gamma_stride, int training, double count,                  \
+      Acc *__restrict__ coef, void *dgamma, int dgamma_kind, void *dbeta, int dbeta_kind
+#define CUPYBN_FINISH_GRAD(c, sum_dy, sum_dyx)                                                                 \
+  cupybn::finish_grad<Acc>((c), channels, (sum_dy), (sum_dyx), count, static_cast<double>(mean_lo[c]),         \
+                           static_cast<double>(inv_std[c]),                                                   \
+                           cupybn::ChannelIn{gamma, gamma_kind, gamma_stride}.at((c), 1.0), training, coef,   \
+                           cupybn::ChannelInOut{dgamma, dgamma_kind, 1}, cupybn::ChannelInOut{dbeta, dbeta_kind, 1})
+
+// sum(dy) and sum(dy * (x - mean_hi)) per channel slice, layout (and packs) as
+// bn_stats_planar; the last block of a channel finishes it.  part: 2 * C * slices.
 template <typename T, typename Acc, int kThreads, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    bn_grad_sums_planar(const T* __restrict__ dy, const T* __restrict__ x, long long outer, int channels,
-                        long long inner, long long per_block, const Acc* __restrict__ centre,
-                        Acc* __restrict__ part_dy, Acc* __restrict__ part_dyx) {
+    bn_grad_planar(const T* __restrict__ dy, const T* __restrict__ x, long long outer, int channels,
+                   long long inner, long long per_block, Acc* __restrict__ part, unsigned int* __restrict__ tickets,
+                   CUPYBN_GRAD_PARAMS) {
   using namespace cupybn;
   using P = Pack<T, kVec>;
   const int c = blockIdx.x;
   const int s = blockIdx.y;
-  const long long count = outer * inner / kVec;
+  const int slices = gridDim.y;
+  const long long count_packs = outer * inner / kVec;
   const long long inner_packs = inner / kVec;
   const long long begin = static_cast<long long>(s) * (per_block / kVec);
-  const long long end = min(count, begin + per_block / kVec);
+  const long long end = min(count_packs, begin + per_block / kVec);
   const long long base = static_cast<long long>(c) * inner_packs;
   const long long row_stride = static_cast<long long>(channels) * inner_packs;
   const P* dys = reinterpret_cast<const P*>(dy);
   const P* xs = reinterpret_cast<const P*>(x);
-  const Acc m = centre[c];
+  const Acc m = mean_hi[c];
   Acc sum_dy = Acc(0), sum_dyx = Acc(0);
   long long j = begin + threadIdx.x;
   if (j < end) {
@@ -520,29 +768,41 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   block_sum2<Acc, kThreads>(sum_dy, sum_dyx);
+  const long long partials = static_cast<long long>(channels) * slices;
   if (threadIdx.x == 0) {
-    const long long p = static_cast<long long>(c) * gridDim.y + s;
-    part_dy[p] = sum_dy;
-    part_dyx[p] = sum_dyx;
+    const long long p = static_cast<long long>(c) * slices + s;
+    part[p] = sum_dy;
+    part[partials + p] = sum_dyx;
   }
+  if (!arrive_last(tickets + c, slices)) return;
+  double total_dy = 0.0, total_dyx = 0.0;
+  for (int t = threadIdx.x; t < slices; t += kThreads) {
+    const long long p = static_cast<long long>(c) * slices + t;
+    total_dy += static_cast<double>(__ldcg(part + p));
+    total_dyx += static_cast<double>(__ldcg(part + partials + p));
+  }
+  block_sum2<double, kThreads>(total_dy, total_dyx);
+  if (threadIdx.x == 0) CUPYBN_FINISH_GRAD(c, total_dy, total_dyx);
 }
 
 // The same sums for the rows family; layout as bn_stats_rows.
 template <typename T, typename Acc, int kRows>
 __global__ void __launch_bounds__(32 * kRows)
-    bn_grad_sums_rows(const T* __restrict__ dy, const T* __restrict__ x, long long outer, int channels,
-                      long long per_block, const Acc* __restrict__ centre, Acc* __restrict__ part_dy,
-                      Acc* __restrict__ part_dyx) {
+    bn_grad_rows(const T* __restrict__ dy, const T* __restrict__ x, long long outer, int channels,
+                 long long per_block, Acc* __restrict__ part, unsigned int* __restrict__ tickets,
+                 CUPYBN_GRAD_PARAMS) {
   using namespace cupybn;
   __shared__ Acc shared_dy[kRows][32], shared_dyx[kRows][32];
+  __shared__ double merged_dy[kRows][32], merged_dyx[kRows][32];
   const int c = blockIdx.x * 32 + threadIdx.x;
   const int s = blockIdx.y;
+  const int slices = gridDim.y;
   const bool live = c < channels;
   const long long begin = static_cast<long long>(s) * per_block;
   const long long end = min(outer, begin + per_block);
   Acc sum_dy = Acc(0), sum_dyx = Acc(0);
   if (live) {
-    const Acc m = centre[c];
+    const Acc m = mean_hi[c];
     for (long long row = begin + threadIdx.y; row < end; row += kRows) {
       const long long i = row * channels + c;
       const Acc g = load<Acc>(dy, i);
@@ -553,44 +813,44 @@ __global__ void __launch_bounds__(32 * kRows)
   shared_dy[threadIdx.y][threadIdx.x] = sum_dy;
   shared_dyx[threadIdx.y][threadIdx.x] = sum_dyx;
   __syncthreads();
+  const long long partials = static_cast<long long>(channels) * slices;
   if (threadIdx.y == 0 && live) {
 #pragma unroll
     for (int r = 1; r < kRows; ++r) {
       sum_dy += shared_dy[r][threadIdx.x];
       sum_dyx += shared_dyx[r][threadIdx.x];
     }
-    const long long p = static_cast<long long>(c) * gridDim.y + s;
-    part_dy[p] = sum_dy;
-    part_dyx[p] = sum_dyx;
+    const long long p = static_cast<long long>(c) * slices + s;
+    part[p] = sum_dy;
+    part[partials + p] = sum_dyx;
+  }
+  if (!arrive_last(tickets + blockIdx.x, slices)) return;
+  double total_dy = 0.0, total_dyx = 0.0;
+  if (live) {
+    for (int t = threadIdx.y; t < slices; t += kRows) {
+      const long long p = static_cast<long long>(c) * slices + t;
+      total_dy += static_cast<double>(__ldcg(part + p));
+      total_dyx += static_cast<double>(__ldcg(part + partials + p));
+    }
+  }
+  merged_dy[threadIdx.y][threadIdx.x] = total_dy;
+  merged_dyx[threadIdx.y][threadIdx.x] = total_dyx;
+  __syncthreads();
+  if (threadIdx.y == 0 && live) {
+#pragma unroll
+    for (int r = 1; r < kRows; ++r) {
+      total_dy += merged_dy[r][threadIdx.x];
+      total_dyx += merged_dyx[r][threadIdx.x];
+    }
+    CUPYBN_FINISH_GRAD(c, total_dy, total_dyx);
   }
 }
 
-// One thread per channel: dgamma and dbeta (double), and the coefficients of
-// dx = a * dy + b * (x - mean_hi) + k.
+// One thread per channel, for the general path, whose reductions give the sums in double.
 template <typename Acc>
-__global__ void bn_grad_finalize(const Acc* __restrict__ part_dy, const Acc* __restrict__ part_dyx, int channels,
-                                 int slices, double count, const Acc* __restrict__ mean_lo,
-                                 const Acc* __restrict__ inv_std, const double* __restrict__ gamma, int training,
-                                 double* __restrict__ dgamma, double* __restrict__ dbeta, Acc* __restrict__ a,
-                                 Acc* __restrict__ b, Acc* __restrict__ k) {
+__global__ void bn_grad_channelwise(const double* __restrict__ sum_dy, const double* __restrict__ sum_dyx,
+                                    int channels, CUPYBN_GRAD_PARAMS) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  double sum_dy = 0.0, sum_dyx = 0.0;
-  for (int s = 0; s < slices; ++s) {
-    const long long p = static_cast<long long>(c) * slices + s;
-    sum_dy += static_cast<double>(part_dy[p]);
-    sum_dyx += static_cast<double>(part_dyx[p]);
-  }
-  const double inv = inv_std[c];
-  const double lo = mean_lo[c];
-  const double dg = inv * (sum_dyx - lo * sum_dy);  // sum(dy * x_hat)
-  dgamma[c] = dg;
-  dbeta[c] = sum_dy;
-  const double ac = gamma[c] * inv;
-  // dx = a * (dy - dbeta / m - x_hat * dgamma / m) with x_hat = (x - mean_hi - mean_lo) * inv
-  const double bc = training ? -ac * inv * dg / count : 0.0;
-  const double kc = training ? -ac * sum_dy / count - bc * lo : 0.0;
-  a[c] = static_cast<Acc>(ac);
-  b[c] = static_cast<Acc>(bc);
-  k[c] = static_cast<Acc>(kc);
+  CUPYBN_FINISH_GRAD(c, sum_dy[c], sum_dyx[c]);
 }
