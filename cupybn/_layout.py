@@ -13,11 +13,12 @@ Two families result, and the kernels are written for exactly these two:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False keeps it hashable by identity (and cached_property usable)
 class Layout:
     """How an N-d array maps to its canonical (outer, C, inner) view."""
 
@@ -39,7 +40,8 @@ class Layout:
 
     def to3d(self, a, xp):
         """View ``a`` (shaped like x) as (outer, C, inner); copies only if it must."""
-        return xp.reshape(xp.transpose(a, self.perm), self.shape3)
+        del xp  # array methods: the same on NumPy and CuPy, and cheaper than module functions
+        return a.transpose(self.perm).reshape(self.shape3)
 
     def from3d(self, a3, xp):
         """Inverse of :meth:`to3d` for a C-contiguous (outer, C, inner) result.
@@ -47,9 +49,16 @@ class Layout:
         The result has the same memory order as the input the layout was made
         from, so y and dx keep x's layout (channels-last stays channels-last).
         """
-        permuted_shape = tuple(self.shape[p] for p in self.perm)
-        inverse = tuple(sorted(range(len(self.perm)), key=self.perm.__getitem__))
-        return xp.transpose(xp.reshape(a3, permuted_shape), inverse)
+        del xp
+        return a3.reshape(self._permuted_shape).transpose(self._inverse)
+
+    @functools.cached_property
+    def _permuted_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[p] for p in self.perm)
+
+    @functools.cached_property
+    def _inverse(self) -> tuple[int, ...]:
+        return tuple(sorted(range(len(self.perm)), key=self.perm.__getitem__))
 
 
 def canonical_axis(axis, ndim: int) -> int:
@@ -62,6 +71,7 @@ def canonical_axis(axis, ndim: int) -> int:
     return axis % ndim
 
 
+@functools.lru_cache(maxsize=1024)  # a training loop meets the same few shapes again and again
 def make_layout(shape, strides, axis: int) -> Layout:
     """Choose the axis order for an array of ``shape``/``strides`` (in bytes).
 

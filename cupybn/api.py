@@ -7,6 +7,7 @@ nothing.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -89,9 +90,14 @@ def _check_x(x):
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
 
 
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype) -> str:
+    return dtype.name  # computed by NumPy on every access: cached, as calls repeat
+
+
 def _check_backend_dtype(be, dtype):
     supported = getattr(be, "supported_dtypes", SUPPORTED_DTYPES)
-    if dtype.name not in supported:
+    if _dtype_name(dtype) not in supported:
         raise TypeError(f"x has dtype {dtype.name}, which the {getattr(be, 'name', 'chosen')} backend does not "
                         f"support (it takes {', '.join(d for d in SUPPORTED_DTYPES if d in supported)})")
 

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cupybn
+from cupybn.backends._running import update_running
 from cupybn.testing import (
     batch_norm_errors,
     exceeded,
@@ -26,7 +27,6 @@ from cupybn.testing import (
     reference_forward,
     tolerance,
 )
-from cupybn.backends._running import update_running
 from cupybn.testing.hostcuda import host_cupy_backend
 from cupybn.testing.strategies import batch_norm_inputs, make_x
 
@@ -72,6 +72,30 @@ def test_a_far_first_sample_is_corrected_by_the_second_pass(dtype, shape, axis):
     ref = reference_forward(x, axis=axis)
     assert np.all(np.abs(saved.var - ref.var) <= tolerance(dtype).var * ref.var)
     meets_the_reference(x, host_cupy_backend(), axis)
+
+
+@pytest.mark.parametrize("shape,axis", [((4000, 6), 1), ((40, 6, 100), 1)], ids=["rows", "planar"])
+def test_only_shifts_more_than_4_std_from_the_mean_take_the_second_pass_and_all_meet_the_bars(shape, axis):
+    # float32 at an offset of 1e6 standard deviations: x - shift is exact, and a
+    # shift up to 4 std away costs the accumulation under 2 bits, which the bars
+    # absorb; farther ones are flagged (far) and recomputed about the mean.
+    rng = np.random.default_rng(16)
+    x = rng.standard_normal(shape)
+    x = (x - x.mean(axis=(0, 2) if x.ndim == 3 else 0, keepdims=True)) / x.std(axis=(0, 2) if x.ndim == 3 else 0,
+                                                                               keepdims=True)
+    distances = [0.0, 2.0, 3.5, 4.5, 10.0, 1000.0]
+    first = (0, slice(None), 0)[: x.ndim]
+    x[first] = distances
+    x = (x + 1e6).astype(np.float32)
+    backend = host_cupy_backend(sm_count=8, values_per_thread=4)
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    plan = backend._plan("train", x3)
+    stats, far = np.empty((7, 6), np.float32), np.full(6, -1, np.int32)
+    absent = backend._channel(None, stats)
+    backend._statistics(x3, plan, stats, far, (*absent, *absent, np.float64(1e-5), *absent, *absent,
+                                               np.float64(0.1), np.float64(1.0)), passes=(np.int32(0),))
+    assert far.tolist() == [0, 0, 0, 1, 1, 1]
+    meets_the_reference(x, backend, axis)
 
 
 def test_results_do_not_depend_on_the_run_but_on_the_geometry_only():
@@ -193,7 +217,7 @@ def test_16_byte_packs_in_the_elementwise_kernels_give_the_same_bits_as_single_v
     dy3 = rng.standard_normal(x3.shape).astype(x3.dtype)
     results = []
     for backend in (host_cupy_backend(), host_cupy_backend(vector_loads=False)):
-        def launch(template, *arrays, rest):
+        def launch(template, *arrays, rest, backend=backend):
             out = np.empty_like(x3)
             plan = backend._elementwise(template, x3.shape, x3.dtype, aligned=True)
             plan((*arrays, out, *plan.geometry, *rest))

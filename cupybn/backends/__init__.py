@@ -24,6 +24,8 @@ def backend_for(named_arrays, backend=None):
     ``backend`` forces one.  Arrays from two libraries raise TypeError naming
     them; objects that are not arrays at all raise TypeError too.
     """
+    if backend is not None and backend_accepts(backend, named_arrays):
+        return backend  # the common case, decided without classifying every array
     kinds: dict[str, list[str]] = {}
     for name, a in named_arrays.items():
         if a is None:

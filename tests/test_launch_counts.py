@@ -1,0 +1,93 @@
+"""Launches per call of the CuPy backend, array-module operations included.
+
+On a GPU every launch costs host time (about 5-10 us through CuPy) whatever its
+size, so a call must be few launches: training forward <= 3 (statistics, a
+second statistics pass that leaves at once unless a channel needs it, the
+normalisation), inference 1, backward 2, and no per-call arithmetic on the
+array module.  Counted with cupybn.testing.counting's stand-ins (every NumPy
+operation that would be a kernel on CuPy is counted) for every dtype, every
+contiguous layout and with or without parameters and running statistics.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cupybn
+from cupybn.testing.counting import CountingNumpy, counted, counting_array, counting_backend
+
+LAYOUTS = {  # shape, channel axis
+    "nchw": ((4, 6, 5, 5), 1),
+    "nchw-packs": ((4, 6, 4, 4), 1),
+    "channels-last": ((4, 5, 5, 6), -1),
+    "2d": ((40, 6), 1),
+    "one-channel": ((3, 1, 50), 1),
+}
+ALLOCATIONS = {"train": 4, "infer": 2, "backward": 5}  # outputs and workspace, one array each
+
+
+@pytest.fixture(scope="module")
+def stand_ins():
+    return counting_backend()
+
+
+def arrays(shape, axis, dtype, with_params):
+    rng = np.random.default_rng(0)
+    channels = shape[axis]
+    x = counting_array(rng.standard_normal(shape).astype(dtype) + 3)
+    params = [counting_array(rng.standard_normal(channels).astype(np.float32)) if with_params else None
+              for _ in range(2)]
+    running = (counting_array(np.zeros(channels, np.float32)), counting_array(np.ones(channels, np.float32)))
+    return x, params, running
+
+
+@pytest.mark.parametrize("with_params", [True, False], ids=["params", "no-params"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_mode_is_at_most_its_launch_budget_with_no_array_module_arithmetic(stand_ins, layout, dtype, with_params):
+    be, counts = stand_ins
+    shape, axis = LAYOUTS[layout]
+    x, (gamma, beta), (rm, rv) = arrays(shape, axis, dtype, with_params)
+    dy = counting_array(np.ones(shape, dtype))
+    cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, axis=axis, backend=be)  # tickets, plans
+    with counted(counts):
+        _, saved = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, axis=axis, backend=be)
+    assert counts.operations == [] and len(counts.kernels) == 3, counts
+    assert [k.split("<")[0] for k in counts.kernels] == ["bn_stats_" + ("rows" if x.ndim == 2 or axis == -1
+                                                                       else "planar")] * 2 + ["bn_normalize"]
+    assert counts.allocations <= ALLOCATIONS["train"], counts
+    with counted(counts):
+        cupybn.batch_norm_backward(dy, saved)
+    assert counts.operations == [] and len(counts.kernels) == 2 and counts.allocations <= ALLOCATIONS["backward"]
+    with counted(counts):
+        _, saved = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, training=False, axis=axis,
+                                     backend=be)
+    assert counts.operations == [] and len(counts.kernels) == 1 and counts.allocations <= ALLOCATIONS["infer"]
+    with counted(counts):
+        cupybn.batch_norm_backward(dy, saved)
+    assert counts.operations == [] and len(counts.kernels) == 2, counts
+
+
+def test_the_counts_see_array_module_operations_and_method_calls(stand_ins):
+    # The stand-ins would catch a per-channel cast or a host-side mean creeping back.
+    _, counts = stand_ins
+    xp = CountingNumpy(counts)
+    a = counting_array(np.ones(4, np.float32))
+    with counted(counts):
+        xp.asarray(a, np.float64)
+        a.astype(np.float64)
+        a * 2
+        xp.empty(3)
+        xp.reshape(a, (2, 2))  # a view: free
+    assert counts.operations == ["xp.asarray", "ndarray.astype", "ufunc multiply"] and counts.allocations == 1
+
+
+def test_the_counted_calls_compute_what_plain_calls_do(stand_ins):
+    be, _ = stand_ins
+    x, (gamma, beta), (rm, rv) = arrays((6, 3, 4, 4), 1, "float32", True)
+    rm2, rv2 = np.array(rm), np.array(rv)
+    y, saved = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, backend=be)
+    y2, saved2 = cupybn.batch_norm(np.array(x), np.array(gamma), np.array(beta), running_mean=rm2, running_var=rv2)
+    np.testing.assert_allclose(y, y2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rm, rm2, rtol=1e-6)
+    np.testing.assert_allclose(rv, rv2, rtol=1e-6)
