@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,7 @@ class CupyBackend:
         self._launchers: dict[tuple[str, str], _Launcher] = {}
         self._plans: dict[tuple, _Plan] = {}
         self._channel_codes: dict[tuple, tuple] = {}
-        self._tickets: dict[object, object] = {}
+        self._tickets: dict[object, Any] = {}  # stream -> uint32 counters
         self._lock = threading.Lock()
         on_device = hasattr(xp, "cuda")
         self._address = (lambda a: a.data.ptr) if on_device else (lambda a: a.ctypes.data)
