@@ -216,18 +216,31 @@ def test_16_byte_packs_in_the_elementwise_kernels_give_the_same_bits_as_single_v
     running = [rng.standard_normal(channels).astype(acc), rng.uniform(0.5, 2, channels).astype(acc)]
     dy3 = rng.standard_normal(x3.shape).astype(x3.dtype)
     results = []
-    for backend in (host_cupy_backend(), host_cupy_backend(vector_loads=False)):
-        def launch(template, *arrays, rest, backend=backend):
+    # packs and single values; coefficients kept per thread (fixed) and fetched per value
+    for backend, moving in [(host_cupy_backend(), False), (host_cupy_backend(vector_loads=False), False),
+                            (host_cupy_backend(), True)]:
+        def launch(template, *arrays, rest, backend=backend, moving=moving):
             out = np.empty_like(x3)
             plan = backend._elementwise(template, x3.shape, x3.dtype, aligned=True)
-            plan((*arrays, out, *plan.geometry, *rest))
+            geometry = (*plan.geometry[:-1], np.int32(0)) if moving else plan.geometry
+            plan.kernel(plan.grid, plan.block, (*arrays, out, *geometry, *rest))
             return out.tobytes()
 
         codes = [c for a in running + [None, None] for c in backend._channel(a, stats)]
         results.append((launch("bn_normalize", x3, rest=(stats,)),
                         launch("bn_normalize_running", x3, rest=(*codes, np.float64(1e-5), stats.copy())),
                         launch("bn_backward_elementwise", dy3, x3, rest=(np.int32(1), stats[0], coef))))
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
+
+
+def test_elementwise_grids_stride_by_whole_planes_where_that_costs_little():
+    backend = host_cupy_backend(threads=64, sm_count=8)
+    for shape, fixed in [((8, 6, 1), True), ((100, 96, 1), True), ((4, 3, 49), True), ((2, 7919, 1), False)]:
+        launch = backend._elementwise("bn_normalize", shape, np.dtype(np.float32), aligned=True)
+        threads, vec = 64, 4 if np.prod(shape) % 4 == 0 else 1
+        assert bool(launch.geometry[-1]) == fixed, shape
+        if fixed:  # the grid's stride is a whole number of (C, inner) planes
+            assert launch.grid[0] * threads * vec % (shape[1] * shape[2]) == 0
 
 
 def test_packs_are_used_only_for_aligned_arrays_of_whole_packs():

@@ -199,12 +199,21 @@ class CupyBackend:
                        (np.int64(outer), np.int32(channels), np.int64(per_block)), slices, tiles)
 
     def _elementwise(self, template: str, shape, dtype, aligned: bool) -> _Launch:
+        """A grid-stride elementwise kernel.  Where a grid whose stride is a whole
+        number of (C, inner) planes is not much larger than the one wanted, it is
+        taken ("fixed"): each thread then meets the same channels in every
+        iteration and loads their coefficients once (batch_norm.cu: for_each_pack)."""
         outer, channels, inner = shape
         total = outer * channels * inner
         vec = self._pack_size(dtype, aligned, total)
-        grid = max(1, min(math.ceil(total // vec / self.threads), _ELEMENTWISE_BLOCKS_PER_SM * self.sm_count()))
+        packs = total // vec
+        wanted = max(1, min(math.ceil(packs / self.threads), _ELEMENTWISE_BLOCKS_PER_SM * self.sm_count()))
+        plane = channels * inner
+        unit = plane // math.gcd(plane, self.threads * vec)  # blocks per whole number of planes
+        fixed = unit <= 2 * wanted or unit * self.threads <= 2 * packs
+        grid = max(unit, wanted // unit * unit) if fixed else wanted
         return _Launch(self._function(dtype, template, vec), (grid,), (self.threads,),
-                       (np.int64(total), np.int64(inner), np.int32(channels)), 0, 0)
+                       (np.int64(total), np.int64(inner), np.int32(channels), np.int32(fixed)), 0, 0)
 
     def _plan(self, mode: str, x3, *others) -> _Plan:
         """The kernels and geometry of one mode for arrays like these (cached)."""

@@ -395,14 +395,22 @@ __device__ void finish_grad(int c, int channels, double sum_dy, double sum_dyx, 
   coef[kCoefK * channels + c] = static_cast<Acc>(kc);
 }
 
+// y = (x - centre) * scale + offset for one channel.
+template <typename Acc>
+struct Affine {
+  Acc centre, scale, offset;
+};
+
 // The inference coefficients of channel c from the running statistics: the
 // running mean as centre (hi) plus a correction folded into the offset (lo).
 template <typename Acc>
 struct InferCoefficients {
   Acc centre, inv_std, scale, offset, lo;
 };
+// Not inlined: a double division and square root, met in every unrolled
+// value of a pack, would multiply the code (and the compile time) by the pack.
 template <typename Acc>
-__device__ __forceinline__ InferCoefficients<Acc> infer_coefficients(int c, const ChannelIn& running_mean,
+__device__ __noinline__ InferCoefficients<Acc> infer_coefficients(int c, const ChannelIn& running_mean,
                                                                      const ChannelIn& running_var,
                                                                      const ChannelIn& gamma, const ChannelIn& beta,
                                                                      double eps) {
@@ -594,61 +602,84 @@ __global__ void bn_infer_channelwise(const void* running_mean, int running_mean_
 // ---- elementwise ------------------------------------------------------------------
 
 // The elementwise kernels walk the flat (outer, C, inner) array in packs of
-// kVec consecutive values (total % kVec == 0), grid-stride; each value's channel
-// comes from a cursor, so there is no division per value.  `op(u, at, ...)`
-// maps pack u and moves the cursor through it with at.next().
+// kVec consecutive values (total % kVec == 0), grid-stride.  Each value needs
+// its channel's coefficients (a struct K from `coefficients(c)`).  Where the
+// grid's stride is a whole number of (C, inner) planes (`fixed`, which the host
+// arranges whenever it can), every thread meets the same channels in every
+// iteration: it gets their coefficients once and keeps them in registers.
+// Otherwise a cursor tracks each value's channel (no division per value) and
+// the coefficients are fetched per value.  `op(u, k)` maps pack u with k[e]
+// the coefficients of its value e.
 namespace cupybn {
-template <typename T, int kVec, typename Op>
-__device__ __forceinline__ void for_each_pack(long long total, long long inner, int channels, Op op) {
+template <int kVec, typename K, typename Coefficients, typename Op>
+__device__ __forceinline__ void for_each_pack(long long total, long long inner, int channels, int fixed,
+                                              Coefficients coefficients, Op op) {
   const long long packs = total / kVec;
   const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
   long long u = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (u >= packs) return;
+  K k[kVec];
   ChannelCursor at(u * kVec, (step - 1) * kVec, inner, channels);
+  if (fixed) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      k[e] = coefficients(at.channel);
+      at.next(inner, channels);
+    }
+    for (; u < packs; u += step) op(u, k);
+    return;
+  }
   for (; u < packs; u += step) {
-    op(u, at, inner, channels);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      k[e] = coefficients(at.channel);
+      at.next(inner, channels);
+    }
+    op(u, k);
     at.advance(inner, channels);
   }
+}
+
+// y = (x - centre) * scale + offset for the values of one pack.
+template <typename T, typename Acc, int kVec>
+__device__ __forceinline__ void normalize_pack(const T* __restrict__ x, T* __restrict__ y, long long u,
+                                               const Affine<Acc> (&k)[kVec]) {
+  using P = Pack<T, kVec>;
+  const P in = reinterpret_cast<const P*>(x)[u];
+  P out;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    out.v[e] = store_value<T>(mul_add(widen<Acc>(in.v[e]) - k[e].centre, k[e].scale, k[e].offset));
+  }
+  reinterpret_cast<P*>(y)[u] = out;
 }
 }  // namespace cupybn
 
 // Training: y = (x - mean_hi[c]) * scale[c] + offset[c], from the statistics kernel's rows.
 template <typename T, typename Acc, int kVec>
 __global__ void bn_normalize(const T* __restrict__ x, T* __restrict__ y, long long total, long long inner,
-                             int channels, const Acc* __restrict__ stats) {
+                             int channels, int fixed, const Acc* __restrict__ stats) {
   using namespace cupybn;
-  using P = Pack<T, kVec>;
-  const Acc* centre = stats + kMeanHi * channels;
-  const Acc* scale = stats + kScale * channels;
-  const Acc* offset = stats + kOffset * channels;
-  const P* xs = reinterpret_cast<const P*>(x);
-  P* ys = reinterpret_cast<P*>(y);
-  for_each_pack<T, kVec>(total, inner, channels, [&](long long u, ChannelCursor& at, long long inner_, int channels_) {
-    const P in = xs[u];
-    P out;
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      const int c = at.channel;
-      out.v[e] = store_value<T>(mul_add(widen<Acc>(in.v[e]) - centre[c], scale[c], offset[c]));
-      at.next(inner_, channels_);
-    }
-    ys[u] = out;
-  });
+  for_each_pack<kVec, Affine<Acc>>(
+      total, inner, channels, fixed,
+      [&](int c) {
+        return Affine<Acc>{stats[kMeanHi * channels + c], stats[kScale * channels + c],
+                           stats[kOffset * channels + c]};
+      },
+      [&](long long u, const Affine<Acc>(&k)[kVec]) { normalize_pack<T, Acc, kVec>(x, y, u, k); });
 }
 
 // Inference in one launch: the coefficients come from the running statistics
-// inside the kernel (recomputed only when a thread's channel changes), and
-// the first threads also write what the backward pass needs (stats rows
-// kMeanHi..kOffset).
+// inside the kernel, and the first threads also write what the backward pass
+// needs (stats rows kMeanHi..kOffset).
 template <typename T, typename Acc, int kVec>
 __global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y, long long total, long long inner,
-                                     int channels, const void* running_mean, int running_mean_kind,
+                                     int channels, int fixed, const void* running_mean, int running_mean_kind,
                                      long long running_mean_stride, const void* running_var, int running_var_kind,
                                      long long running_var_stride, const void* gamma, int gamma_kind,
                                      long long gamma_stride, const void* beta, int beta_kind, long long beta_stride,
                                      double eps, Acc* __restrict__ stats) {
   using namespace cupybn;
-  using P = Pack<T, kVec>;
   const ChannelIn rm{running_mean, running_mean_kind, running_mean_stride};
   const ChannelIn rv{running_var, running_var_kind, running_var_stride};
   const ChannelIn g{gamma, gamma_kind, gamma_stride};
@@ -658,24 +689,13 @@ __global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y,
     save_infer_stats(static_cast<int>(c), channels,
                      infer_coefficients<Acc>(static_cast<int>(c), rm, rv, g, b, eps), rv, stats);
   }
-  const P* xs = reinterpret_cast<const P*>(x);
-  P* ys = reinterpret_cast<P*>(y);
-  int cached = -1;
-  InferCoefficients<Acc> k{};
-  for_each_pack<T, kVec>(total, inner, channels, [&](long long u, ChannelCursor& at, long long inner_, int channels_) {
-    const P in = xs[u];
-    P out;
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      if (at.channel != cached) {
-        cached = at.channel;
-        k = infer_coefficients<Acc>(cached, rm, rv, g, b, eps);
-      }
-      out.v[e] = store_value<T>(mul_add(widen<Acc>(in.v[e]) - k.centre, k.scale, k.offset));
-      at.next(inner_, channels_);
-    }
-    ys[u] = out;
-  });
+  for_each_pack<kVec, Affine<Acc>>(
+      total, inner, channels, fixed,
+      [&](int c) {
+        const InferCoefficients<Acc> k = infer_coefficients<Acc>(c, rm, rv, g, b, eps);
+        return Affine<Acc>{k.centre, k.scale, k.offset};
+      },
+      [&](long long u, const Affine<Acc>(&k)[kVec]) { normalize_pack<T, Acc, kVec>(x, y, u, k); });
 }
 
 // dx = a[c] * dy + b[c] * (x - centre[c]) + k[c]; in inference (with_x == 0)
@@ -683,37 +703,34 @@ __global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y,
 // coef: rows kCoefA, kCoefB, kCoefK of the gradient kernel.
 template <typename T, typename Acc, int kVec>
 __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                                        long long total, long long inner, int channels, int with_x,
+                                        long long total, long long inner, int channels, int fixed, int with_x,
                                         const Acc* __restrict__ centre, const Acc* __restrict__ coef) {
   using namespace cupybn;
   using P = Pack<T, kVec>;
-  const Acc* a = coef + kCoefA * channels;
-  const Acc* b = coef + kCoefB * channels;
-  const Acc* k = coef + kCoefK * channels;
-  const P* dys = reinterpret_cast<const P*>(dy);
-  const P* xs = reinterpret_cast<const P*>(x);
-  P* dxs = reinterpret_cast<P*>(dx);
-  for_each_pack<T, kVec>(total, inner, channels, [&](long long u, ChannelCursor& at, long long inner_, int channels_) {
-    const P g = dys[u];
-    P out;
-    if (with_x) {
-      const P in = xs[u];
+  struct K {
+    Acc centre, a, b, k;
+  };
+  for_each_pack<kVec, K>(
+      total, inner, channels, fixed,
+      [&](int c) {
+        return K{centre[c], coef[kCoefA * channels + c], coef[kCoefB * channels + c], coef[kCoefK * channels + c]};
+      },
+      [&](long long u, const K(&k)[kVec]) {
+        const P g = reinterpret_cast<const P*>(dy)[u];
+        P out;
+        if (with_x) {
+          const P in = reinterpret_cast<const P*>(x)[u];
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        const int c = at.channel;
-        out.v[e] = store_value<T>(
-            mul_add(a[c], widen<Acc>(g.v[e]), mul_add(b[c], widen<Acc>(in.v[e]) - centre[c], k[c])));
-        at.next(inner_, channels_);
-      }
-    } else {
+          for (int e = 0; e < kVec; ++e) {
+            out.v[e] = store_value<T>(mul_add(k[e].a, widen<Acc>(g.v[e]),
+                                              mul_add(k[e].b, widen<Acc>(in.v[e]) - k[e].centre, k[e].k)));
+          }
+        } else {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        out.v[e] = store_value<T>(a[at.channel] * widen<Acc>(g.v[e]));
-        at.next(inner_, channels_);
-      }
-    }
-    dxs[u] = out;
-  });
+          for (int e = 0; e < kVec; ++e) out.v[e] = store_value<T>(k[e].a * widen<Acc>(g.v[e]));
+        }
+        reinterpret_cast<P*>(dx)[u] = out;
+      });
 }
 
 // ---- backward reductions ---------------------------------------------------------

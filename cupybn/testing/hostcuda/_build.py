@@ -202,11 +202,16 @@ def _standalone_table(count: int) -> str:
     )
 
 
+# CUDA's __noinline__ cannot be a macro here: libstdc++ spells GCC's attribute
+# __attribute__((__noinline__)).  It is rewritten in the kernel source instead.
+_NOINLINE = re.compile(r"\b__noinline__\b")
+
+
 def translation_unit(code: str, kernels: tuple[str, ...], *, standalone: bool, source_name: str) -> str:
     parts = [
         '#include "hostcuda.h"',
         f'#line 1 "{source_name}"',
-        rewrite_shared(code),
+        _NOINLINE.sub("__attribute__((noinline))", rewrite_shared(code)),
         _entry_points(kernels),
     ]
     if standalone:
