@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import cupybn
 from cupybn.backends._running import update_running
+from cupybn.backends.cupy_backend import CupyBackend
 from cupybn.testing import (
     batch_norm_errors,
     exceeded,
@@ -234,13 +235,21 @@ def test_16_byte_packs_in_the_elementwise_kernels_give_the_same_bits_as_single_v
 
 
 def test_elementwise_grids_stride_by_whole_planes_where_that_costs_little():
-    backend = host_cupy_backend(threads=64, sm_count=8)
-    for shape, fixed in [((8, 6, 1), True), ((100, 96, 1), True), ((4, 3, 49), True), ((2, 7919, 1), False)]:
-        launch = backend._elementwise("bn_normalize", shape, np.dtype(np.float32), aligned=True)
-        threads, vec = 64, 4 if np.prod(shape) % 4 == 0 else 1
+    # Fixed: each thread keeps its channels' coefficients for the whole call.
+    gpu = CupyBackend(np, None, threads=256, sm_count=132)  # geometry only: nothing is compiled
+    host = host_cupy_backend(threads=64, sm_count=8)
+    for backend, shape, dtype, fixed in [(host, (100, 96, 1), np.float32, True),
+                                         (host, (1000, 64, 1), np.float32, True),
+                                         (host, (4, 3, 49), np.float32, False),  # 1 pack per thread anyway
+                                         (host, (2, 7919, 1), np.float32, False),
+                                         (gpu, (256, 256, 196), np.float16, True),  # ResNet-50, NCHW
+                                         (gpu, (256 * 196, 256, 1), np.float16, True)]:  # and channels-last
+        launch = backend._elementwise("bn_normalize", shape, np.dtype(dtype), aligned=True)
+        vec = 16 // np.dtype(dtype).itemsize if np.prod(shape) % (16 // np.dtype(dtype).itemsize) == 0 else 1
         assert bool(launch.geometry[-1]) == fixed, shape
         if fixed:  # the grid's stride is a whole number of (C, inner) planes
-            assert launch.grid[0] * threads * vec % (shape[1] * shape[2]) == 0
+            assert launch.grid[0] * backend.threads * vec % (shape[1] * shape[2]) == 0
+            assert launch.grid[0] <= 2 * 8 * backend.sm_count()
 
 
 def test_packs_are_used_only_for_aligned_arrays_of_whole_packs():
