@@ -89,6 +89,29 @@ __device__ __forceinline__ void merge(Moments<Acc>& a, const Moments<Acc>& b) {
   a.n = n;
 }
 
+// kN values (a power of two) at once: their own moments (the mean is a sum
+// scaled exactly by 1/kN), merged into a with one division.  The values are
+// independent, so their loads are in flight together and no division chain
+// runs through them, as one Welford update per value would.
+template <typename Acc, int kN>
+__device__ __forceinline__ void add_values(Moments<Acc>& a, const Acc (&d)[kN]) {
+  static_assert((kN & (kN - 1)) == 0, "the scaling by 1/kN must be exact");
+  Acc sum = d[0];
+#pragma unroll
+  for (int i = 1; i < kN; ++i) sum += d[i];
+  const Acc mean = sum * (Acc(1) / Acc(kN));
+  Acc m2 = Acc(0);
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+    const Acc e = d[i] - mean;
+    m2 = mul_add(e, e, m2);
+  }
+  merge(a, Moments<Acc>{Acc(kN), mean, m2});
+}
+
+// Rows a rows-kernel thread takes four at a time (loads in flight together).
+constexpr int kRowsAtOnce = 4;
+
 // Shuffles a pair of values down the warp: two floats travel as one 64-bit
 // shuffle, two doubles as two.
 __device__ __forceinline__ void shfl_down_pair(float& u, float& v, int offset) {
@@ -484,8 +507,10 @@ __global__ void __launch_bounds__(kThreads)
     PlanarCursor at(j, kThreads, inner_packs);
     for (; j < end; j += kThreads) {
       const P v = channel[at.offset(row_stride)];
+      Acc d[kVec];
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) add_value(a, widen<Acc>(v.v[e]) - k);
+      for (int e = 0; e < kVec; ++e) d[e] = widen<Acc>(v.v[e]) - k;
+      add_values(a, d);
       at.advance(inner_packs);
     }
   }
@@ -529,9 +554,14 @@ __global__ void __launch_bounds__(32 * kRows)
   const Acc k = !live ? Acc(0) : pass == 0 ? load<Acc>(x, c) : stats[kNextShift * channels + c];
   Moments<Acc> a{Acc(0), Acc(0), Acc(0)};
   if (live) {
-    for (long long row = begin + threadIdx.y; row < end; row += kRows) {
-      add_value(a, load<Acc>(x, row * channels + c) - k);
+    long long row = begin + threadIdx.y;
+    for (; row + (kRowsAtOnce - 1) * kRows < end; row += kRowsAtOnce * kRows) {
+      Acc d[kRowsAtOnce];
+#pragma unroll
+      for (int i = 0; i < kRowsAtOnce; ++i) d[i] = load<Acc>(x, (row + i * kRows) * channels + c) - k;
+      add_values(a, d);
     }
+    for (; row < end; row += kRows) add_value(a, load<Acc>(x, row * channels + c) - k);
   }
   shared_mean[threadIdx.y][threadIdx.x] = a.mean;
   shared_m2[threadIdx.y][threadIdx.x] = a.m2;
@@ -820,11 +850,26 @@ __global__ void __launch_bounds__(32 * kRows)
   Acc sum_dy = Acc(0), sum_dyx = Acc(0);
   if (live) {
     const Acc m = mean_hi[c];
-    for (long long row = begin + threadIdx.y; row < end; row += kRows) {
+    long long row = begin + threadIdx.y;
+    for (; row + (kRowsAtOnce - 1) * kRows < end; row += kRowsAtOnce * kRows) {
+      Acc g[kRowsAtOnce], v[kRowsAtOnce];
+#pragma unroll
+      for (int i = 0; i < kRowsAtOnce; ++i) {  // every load first, then the sums in row order
+        const long long at = (row + i * kRows) * channels + c;
+        g[i] = load<Acc>(dy, at);
+        v[i] = load<Acc>(x, at);
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsAtOnce; ++i) {
+        sum_dy += g[i];
+        sum_dyx = mul_add(g[i], v[i] - m, sum_dyx);
+      }
+    }
+    for (; row < end; row += kRows) {
       const long long i = row * channels + c;
-      const Acc g = load<Acc>(dy, i);
-      sum_dy += g;
-      sum_dyx = mul_add(g, load<Acc>(x, i) - m, sum_dyx);
+      const Acc g1 = load<Acc>(dy, i);
+      sum_dy += g1;
+      sum_dyx = mul_add(g1, load<Acc>(x, i) - m, sum_dyx);
     }
   }
   shared_dy[threadIdx.y][threadIdx.x] = sum_dy;
