@@ -252,6 +252,28 @@ def test_elementwise_grids_stride_by_whole_planes_where_that_costs_little():
             assert launch.grid[0] <= 2 * 8 * backend.sm_count()
 
 
+class _CompiledWith:
+    """A kernel factory whose kernels report a register count and launch nothing."""
+
+    def __init__(self, num_regs, shared_size_bytes=0):
+        self.kernel = type("Kernel", (), {"num_regs": num_regs, "shared_size_bytes": shared_size_bytes})()
+
+    def RawModule(self, **kwargs):  # noqa: N802
+        return type("Module", (), {"get_function": lambda _, name: self.kernel})()
+
+
+@pytest.mark.parametrize("num_regs,shared,blocks", [(40, 0, 6), (32, 0, 8), (64, 0, 4), (255, 0, 1),
+                                                    (16, 0, 8), (32, 60 * 1024, 3)])
+def test_grids_are_sized_from_the_compiled_kernels_occupancy(num_regs, shared, blocks):
+    # sm_90: 2048 threads, 64 Ki registers and 228 KiB of shared memory per SM; blocks of 256.
+    backend = CupyBackend(np, _CompiledWith(num_regs, shared), threads=256, sm_count=132)
+    backend._sm_limits = lambda: (2048, 65536, 228 * 1024)
+    launch = backend._elementwise("bn_normalize", (1, 1_000_003, 1), np.dtype(np.float32), aligned=False)  # prime C
+    assert launch.grid == (blocks * 132,) and not launch.geometry[-1]
+    reduction = backend._reduction("bn_stats", (10**6, 1, 1), np.dtype(np.float32), aligned=False)
+    assert reduction.grid == (1, blocks * 132)  # one tile: slices fill the GPU
+
+
 def test_packs_are_used_only_for_aligned_arrays_of_whole_packs():
     backend = host_cupy_backend()
     base = np.zeros(4096 + 16, np.float32)

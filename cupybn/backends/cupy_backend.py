@@ -26,9 +26,12 @@ from .numpy_backend import quiet
 
 # Per-channel kernels (general path) run one thread per channel in blocks of this size.
 _CHANNEL_BLOCK = 128
-# Elementwise kernels: blocks per SM (grid-stride beyond); their blocks have the
-# backend's `threads` threads, like the reductions.
+# Blocks per SM to fill when the compiled kernel's occupancy is unknown (the
+# host harness): elementwise kernels (grid-stride beyond) and reductions.
 _ELEMENTWISE_BLOCKS_PER_SM = 8
+_REDUCTION_BLOCKS_PER_SM = 4
+_MAX_BLOCKS_PER_SM = 32
+_REGISTER_GRANULE = 256  # registers are given to warps in units of this many
 # Partial counts are float32 in the kernels: keep each block's share exact.
 _MAX_VALUES_PER_BLOCK = 2**24
 _MAX_GRID_Y = 65535
@@ -162,15 +165,44 @@ class CupyBackend:
 
     # ---- launch geometry (once per shape, dtype and alignment) -------------------------
 
-    def _slices(self, per_channel: int, columns: int, per_thread_step: int, multiple: int = 1) -> tuple[int, int]:
+    @functools.cache  # noqa: B019 - one backend per process in practice; plans are cached per backend too
+    def _sm_limits(self) -> tuple[int, int, int] | None:
+        """Threads, registers and shared memory per SM of the device (None on the host harness)."""
+        if not hasattr(self.xp, "cuda"):
+            return None
+        try:
+            a = self.xp.cuda.Device().attributes
+            return (int(a["MaxThreadsPerMultiProcessor"]), int(a["MaxRegistersPerMultiprocessor"]),
+                    int(a["MaxSharedMemoryPerMultiprocessor"]))
+        except (KeyError, AttributeError):  # an older CuPy: size grids by the defaults
+            return None
+
+    def _resident_blocks(self, launcher: _Launcher, threads: int, unknown: int) -> int:
+        """Blocks of ``threads`` threads of this compiled kernel that fit on one SM at once:
+        its registers and shared memory decide (``unknown`` where they cannot be read)."""
+        limits = self._sm_limits()
+        regs = None if limits is None else getattr(launcher.compiled(), "num_regs", None)
+        if limits is None or not regs:
+            return unknown
+        sm_threads, sm_regs, sm_shared = limits
+        warps = math.ceil(threads / 32)
+        per_warp = math.ceil(regs * 32 / _REGISTER_GRANULE) * _REGISTER_GRANULE
+        blocks = min(_MAX_BLOCKS_PER_SM, sm_threads // threads, sm_regs // (per_warp * warps))
+        shared = getattr(launcher.compiled(), "shared_size_bytes", 0) or 0
+        if shared:
+            blocks = min(blocks, sm_shared // shared)
+        return max(1, blocks)
+
+    def _slices(self, per_channel: int, columns: int, per_thread_step: int, multiple: int = 1, *,
+                blocks_per_sm: int = _REDUCTION_BLOCKS_PER_SM) -> tuple[int, int]:
         """How many blocks share a channel, and how many values (planar) or rows each takes.
 
-        ``columns`` blocks exist per slice; enough slices to give the GPU about
-        four blocks per SM, but not so many that a thread gets fewer than
-        ``values_per_thread`` values.  ``per_block`` is a multiple of ``multiple``
-        (the pack size of the planar kernels).
+        ``columns`` blocks exist per slice; enough slices to fill the GPU
+        (``blocks_per_sm`` resident blocks on each SM), but not so many that a
+        thread gets fewer than ``values_per_thread`` values.  ``per_block`` is a
+        multiple of ``multiple`` (the pack size of the planar kernels).
         """
-        wanted = math.ceil(4 * self.sm_count() / columns)
+        wanted = math.ceil(blocks_per_sm * self.sm_count() / columns)
         useful = math.ceil(per_channel / (per_thread_step * self.values_per_thread))
         slices = max(1, min(wanted, useful), math.ceil(per_channel / _MAX_VALUES_PER_BLOCK))
         slices = min(slices, _MAX_GRID_Y)
@@ -188,14 +220,19 @@ class CupyBackend:
         outer, channels, inner = shape
         if inner > 1:
             vec = self._pack_size(dtype, aligned, inner)
-            slices, per_block = self._slices(outer * inner, channels, self.threads * vec, multiple=vec)
-            return _Launch(self._function(dtype, f"{family}_planar", self.threads, vec), (channels, slices),
-                           (self.threads,), (np.int64(outer), np.int32(channels), np.int64(inner),
-                                             np.int64(per_block)), slices, channels)
+            kernel = self._function(dtype, f"{family}_planar", self.threads, vec)
+            slices, per_block = self._slices(outer * inner, channels, self.threads * vec, multiple=vec,
+                                             blocks_per_sm=self._resident_blocks(kernel, self.threads,
+                                                                                 _REDUCTION_BLOCKS_PER_SM))
+            return _Launch(kernel, (channels, slices), (self.threads,),
+                           (np.int64(outer), np.int32(channels), np.int64(inner), np.int64(per_block)), slices,
+                           channels)
         rows = self.threads // 32
         tiles = math.ceil(channels / 32)
-        slices, per_block = self._slices(outer, tiles, rows)
-        return _Launch(self._function(dtype, f"{family}_rows", rows), (tiles, slices), (32, rows),
+        kernel = self._function(dtype, f"{family}_rows", rows)
+        slices, per_block = self._slices(
+            outer, tiles, rows, blocks_per_sm=self._resident_blocks(kernel, self.threads, _REDUCTION_BLOCKS_PER_SM))
+        return _Launch(kernel, (tiles, slices), (32, rows),
                        (np.int64(outer), np.int32(channels), np.int64(per_block)), slices, tiles)
 
     def _elementwise(self, template: str, shape, dtype, aligned: bool) -> _Launch:
@@ -207,12 +244,14 @@ class CupyBackend:
         total = outer * channels * inner
         vec = self._pack_size(dtype, aligned, total)
         packs = total // vec
-        wanted = max(1, min(math.ceil(packs / self.threads), _ELEMENTWISE_BLOCKS_PER_SM * self.sm_count()))
+        kernel = self._function(dtype, template, vec)
+        resident = self._resident_blocks(kernel, self.threads, _ELEMENTWISE_BLOCKS_PER_SM)
+        wanted = max(1, min(math.ceil(packs / self.threads), resident * self.sm_count()))
         plane = channels * inner
         unit = plane // math.gcd(plane, self.threads * vec)  # blocks per whole number of planes
         fixed = unit <= 2 * wanted or unit * self.threads <= 2 * packs
         grid = max(unit, wanted // unit * unit) if fixed else wanted
-        return _Launch(self._function(dtype, template, vec), (grid,), (self.threads,),
+        return _Launch(kernel, (grid,), (self.threads,),
                        (np.int64(total), np.int64(inner), np.int32(channels), np.int32(fixed)), 0, 0)
 
     def _plan(self, mode: str, x3, *others) -> _Plan:
@@ -419,6 +458,10 @@ class _Launcher:
         self._backend = backend
         self._dtype_name = dtype_name
         self.name = name
+
+    def compiled(self):
+        """The kernel object of the factory (compiled on first use)."""
+        return self._kernel
 
     @functools.cached_property
     def _kernel(self):
