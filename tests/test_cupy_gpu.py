@@ -20,6 +20,10 @@ LAYOUTS = {
     "nchw": (lambda a: a, 1),
     "channels-last": (lambda a: a.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2), 1),
     "nhwc-axis-last": (lambda a: a.transpose(0, 2, 3, 1).copy(), -1),
+    # strided views, which take the general path (CuPy's Reduction and Elementwise kernels)
+    "batch-step": (lambda a: np.concatenate([a, a[:, :, ::-1]])[::2], 1),
+    "nhwc-view-of-nchw-every-second": (lambda a: np.concatenate([a, a]).transpose(0, 2, 3, 1)[::2], -1),
+    "unaligned-slice": (lambda a: np.concatenate([a.ravel()[:1], a.ravel()])[1:].reshape(a.shape), 1),
 }
 
 
@@ -38,11 +42,11 @@ def test_cupy_arrays_match_the_numpy_backend_through_the_public_api(layout, dtyp
     dy = rng.standard_normal(x.shape).astype(dtype)
     dx, dg, db = cupybn.batch_norm_backward(dy, saved)
 
-    xg, rmg, rvg = cp.asarray(x), cp.asarray(np.zeros(6, pdt)), cp.asarray(np.ones(6, pdt))
+    xg, rmg, rvg = _same_strides(cp, x), cp.asarray(np.zeros(6, pdt)), cp.asarray(np.ones(6, pdt))
     yg, savedg = cupybn.batch_norm(xg, cp.asarray(gamma), cp.asarray(beta), running_mean=rmg, running_var=rvg,
                                    axis=axis)
-    assert isinstance(yg, cp.ndarray) and yg.strides == xg.strides
-    dxg, dgg, dbg = cupybn.batch_norm_backward(cp.asarray(dy), savedg)
+    assert isinstance(yg, cp.ndarray) and xg.strides == x.strides
+    dxg, dgg, dbg = cupybn.batch_norm_backward(_same_strides(cp, dy), savedg)
     tol = {"float16": 2e-3, "float32": 2e-5, "float64": 1e-12}[dtype]
     for got, want in ((yg, y), (dxg, dx), (dgg, dg), (dbg, db), (rmg, rm), (rvg, rv), (savedg.var, saved.var)):
         np.testing.assert_allclose(cp.asnumpy(got).astype(np.float64), np.asarray(want, np.float64),
@@ -52,6 +56,18 @@ def test_cupy_arrays_match_the_numpy_backend_through_the_public_api(layout, dtyp
     y_eval0, _ = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, training=False, axis=axis)
     np.testing.assert_allclose(cp.asnumpy(y_eval).astype(np.float64), y_eval0.astype(np.float64), rtol=tol,
                                atol=tol)
+
+
+def _same_strides(cp, a):
+    """A CuPy array with a's strides and offset within a buffer (a view where a is one)."""
+    if a.base is None:
+        return cp.asarray(a)
+    base = a.base
+    while base.base is not None:
+        base = base.base
+    offset = a.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    buffer = cp.asarray(base.reshape(-1).view(np.uint8))
+    return cp.ndarray(a.shape, a.dtype, buffer.data + offset, a.strides)
 
 
 def test_gpu_results_are_identical_bits_run_to_run():

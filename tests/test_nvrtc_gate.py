@@ -158,6 +158,19 @@ def test_cuda_fp16_compiles_where_the_cuda_headers_are_installed(tmp_path: Path)
 
 
 @pytest.mark.usefixtures("need_nvrtc")
+def test_the_package_kernels_build_with_nvrtc_alone_and_no_cuda_header() -> None:
+    # CuPy finds cuda_fp16.h (and what it includes) differently from release to
+    # release; cupybn's kernels need none of it, and the gate compiles them so.
+    from cupybn.kernels import BATCH_NORM_SOURCES
+
+    float16 = BATCH_NORM_SOURCES["float16"]
+    assert "-I" not in " ".join(nvrtc.gate_options("sm_90", cuda_headers=False))
+    result = nvrtc.compile_kernel_source(float16, "sm_90")
+    assert result.compiled, result.log
+    assert "#include <cuda" not in float16.path.read_text().split("#else", 1)[1]  # past the host harness's branch
+
+
+@pytest.mark.usefixtures("need_nvrtc")
 def test_the_command_line_reports_unregistered_kernel_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

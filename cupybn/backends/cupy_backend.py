@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, CHANNEL_KINDS, VECTOR_BYTES, cuda_header_dirs
+from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, CHANNEL_KINDS, VECTOR_BYTES
 from ._cupy_general import GeneralPath
 from ._running import update_running
 from .numpy_backend import quiet
@@ -126,21 +126,16 @@ class CupyBackend:
             launcher = self._launchers.setdefault(key, _Launcher(self, dtype_name, expression))
         return launcher
 
-    def _module(self, dtype_name: str, *, with_cuda_headers: bool = False):
+    def _module(self, dtype_name: str):
         """The RawModule of one data type (compiled by the factory on first use).
 
-        batch_norm.cu includes cuda_fp16.h.  CuPy normally finds it; where it
-        does not, the module is rebuilt once with the CUDA header folders that
-        cupybn can find (``cupybn.kernels.cuda_header_dirs``).
-        """
+        batch_norm.cu includes no CUDA header, so NVRTC alone builds it
+        whatever headers CuPy finds (the NVRTC gate compiles it so)."""
         with self._lock:
             module = self._modules.get(dtype_name)
-            if module is None or with_cuda_headers:
+            if module is None:
                 source = BATCH_NORM_SOURCES[dtype_name]
-                options = source.compile_options()
-                if with_cuda_headers:
-                    options += tuple(f"-I{d}" for d in cuda_header_dirs())
-                module = self._kernels.RawModule(code=source.path.read_text(), options=options,
+                module = self._kernels.RawModule(code=source.path.read_text(), options=source.compile_options(),
                                                  name_expressions=source.name_expressions)
                 self._modules[dtype_name] = module
             return module
@@ -465,12 +460,7 @@ class _Launcher:
 
     @functools.cached_property
     def _kernel(self):
-        try:
-            return self._backend._module(self._dtype_name).get_function(self.name)
-        except Exception as e:  # the compile happens here, on first use
-            if "cuda_fp16.h" not in str(e) or not cuda_header_dirs():
-                raise
-        return self._backend._module(self._dtype_name, with_cuda_headers=True).get_function(self.name)
+        return self._backend._module(self._dtype_name).get_function(self.name)  # compiled here, on first use
 
     def __call__(self, grid, block, args):
         try:

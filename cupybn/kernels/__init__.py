@@ -93,7 +93,7 @@ BATCH_NORM_FILE = KERNEL_DIR / "batch_norm.cu"
 BLOCK_THREADS = (64, 256)
 
 # data dtype -> (storage type, arithmetic type) in the kernels
-C_TYPES = {"float16": ("__half", "float"), "float32": ("float", "float"), "float64": ("double", "double")}
+C_TYPES = {"float16": ("cupybn::half", "float"), "float32": ("float", "float"), "float64": ("double", "double")}
 
 
 # The elementwise kernels move 16 bytes at a time where arrays allow it.

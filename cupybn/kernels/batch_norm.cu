@@ -16,11 +16,47 @@
 // run.  A call is then two or three launches: reduction (x2 in the rare case of
 // a far shift, below), then one elementwise kernel.
 //
-// T is the storage type (__half, float, double); Acc the arithmetic type
-// (float for __half and float, double for double).  Statistics are Welford
+// T is the storage type (cupybn::half, float, double); Acc the arithmetic type
+// (float for half and float, double for double).  Statistics are Welford
 // accumulations of x - shift (a sample of the channel), merged with Chan's
 // formula; the last block works in double.  See docs/cupy-backend.md.
+
+// Half precision without cuda_fp16.h: NVRTC does not build that header in, and
+// where and how CuPy finds it (and the headers it needs in turn) differs from
+// one CUDA and CuPy release to the next.  Storage and the three conversions
+// are all these kernels need: PTX's cvt, as cuda_fp16.h itself does it (no
+// flush to zero: float16 subnormals are kept).  The host harness has its own
+// __half.
+#if defined(__CUDACC__HOSTCUDA)
 #include <cuda_fp16.h>
+namespace cupybn {
+using half = __half;
+__device__ __forceinline__ float half_to_float(half h) { return __half2float(h); }
+__device__ __forceinline__ half float_to_half(float f) { return __float2half_rn(f); }
+__device__ __forceinline__ half double_to_half(double d) { return __double2half(d); }
+}  // namespace cupybn
+#else
+namespace cupybn {
+struct __align__(2) half {
+  unsigned short bits;
+};
+__device__ __forceinline__ float half_to_float(half h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
+  return f;
+}
+__device__ __forceinline__ half float_to_half(float f) {
+  half h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+  return h;
+}
+__device__ __forceinline__ half double_to_half(double d) {
+  half h;
+  asm("cvt.rn.f16.f64 %0, %1;" : "=h"(h.bits) : "d"(d));
+  return h;
+}
+}  // namespace cupybn
+#endif
 
 namespace cupybn {
 
@@ -34,8 +70,8 @@ __device__ __forceinline__ Acc widen(T v) {
   return static_cast<Acc>(v);
 }
 template <>
-__device__ __forceinline__ float widen<float, __half>(__half v) {
-  return __half2float(v);
+__device__ __forceinline__ float widen<float, half>(half v) {
+  return half_to_float(v);
 }
 template <typename Acc, typename T>
 __device__ __forceinline__ Acc load(const T* p, long long i) {
@@ -54,8 +90,8 @@ __device__ __forceinline__ T store_value(Acc v) {
   return static_cast<T>(v);
 }
 template <>
-__device__ __forceinline__ __half store_value<__half, float>(float v) {
-  return __float2half_rn(v);
+__device__ __forceinline__ half store_value<half, float>(float v) {
+  return float_to_half(v);
 }
 
 // Running moments of a set of values: count, mean and sum of squared deviations.
@@ -266,7 +302,7 @@ struct ChannelCursor {
 // ---- per-channel arrays in the caller's dtype and strides ------------------------
 // gamma, beta and the running statistics are read (and the running statistics
 // and dgamma/dbeta written) where they are, in their own dtype: kind 0 = absent,
-// 1 = __half, 2 = float, 3 = double (cupy_backend._KIND); stride in elements.
+// 1 = half, 2 = float, 3 = double (cupy_backend._KIND); stride in elements.
 // That spares the host a cast and a copy per call.
 template <typename V>  // const void: read only; void: read and write
 struct ChannelArray {
@@ -276,7 +312,7 @@ struct ChannelArray {
   __device__ __forceinline__ double at(int c, double absent) const {
     const long long i = static_cast<long long>(c) * stride;
     switch (kind) {
-      case 1: return static_cast<double>(__half2float(static_cast<const __half*>(p)[i]));
+      case 1: return static_cast<double>(half_to_float(static_cast<const half*>(p)[i]));
       case 2: return static_cast<double>(static_cast<const float*>(p)[i]);
       case 3: return static_cast<const double*>(p)[i];
       default: return absent;
@@ -285,7 +321,7 @@ struct ChannelArray {
   __device__ __forceinline__ void set(int c, double v) const {
     const long long i = static_cast<long long>(c) * stride;
     switch (kind) {
-      case 1: static_cast<__half*>(p)[i] = __double2half(v); break;
+      case 1: static_cast<half*>(p)[i] = double_to_half(v); break;
       case 2: static_cast<float*>(p)[i] = static_cast<float>(v); break;
       case 3: static_cast<double*>(p)[i] = v; break;
       default: break;

@@ -263,16 +263,18 @@ class CompileResult:
 CUPY_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
 
-def gate_options(arch: str, options: Iterable[str] = ()) -> tuple[str, ...]:
+def gate_options(arch: str, options: Iterable[str] = (), *, cuda_headers: bool = True) -> tuple[str, ...]:
     """The options the gate compiles with: target, ptxas report, the source's own, CuPy's, then the CUDA headers.
 
-    The CUDA include directories come last so that a source's own directories take precedence.
+    The CUDA include directories come last so that a source's own directories
+    take precedence; ``cuda_headers=False`` leaves them out (cupybn's own
+    kernels must build with NVRTC alone: CuPy does not always find them).
     """
     target = [f"--gpu-architecture={arch}"]
     if arch.startswith("sm_"):  # only a real architecture runs ptxas
         target.append("--ptxas-options=-v")
-    cuda_headers = [f"-I{directory}" for directory in cuda_include_dirs()]
-    return (*target, *options, *CUPY_OPTIONS, *cuda_headers)
+    headers = [f"-I{directory}" for directory in cuda_include_dirs()] if cuda_headers else []
+    return (*target, *options, *CUPY_OPTIONS, *headers)
 
 
 def compile_source(
@@ -282,10 +284,11 @@ def compile_source(
     name_expressions: Iterable[str] = (),
     options: Iterable[str] = (),
     arch: str = "sm_90",
+    cuda_headers: bool = True,
 ) -> CompileResult:
     """Compile ``source`` with NVRTC for ``arch``; compile errors are in the result, not raised."""
     library = nvrtc()
-    all_options = gate_options(arch, options)
+    all_options = gate_options(arch, options, cuda_headers=cuda_headers)
     expressions = tuple(name_expressions)
     program = library.create_program(source, name)
     try:
@@ -384,6 +387,7 @@ def compile_kernel_source(entry: KernelSource, arch: str) -> CompileResult:
         name_expressions=entry.name_expressions,
         options=entry.compile_options(),
         arch=arch,
+        cuda_headers=entry not in PACKAGE_SOURCES,  # the package's kernels include no CUDA header
     )
 
 
