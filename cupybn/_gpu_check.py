@@ -19,6 +19,8 @@ import os
 import platform
 import re
 import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -531,7 +533,9 @@ def benchmark_case(env: GpuEnv, case: Case, data: CaseData, roofline_gbps: float
 
 
 def run_benchmarks(env: GpuEnv, cases: Sequence[Case], roofline_gbps: float, *, warmup: int, repeat: int,
-                   stream: TextIO) -> list[Measurement]:
+                   stream: TextIO, after_case: Callable[[list[Measurement]], None] = lambda rows: None
+                   ) -> list[Measurement]:
+    """Every case in turn; ``after_case`` gets the measurements so far after each one."""
     results: list[Measurement] = []
     for i, case in enumerate(cases, 1):
         count = rotation_count(case.nbytes, env.l2_bytes)
@@ -547,6 +551,7 @@ def run_benchmarks(env: GpuEnv, cases: Sequence[Case], roofline_gbps: float, *, 
         results += rows
         print(f"\n[{i}/{len(cases)}, {time.perf_counter() - started:.1f} s] "
               f"{format_case_table(case, rows, repeat=repeat)}", file=stream, flush=True)
+        after_case(results)
     return results
 
 
@@ -641,9 +646,17 @@ def tests_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+# Only what needs the GPU: the cupy-gpu entry of the backend fixture and
+# tests/test_cupy_gpu.py.  The host harness, its sanitizer builds and the NVRTC
+# gate run in CI on every commit; a GPU slot is too short for them.
+GPU_TESTS = "cupy_gpu or cupy-gpu"
+DEFAULT_TEST_TIMEOUT_S = 300.0
+
+
 def pytest_command(extra_args: str = "") -> list[str]:
     """The test step's command, run from the repository's root."""
-    return [sys.executable, "-m", "pytest", "-q", "tests", *shlex.split(extra_args)]
+    return [sys.executable, "-m", "pytest", "-q", "tests", "-k", GPU_TESTS, "-p", "no:cacheprovider",
+            *shlex.split(extra_args)]
 
 
 def run_tests(command: Sequence[str], cwd: Path, stream: TextIO, timeout_s: float | None = None) -> TestRun:
@@ -652,13 +665,17 @@ def run_tests(command: Sequence[str], cwd: Path, stream: TextIO, timeout_s: floa
     # derandomised Hypothesis without deadlines: the first call of a kernel compiles it
     env.setdefault("HYPOTHESIS_PROFILE", "ci")
     started = time.perf_counter()
+    # Its own process group, so that a time-out kills whatever the suite started too.
     proc = subprocess.Popen(list(command), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace")
+                            text=True, errors="replace", start_new_session=True)
     killed = threading.Event()
 
     def kill() -> None:
         killed.set()
-        proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it has just ended
+            pass
 
     watchdog = threading.Timer(timeout_s, kill) if timeout_s else None
     if watchdog:
@@ -831,19 +848,45 @@ def format_targets(targets: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def exit_status(tests: TestRun, measurements: Sequence[Measurement]) -> int:
-    """1 when a test failed or an implementation raised; missed targets do not fail the command."""
-    return 0 if tests.passed and all(m.ok for m in measurements) else 1
+def exit_status(tests: TestRun, measurements: Sequence[Measurement], sanitizers: Sequence[dict] = ()) -> int:
+    """1 when a test failed, a sanitizer reported or an implementation raised; missed targets do
+    not fail the command."""
+    sanitized = all(r.get("clean") for r in sanitizers if r["ran"])
+    return 0 if tests.passed and sanitized and all(m.ok for m in measurements) else 1
 
 
-def build_report(*, env: GpuEnv, today: str, argv: Sequence[str], settings: dict, tests: TestRun, copy: dict,
-                 measurements: Sequence[Measurement], targets: Sequence[dict], status: int) -> dict:
+def build_report(*, env: GpuEnv, today: str, argv: Sequence[str], settings: dict, tests: TestRun, copy: dict | None,
+                 measurements: Sequence[Measurement], targets: Sequence[dict], status: int | None,
+                 sanitizers: Sequence[dict] = (), complete: bool = True) -> dict:
+    """The JSON report; ``complete`` False (and ``status`` None) for the one written after each step."""
     return {"schema": SCHEMA, "date": today, "command": ["python", "-m", "cupybn", "gpu-check", *argv],
-            "device": env.device, "versions": env.versions, "settings": settings,
+            "complete": complete, "device": env.device, "versions": env.versions, "settings": settings,
             "implementations": {"run": [i.name for i in env.impls], "unavailable": env.unavailable},
-            "tests": asdict(tests), "copy": copy,
+            "tests": asdict(tests), "sanitizers": list(sanitizers), "copy": copy,
             "measurements": [{**asdict(m), "shape": list(m.shape)} for m in measurements],
             "targets": list(targets), "exit_status": status}
+
+
+# ---- compute-sanitizer -----------------------------------------------------------------
+SANITIZER_TOOLS = ("memcheck", "racecheck")
+SANITIZER_TIMEOUT_S = 180.0
+
+
+def run_sanitizers(stream: TextIO, *, timeout_s: float = SANITIZER_TIMEOUT_S,
+                   executable: str | None = None) -> list[dict]:
+    """memcheck and racecheck on one small call of each mode (``python -m cupybn._gpu_smoke``)."""
+    exe = executable or shutil.which("compute-sanitizer")
+    if exe is None:
+        return [{"tool": tool, "ran": False, "note": "compute-sanitizer is not on PATH"} for tool in SANITIZER_TOOLS]
+    results = []
+    for tool in SANITIZER_TOOLS:
+        command = [exe, "--tool", tool, "--error-exitcode", "1", sys.executable, "-m", "cupybn._gpu_smoke"]
+        print(f"\n== compute-sanitizer: {' '.join(command[1:4])} ...", file=stream, flush=True)
+        run = run_tests(command, Path.cwd(), stream, timeout_s)
+        results.append({"tool": tool, "ran": True, "command": command, "exit_status": run.exit_status,
+                        "seconds": run.seconds, "note": run.note,
+                        "clean": run.exit_status == 0})
+    return results
 
 
 def default_json_path(device_name: str, today: str) -> Path:
@@ -877,7 +920,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "256x64x56x56-nhwc-f16, 8192x4096-2d-f32)")
     parser.add_argument("--list", action="store_true", help="print the selected cases and exit (needs no GPU)")
     parser.add_argument("--no-tests", action="store_true", help="skip the test suite")
-    parser.add_argument("--test-timeout", type=float, metavar="S", help="kill the test suite after S seconds")
+    parser.add_argument("--test-timeout", type=float, metavar="S",
+                        help=f"kill the GPU tests after S seconds (default {DEFAULT_TEST_TIMEOUT_S:g})")
+    parser.add_argument("--no-sanitizers", action="store_true",
+                        help="skip compute-sanitizer (memcheck, racecheck) on one small call of each mode")
     parser.add_argument("--pytest-args", default="", metavar="ARGS",
                         help="more pytest arguments, one string (e.g. --pytest-args='-n 8 -x')")
     parser.add_argument("--repeat", type=int, help=f"timed runs per measurement (default {DEFAULT_REPEAT})")
@@ -908,6 +954,22 @@ def run(args: argparse.Namespace, env: GpuEnv, *, argv: Sequence[str] = (), stre
     for name, why in env.unavailable.items():
         say(f"{name}: not run ({why})")
 
+    settings = {"quick": args.quick, "cases_filter": args.cases, "warmup": args.warmup, "repeat": repeat,
+                "eps": EPS, "momentum": MOMENTUM, "passes": PASSES, "large_bytes": LARGE_BYTES,
+                "roofline_targets": ROOFLINE_TARGETS, "rotation_cover_l2": ROTATION_COVER,
+                "timing": "CUDA events around each call, no host synchronisation between calls"}
+    path = resolve_json_path(args.json, env.device.get("name") or "gpu", today)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {"tests": TestRun(ran=False, note="not reached"), "sanitizers": [], "copy": None}
+
+    def save(measurements: Sequence[Measurement], status: int | None = None) -> None:
+        """The report so far: a run cut short (a slot that ends) still leaves its results."""
+        report = build_report(env=env, today=today, argv=argv, settings=settings, tests=state["tests"],
+                              copy=state["copy"], measurements=measurements,
+                              targets=evaluate_targets(measurements), status=status,
+                              sanitizers=state["sanitizers"], complete=status is not None)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+
     folder = tests_dir()
     if args.no_tests:
         tests = TestRun(ran=False, note="--no-tests")
@@ -916,33 +978,36 @@ def run(args: argparse.Namespace, env: GpuEnv, *, argv: Sequence[str] = (), stre
     else:
         command = list(test_command or pytest_command(args.pytest_args))
         say(f"\n== tests: CUPYBN_REQUIRE_GPU=1 {' '.join(command)}")
-        tests = run_tests(command, folder.parent if folder else Path.cwd(), stream, args.test_timeout)
+        tests = run_tests(command, folder.parent if folder else Path.cwd(), stream,
+                          args.test_timeout or DEFAULT_TEST_TIMEOUT_S)
+    state["tests"] = tests
     say(f"== tests: {format_tests(tests)}")
+    save([])
+
+    if not args.no_sanitizers:
+        state["sanitizers"] = run_sanitizers(stream)
+        say("== compute-sanitizer: " + "; ".join(
+            f"{r['tool']} {'clean' if r.get('clean') else 'not run' if not r['ran'] else 'FAILED'}"
+            for r in state["sanitizers"]))
+        save([])
 
     copy = measure_copy(env, args.copy_mib * MIB, warmup=args.warmup, repeat=repeat)
+    state["copy"] = copy
     say(f"\n== copy roofline: {copy['nbytes'] / 2**30:.2f} GiB, {copy['method']}, {copy['gbps']:.0f} GB/s "
         f"(read + write; " + ", ".join(f"{k} {v['gbps']:.0f}" for k, v in copy["methods"].items()) + ")")
     say(f"== {len(cases)} cases x {len(MODES)} modes x {', '.join(i.name for i in env.impls)}; "
         f"median of {repeat} after {args.warmup} warm-up; roofline = {', '.join(f'{m} {p}' for m, p in PASSES.items())}"
         " passes of x at the copy's GB/s")
-    measurements = run_benchmarks(env, cases, copy["gbps"], warmup=args.warmup, repeat=repeat, stream=stream)
+    measurements = run_benchmarks(env, cases, copy["gbps"], warmup=args.warmup, repeat=repeat, stream=stream,
+                                  after_case=save)
 
     targets = evaluate_targets(measurements)
-    status = exit_status(tests, measurements)
+    status = exit_status(tests, measurements, state["sanitizers"])
     say("\n== overview (cupybn: share of the roofline, and time / torch's: below 1 is faster)")
     say(format_overview(measurements))
     say(f"\n== targets (large: x >= {LARGE_BYTES // MIB} MiB; a missed target does not fail the command)")
     say(format_targets(targets))
-
-    settings = {"quick": args.quick, "cases_filter": args.cases, "warmup": args.warmup, "repeat": repeat,
-                "eps": EPS, "momentum": MOMENTUM, "passes": PASSES, "large_bytes": LARGE_BYTES,
-                "roofline_targets": ROOFLINE_TARGETS, "rotation_cover_l2": ROTATION_COVER,
-                "timing": "CUDA events around each call, no host synchronisation between calls"}
-    report = build_report(env=env, today=today, argv=argv, settings=settings, tests=tests, copy=copy,
-                          measurements=measurements, targets=targets, status=status)
-    path = resolve_json_path(args.json, env.device.get("name") or "gpu", today)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    save(measurements, status)
     errors = sum(not m.ok for m in measurements)
     met = sum(t["met"] is True for t in targets)
     say(f"\ngpu-check: tests {format_tests(tests)}; {len(measurements)} measurements, {errors} errors; "

@@ -11,8 +11,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -399,9 +401,57 @@ def test_a_hanging_test_suite_is_killed(tmp_path):
 
 
 def test_pytest_command_takes_extra_arguments():
-    assert gc.pytest_command() == [sys.executable, "-m", "pytest", "-q", "tests"]
+    assert gc.pytest_command()[:7] == [sys.executable, "-m", "pytest", "-q", "tests", "-k", gc.GPU_TESTS]
     assert gc.pytest_command("-n 8 -k 'a or b'")[-3:] == ["8", "-k", "a or b"]
     assert gc.build_parser().parse_args(["--pytest-args=-n 8"]).pytest_args == "-n 8"
+
+
+def test_the_test_step_selects_the_gpu_tests_only():
+    # A slot is too short for the host harness and its sanitizer builds: CI runs those.
+    command = gc.pytest_command("--collect-only")
+    listed = subprocess.run(command, cwd=gc.tests_dir().parent, capture_output=True, text=True, check=False).stdout
+    ids = [line for line in listed.splitlines() if "::" in line]
+    assert ids and all("cupy-gpu" in i or "test_cupy_gpu.py" in i for i in ids), ids[:5]
+    assert any("test_cupy_gpu.py" in i for i in ids) and any("[cupy-gpu" in i or "-cupy-gpu" in i for i in ids)
+
+
+def test_a_timed_out_suite_is_killed_with_every_process_it_started(tmp_path):
+    marker = tmp_path / "child.pid"
+    script = (f"import subprocess, sys, time\n"
+              f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(marker)!r}, 'w').write(str(child.pid))\n"
+              f"time.sleep(60)\n")
+    result = gc.run_tests([sys.executable, "-c", script], tmp_path, io.StringIO(), timeout_s=3)
+    assert result.exit_status is None and "killed" in result.note
+    child = int(marker.read_text())
+    for _ in range(50):  # the kill reaches the grandchild too
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the suite's child process survived the time-out")
+
+
+def _fake_sanitizer(tmp_path, exit_status):
+    script = tmp_path / f"compute-sanitizer-{exit_status}"
+    script.write_text(f"#!/bin/sh\necho \"sanitizer $2 on $6 $7\"\nexit {exit_status}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_compute_sanitizer_runs_memcheck_and_racecheck_on_the_smoke_calls(tmp_path):
+    out = io.StringIO()
+    clean = gc.run_sanitizers(out, executable=_fake_sanitizer(tmp_path, 0))
+    assert [(r["tool"], r["clean"]) for r in clean] == [("memcheck", True), ("racecheck", True)]
+    assert "sanitizer memcheck on -m cupybn._gpu_smoke" in out.getvalue()
+    dirty = gc.run_sanitizers(io.StringIO(), executable=_fake_sanitizer(tmp_path, 1))
+    assert not any(r["clean"] for r in dirty)
+    assert gc.exit_status(gc.TestRun(ran=False), [], dirty) == 1
+    assert gc.exit_status(gc.TestRun(ran=False), [], clean) == 0
+    missing = [{"tool": "memcheck", "ran": False, "note": "not on PATH"}]
+    assert gc.exit_status(gc.TestRun(ran=False), [], missing) == 0
 
 
 def test_tests_folder_is_found_in_a_checkout():
@@ -417,9 +467,9 @@ def _run(tmp_path, argv, env, **kw):
     return status, out.getvalue(), tmp_path / "gpu-fake-gpu-9000-2026-01-02.json"
 
 
-REPORT_KEYS = {"schema": str, "date": str, "command": list, "device": dict, "versions": dict, "settings": dict,
-               "implementations": dict, "tests": dict, "copy": dict, "measurements": list, "targets": list,
-               "exit_status": int}
+REPORT_KEYS = {"schema": str, "date": str, "command": list, "complete": bool, "device": dict, "versions": dict,
+               "settings": dict, "implementations": dict, "tests": dict, "sanitizers": list, "copy": dict,
+               "measurements": list, "targets": list, "exit_status": int}
 MEASUREMENT_KEYS = {"case": str, "shape": list, "layout": str, "dtype": str, "mode": str, "implementation": str,
                     "nbytes": int, "inputs": int, "median_us": float, "min_us": float, "iqr_us": float,
                     "gbps": float, "roofline_share": float, "max_err": float, "error": type(None)}
@@ -460,6 +510,26 @@ def test_whole_run_on_numpy_writes_the_report(tmp_path):
         assert f"] {case.name}: x " in out
     assert out.count("forward-train cupybn") == len(SMALL_CASES)
     assert "== overview" in out and "== targets" in out and "exit status 0" in out
+
+
+def test_a_run_cut_short_leaves_a_report_of_the_cases_done(tmp_path, monkeypatch):
+    # A slot can end at any time: the report is written after every case.
+    real = gc.benchmark_case
+    done = []
+
+    def second_case_is_cut(env, case, *args, **kwargs):
+        if done:
+            raise KeyboardInterrupt  # what a killed run looks like from here
+        done.append(case.name)
+        return real(env, case, *args, **kwargs)
+
+    monkeypatch.setattr(gc, "benchmark_case", second_case_is_cut)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, ["--no-tests", "--no-sanitizers"], numpy_env(), cases=SMALL_CASES[:2])
+    report = json.loads((tmp_path / "gpu-fake-gpu-9000-2026-01-02.json").read_text())
+    assert report["complete"] is False and report["exit_status"] is None
+    assert {r["case"] for r in report["measurements"]} == {SMALL_CASES[0].name}
+    assert report["copy"]["gbps"] > 0
 
 
 def test_an_implementation_that_raises_is_recorded_and_fails_the_command(tmp_path):
