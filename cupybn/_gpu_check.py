@@ -34,6 +34,8 @@ from typing import Any, Protocol, TextIO
 
 import numpy as np
 
+from . import _textbook as textbook  # the one textbook BN, on CuPy arrays here
+
 SCHEMA = "cupybn-gpu-check/1"
 MODES = ("forward-train", "inference", "backward")
 # Passes over x-sized data that each mode cannot avoid: forward training reads x
@@ -210,54 +212,6 @@ class EventTimer:
         return [self.elapsed_ms(start, end) * 1e3 for start, end in pairs]
 
 
-# ---- textbook implementation (any array module: CuPy on the GPU, NumPy in tests) ------------
-def _per_channel_shape(x, axis: int) -> tuple[int, ...]:
-    return tuple(n if i == axis else 1 for i, n in enumerate(x.shape))
-
-
-def _other_axes(x, axis: int) -> tuple[int, ...]:
-    return tuple(i for i in range(x.ndim) if i != axis)
-
-
-def textbook_forward_train(xp, x, gamma, beta, running_mean=None, running_var=None, *,
-                           momentum: float = MOMENTUM, eps: float = EPS, axis: int = 1):
-    """Batch statistics with plain array operations: ``(y, cache)``; running statistics updated in place."""
-    axes, pshape = _other_axes(x, axis), _per_channel_shape(x, axis)
-    mean = x.mean(axis=axes, keepdims=True)
-    centred = x - mean
-    var = (centred * centred).mean(axis=axes, keepdims=True)
-    y = centred / xp.sqrt(var + eps) * gamma.reshape(pshape) + beta.reshape(pshape)
-    if running_mean is not None:
-        count = x.size // x.shape[axis]
-        running_mean[...] = (1 - momentum) * running_mean + momentum * mean.reshape(-1)
-        running_var[...] = (1 - momentum) * running_var + momentum * var.reshape(-1) * (count / (count - 1))
-    return y.astype(x.dtype, copy=False), (x, mean, var, gamma, eps, axis)
-
-
-def textbook_forward_infer(xp, x, gamma, beta, running_mean, running_var, *, eps: float = EPS, axis: int = 1):
-    """Inference with the running statistics, as plain array operations."""
-    pshape = _per_channel_shape(x, axis)
-    scale = gamma.reshape(pshape) / xp.sqrt(running_var.reshape(pshape) + eps)
-    y = (x - running_mean.reshape(pshape)) * scale + beta.reshape(pshape)
-    return y.astype(x.dtype, copy=False)
-
-
-def textbook_backward(xp, dy, cache):
-    """The paper's chain rule through the batch mean and variance: ``(dx, dgamma, dbeta)``."""
-    x, mean, var, gamma, eps, axis = cache
-    axes, pshape = _other_axes(x, axis), _per_channel_shape(x, axis)
-    count = x.size // x.shape[axis]
-    inv_std = 1 / xp.sqrt(var + eps)
-    centred = x - mean
-    dxhat = dy * gamma.reshape(pshape)
-    dvar = (dxhat * centred).sum(axis=axes, keepdims=True) * (-0.5 * inv_std ** 3)
-    dmean = (-inv_std * dxhat).sum(axis=axes, keepdims=True) + dvar * (-2 * centred).mean(axis=axes, keepdims=True)
-    dx = dxhat * inv_std + dvar * (2 / count) * centred + dmean / count
-    dgamma = (dy * centred * inv_std).sum(axis=axes)
-    dbeta = dy.sum(axis=axes)
-    return dx.astype(x.dtype, copy=False), dgamma, dbeta
-
-
 def max_rel_err(xp, value, ref) -> float:
     """max over elements of |value - ref| / max(1, |ref|), in float64."""
     diff = xp.abs(xp.asarray(value).astype(xp.float64) - ref) / xp.maximum(1.0, xp.abs(ref))
@@ -351,12 +305,13 @@ def textbook_impl(xp) -> Impl:
     def prepare(mode: str, d: CaseData) -> Target:
         if mode == "forward-train":
             rm, rv = d.running_mean.copy(), d.running_var.copy()
-            return Target(lambda x: textbook_forward_train(xp, x, d.gamma, d.beta, rm, rv), d.xs, _first)
+            return Target(lambda x: textbook.forward_train(x, d.gamma, d.beta, eps=EPS, running_mean=rm,
+                                                           running_var=rv, momentum=MOMENTUM), d.xs, _first)
         if mode == "inference":
-            return Target(lambda x: textbook_forward_infer(xp, x, d.gamma, d.beta, d.running_mean, d.running_var),
-                          d.xs, lambda y: y)
-        caches = [textbook_forward_train(xp, x, d.gamma, d.beta)[1] for x in d.xs]
-        return Target(lambda a: textbook_backward(xp, *a), list(zip(d.dys, caches, strict=True)), _first)
+            return Target(lambda x: textbook.forward_infer(x, d.gamma, d.beta, d.running_mean, d.running_var,
+                                                           eps=EPS), d.xs, lambda y: y)
+        caches = [textbook.forward_train(x, d.gamma, d.beta, eps=EPS)[1] for x in d.xs]
+        return Target(lambda a: textbook.backward(*a), list(zip(d.dys, caches, strict=True)), _first)
 
     return Impl("textbook", prepare, "cupy")
 
@@ -409,11 +364,11 @@ def reference_output(xp, mode: str, d: CaseData):
     g, b = d.gamma.astype(xp.float64), d.beta.astype(xp.float64)
     rm, rv = d.running_mean.astype(xp.float64), d.running_var.astype(xp.float64)
     if mode == "inference":
-        return textbook_forward_infer(xp, x, g, b, rm, rv)
-    y, cache = textbook_forward_train(xp, x, g, b)
+        return textbook.forward_infer(x, g, b, rm, rv, eps=EPS)
+    y, cache = textbook.forward_train(x, g, b, eps=EPS)
     if mode == "forward-train":
         return y
-    return textbook_backward(xp, d.dys[0].astype(xp.float64), cache)[0]
+    return textbook.backward(d.dys[0].astype(xp.float64), cache)[0]
 
 
 # ---- measurements --------------------------------------------------------------------

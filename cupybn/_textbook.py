@@ -5,7 +5,9 @@ a two-pass variance over every axis but the channel axis (``keepdims`` so the
 per-channel values broadcast), arithmetic in the dtype NumPy picks for the
 inputs, and every intermediate a full-size temporary.  It is the baseline of
 ``python -m cupybn compare`` and of ``benchmarks/``; run in float64 it is also
-the reference those compare against.
+the reference those compare against.  The same functions run on CuPy arrays
+(the GPU baseline of ``python -m cupybn gpu-check``): NumPy's ufuncs dispatch
+to CuPy's, and everything else is an array method.
 
 Not part of the public API.
 """
@@ -36,7 +38,7 @@ def _per_channel(v, x, axis: int):
     """Reshape a (C,) vector to broadcast along ``axis`` of ``x``."""
     shape = [1] * x.ndim
     shape[axis] = -1
-    return np.reshape(v, shape)
+    return v.reshape(shape)
 
 
 def forward_train(x, gamma, beta, *, eps=1e-5, axis=1, running_mean=None, running_var=None, momentum=0.1):
@@ -70,9 +72,9 @@ def backward(dy, cache: Cache):
     inv_std = 1.0 / np.sqrt(var + eps)
     xmu = x - mean
     dxhat = dy * _per_channel(gamma, x, axis)
-    dvar = np.sum(dxhat * xmu, axis=axes, keepdims=True) * -0.5 * inv_std**3
-    dmean = np.sum(-dxhat * inv_std, axis=axes, keepdims=True) + dvar * np.mean(-2.0 * xmu, axis=axes, keepdims=True)
+    dvar = (dxhat * xmu).sum(axis=axes, keepdims=True) * -0.5 * inv_std**3
+    dmean = (-dxhat * inv_std).sum(axis=axes, keepdims=True) + dvar * (-2.0 * xmu).mean(axis=axes, keepdims=True)
     dx = dxhat * inv_std + dvar * 2.0 * xmu / m + dmean / m
-    dgamma = np.sum(dy * xmu * inv_std, axis=axes)
-    dbeta = np.sum(dy, axis=axes)
+    dgamma = (dy * xmu * inv_std).sum(axis=axes)
+    dbeta = dy.sum(axis=axes)
     return dx.astype(x.dtype, copy=False), dgamma, dbeta

@@ -22,6 +22,7 @@ import pytest
 
 import cupybn
 from cupybn import _gpu_check as gc
+from cupybn import _textbook as textbook
 
 # What torchvision's ResNet-50 feeds its BatchNorm layers at batch 256 and 224x224
 # (written out by hand from the architecture: stem, then the four stages).
@@ -250,11 +251,11 @@ def test_textbook_backward_is_the_gradient():
     rng = np.random.default_rng(1)
     x, dy = rng.standard_normal((5, 2, 3)), rng.standard_normal((5, 2, 3))
     gamma, beta = rng.standard_normal(2), rng.standard_normal(2)
-    _, cache = gc.textbook_forward_train(np, x, gamma, beta)
-    dx, dgamma, dbeta = gc.textbook_backward(np, dy, cache)
+    _, cache = textbook.forward_train(x, gamma, beta)
+    dx, dgamma, dbeta = textbook.backward(dy, cache)
 
     def loss(x):
-        return float((gc.textbook_forward_train(np, x, gamma, beta)[0] * dy).sum())
+        return float((textbook.forward_train(x, gamma, beta)[0] * dy).sum())
 
     h, numeric = 1e-6, np.zeros_like(x)
     for i in np.ndindex(x.shape):
@@ -270,7 +271,7 @@ def test_textbook_backward_is_the_gradient():
 def test_textbook_updates_running_statistics_with_the_unbiased_variance():
     x = np.arange(12, dtype=np.float64).reshape(6, 2)
     rm, rv = np.zeros(2), np.ones(2)
-    gc.textbook_forward_train(np, x, np.ones(2), np.zeros(2), rm, rv, momentum=0.5)
+    textbook.forward_train(x, np.ones(2), np.zeros(2), running_mean=rm, running_var=rv, momentum=0.5)
     np.testing.assert_allclose(rm, 0.5 * x.mean(axis=0))
     np.testing.assert_allclose(rv, 0.5 + 0.5 * x.var(axis=0, ddof=1))
 
