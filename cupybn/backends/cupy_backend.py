@@ -115,7 +115,7 @@ class CupyBackend:
         if name not in C_TYPES:
             raise TypeError(f"the CuPy backend supports float16, float32 and float64 data, not {name}")
         storage, acc = C_TYPES[name]
-        args = ", ".join([*([storage] if template.startswith(_STORAGE_TEMPLATES) else []), acc, *map(str, params)])
+        args = ", ".join([*([storage] if template in _STORAGE_TEMPLATES else []), acc, *map(str, params)])
         return self._launcher(name, f"{template}<{args}>")
 
     def _launcher(self, dtype_name: str, expression: str) -> _Launcher:
@@ -192,12 +192,14 @@ class CupyBackend:
                 blocks_per_sm: int = _REDUCTION_BLOCKS_PER_SM) -> tuple[int, int]:
         """How many blocks share a channel, and how many values (planar) or rows each takes.
 
-        ``columns`` blocks exist per slice; enough slices to fill the GPU
-        (``blocks_per_sm`` resident blocks on each SM), but not so many that a
-        thread gets fewer than ``values_per_thread`` values.  ``per_block`` is a
-        multiple of ``multiple`` (the pack size of the planar kernels).
+        ``columns`` blocks exist per slice; as many slices as fit in one wave
+        (``blocks_per_sm`` resident blocks on each SM; rounding up would start a
+        second wave of a few blocks, which costs as much as a whole one), but
+        not so many that a thread gets fewer than ``values_per_thread`` values.
+        ``per_block`` is a multiple of ``multiple`` (the pack size of the planar
+        kernels).
         """
-        wanted = math.ceil(blocks_per_sm * self.sm_count() / columns)
+        wanted = max(1, blocks_per_sm * self.sm_count() // columns)
         useful = math.ceil(per_channel / (per_thread_step * self.values_per_thread))
         slices = max(1, min(wanted, useful), math.ceil(per_channel / _MAX_VALUES_PER_BLOCK))
         slices = min(slices, _MAX_GRID_Y)
@@ -231,21 +233,25 @@ class CupyBackend:
                        (np.int64(outer), np.int32(channels), np.int64(per_block)), slices, tiles)
 
     def _elementwise(self, template: str, shape, dtype, aligned: bool) -> _Launch:
-        """A grid-stride elementwise kernel.  Where a grid whose stride is a whole
-        number of (C, inner) planes is not much larger than the one wanted, it is
-        taken ("fixed"): each thread then meets the same channels in every
-        iteration and loads their coefficients once (batch_norm.cu: for_each_pack)."""
+        """A grid-stride elementwise kernel of one wave (every resident block).
+
+        Where threads loop, and a grid whose stride is a whole number of
+        (C, inner) planes fills at least 3/4 of that wave, it is taken
+        ("fixed"): each thread then meets the same channels in every iteration
+        and loads their coefficients once (batch_norm.cu: for_each_pack)."""
         outer, channels, inner = shape
         total = outer * channels * inner
         vec = self._pack_size(dtype, aligned, total)
         packs = total // vec
         kernel = self._function(dtype, template, vec)
         resident = self._resident_blocks(kernel, self.threads, _ELEMENTWISE_BLOCKS_PER_SM)
-        wanted = max(1, min(math.ceil(packs / self.threads), resident * self.sm_count()))
+        wave = resident * self.sm_count()
+        needed = max(1, math.ceil(packs / self.threads))  # one pack per thread
         plane = channels * inner
-        unit = plane // math.gcd(plane, self.threads * vec)  # blocks per whole number of planes
-        fixed = unit <= 2 * wanted or unit * self.threads <= 2 * packs
-        grid = max(unit, wanted // unit * unit) if fixed else wanted
+        unit = plane // math.gcd(plane, self.threads * vec)  # grids of whole planes are multiples of this
+        whole_planes = wave // unit * unit
+        fixed = needed > wave and 4 * whole_planes >= 3 * wave
+        grid = whole_planes if fixed else min(needed, wave)
         return _Launch(kernel, (grid,), (self.threads,),
                        (np.int64(total), np.int64(inner), np.int32(channels), np.int32(fixed)), 0, 0)
 
@@ -443,7 +449,7 @@ class _Plan:
 
 # Templates whose first parameter is the storage type (the others take the arithmetic type only).
 _STORAGE_TEMPLATES = ("bn_stats_planar", "bn_stats_rows", "bn_grad_planar", "bn_grad_rows", "bn_normalize",
-                      "bn_backward_elementwise")
+                      "bn_normalize_running", "bn_backward_elementwise")
 
 
 class _Launcher:

@@ -671,10 +671,10 @@ __global__ void bn_infer_channelwise(const void* running_mean, int running_mean_
 // kVec consecutive values (total % kVec == 0), grid-stride.  Each value needs
 // its channel's coefficients (a struct K from `coefficients(c)`).  Where the
 // grid's stride is a whole number of (C, inner) planes (`fixed`, which the host
-// arranges whenever it can), every thread meets the same channels in every
-// iteration: it gets their coefficients once and keeps them in registers.
-// Otherwise a cursor tracks each value's channel (no division per value) and
-// the coefficients are fetched per value.  `op(u, k)` maps pack u with k[e]
+// arranges where it costs little), every thread meets the same channels in
+// every iteration: it gets their coefficients once and keeps them in
+// registers.  Otherwise a cursor tracks each value's channel (no division per
+// value) and the coefficients are fetched when the channel changes.  `op(u, k)` maps pack u with k[e]
 // the coefficients of its value e.
 namespace cupybn {
 template <int kVec, typename K, typename Coefficients, typename Op>
@@ -695,10 +695,16 @@ __device__ __forceinline__ void for_each_pack(long long total, long long inner, 
     for (; u < packs; u += step) op(u, k);
     return;
   }
+  int cached = -1;  // the channel whose coefficients `last` holds
+  K last{};
   for (; u < packs; u += step) {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      k[e] = coefficients(at.channel);
+      if (at.channel != cached) {  // consecutive values mostly share a channel
+        cached = at.channel;
+        last = coefficients(cached);
+      }
+      k[e] = last;
       at.next(inner, channels);
     }
     op(u, k);
