@@ -45,7 +45,7 @@ def _arrays(layout):
 @pytest.mark.benchmark(timer=time.process_time, group="host-overhead")
 @pytest.mark.parametrize("layout", list(SHAPES))
 @pytest.mark.parametrize("mode", ["train", "infer", "backward"])
-def bench_python_per_call(benchmark, backend, layout, mode):
+def test_python_per_call(benchmark, backend, layout, mode):
     x, axis, (gamma, beta, rm, rv) = _arrays(layout)
     if mode == "backward":
         _, saved = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, axis=axis, backend=backend)

@@ -20,6 +20,18 @@ SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def _is_float_dtype(dtype) -> bool:
+    try:
+        return _is_float_dtype_cached(dtype)  # five arrays per call, and dtypes repeat
+    except TypeError:  # not hashable: not a dtype we take, but say so below
+        return _float_kind(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _is_float_dtype_cached(dtype) -> bool:
+    return _float_kind(dtype)
+
+
+def _float_kind(dtype) -> bool:
     kind = getattr(dtype, "kind", None)
     if kind == "f":  # float16/32/64, not longdouble
         return dtype.itemsize <= 8
@@ -110,17 +122,25 @@ def _check_vector(name, a, channels):
         raise TypeError(f"{name} must be an array of shape ({channels},), got {type(a).__name__}")
     if not _is_float_dtype(dtype):
         raise TypeError(f"{name} must have a floating dtype, got {dtype}")
-    if tuple(a.shape) != (channels,):
+    if a.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) (one value per channel), got {tuple(a.shape)}")
 
 
 def _check_real(name, value, ok, expected):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not (math.isfinite(value) and ok(value)):
         raise ValueError(f"{name} must be {expected}, got {value}")
     return value
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _fraction(v: float) -> bool:
+    return 0 <= v <= 1
 
 
 def _check_writable(name, a):
@@ -154,8 +174,8 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
         _check_vector(name, named[name], channels)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    eps = _check_real("eps", eps, lambda v: v > 0, "a finite number > 0")
-    momentum = _check_real("momentum", momentum, lambda v: 0 <= v <= 1, "in [0, 1]")
+    eps = _check_real("eps", eps, _positive, "a finite number > 0")
+    momentum = _check_real("momentum", momentum, _fraction, "in [0, 1]")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     layout = make_layout(x.shape, x.strides, ax)

@@ -57,7 +57,11 @@ def backend_for(named_arrays, backend=None):
 
 
 def backend_accepts(backend, named_arrays) -> bool:
-    return all(a is None or backend.owns(a) for a in named_arrays.values())
+    owns = backend.owns
+    for a in named_arrays.values():  # a loop, not all(genexpr): this runs on every call
+        if a is not None and not owns(a):
+            return False
+    return True
 
 
 __all__ = ["NUMPY", "NumpyBackend", "backend_for"]
