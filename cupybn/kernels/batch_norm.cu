@@ -570,8 +570,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // Grid (ceil(C / 32), slices), block (32, kRows).  Thread (tx, ty) of block
 // (bx, s) reduces rows s * per_block + ty, + kRows, ... of channel bx * 32 + tx;
-// the last block of tile bx finishes its channels.  Passes, part and stats as
-// bn_stats_planar (shift x[0, c]).
+// the last block of tile bx finishes its channels.  Passes and stats as
+// bn_stats_planar (shift x[0, c]); part is slice-major here (s * C + c), so
+// that the 32 lanes of the last block read 32 neighbouring partials at once.
 template <typename T, typename Acc, int kRows>
 __global__ void __launch_bounds__(32 * kRows)
     bn_stats_rows(const T* __restrict__ x, long long outer, int channels, long long per_block, int pass,
@@ -609,17 +610,32 @@ __global__ void __launch_bounds__(32 * kRows)
       const long long rows_r = max(0LL, (end - begin - r + kRows - 1) / kRows);  // rows thread row r took
       merge(a, Moments<Acc>{static_cast<Acc>(rows_r), shared_mean[r][threadIdx.x], shared_m2[r][threadIdx.x]});
     }
-    const long long p = static_cast<long long>(c) * slices + s;
+    const long long p = static_cast<long long>(s) * channels + c;  // slice-major: the last block's loads coalesce
     part[p] = a.mean;
     part[partials + p] = a.m2;
   }
   if (!arrive_last(tickets + blockIdx.x, slices)) return;
   Moments<double> m{0.0, 0.0, 0.0};
   if (live) {
-    for (int t = threadIdx.y; t < slices; t += kRows) {
-      const long long p = static_cast<long long>(c) * slices + t;
-      const double n = static_cast<double>(min(per_block, outer - static_cast<long long>(t) * per_block));
-      merge(m, Moments<double>{n, static_cast<double>(__ldcg(part + p)), static_cast<double>(__ldcg(part + partials + p))});
+    auto slice_rows = [&](int t) {
+      return static_cast<double>(min(per_block, outer - static_cast<long long>(t) * per_block));
+    };
+    int t = threadIdx.y;
+    for (; t + (kRowsAtOnce - 1) * kRows < slices; t += kRowsAtOnce * kRows) {
+      double mean[kRowsAtOnce], m2[kRowsAtOnce];  // every load first, then the merges in slice order
+#pragma unroll
+      for (int i = 0; i < kRowsAtOnce; ++i) {
+        const long long p = static_cast<long long>(t + i * kRows) * channels + c;
+        mean[i] = static_cast<double>(__ldcg(part + p));
+        m2[i] = static_cast<double>(__ldcg(part + partials + p));
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsAtOnce; ++i) merge(m, Moments<double>{slice_rows(t + i * kRows), mean[i], m2[i]});
+    }
+    for (; t < slices; t += kRows) {
+      const long long p = static_cast<long long>(t) * channels + c;
+      merge(m, Moments<double>{slice_rows(t), static_cast<double>(__ldcg(part + p)),
+                               static_cast<double>(__ldcg(part + partials + p))});
     }
   }
   merged_n[threadIdx.y][threadIdx.x] = m.n;
@@ -924,15 +940,30 @@ __global__ void __launch_bounds__(32 * kRows)
       sum_dy += shared_dy[r][threadIdx.x];
       sum_dyx += shared_dyx[r][threadIdx.x];
     }
-    const long long p = static_cast<long long>(c) * slices + s;
+    const long long p = static_cast<long long>(s) * channels + c;  // slice-major, as bn_stats_rows
     part[p] = sum_dy;
     part[partials + p] = sum_dyx;
   }
   if (!arrive_last(tickets + blockIdx.x, slices)) return;
   double total_dy = 0.0, total_dyx = 0.0;
   if (live) {
-    for (int t = threadIdx.y; t < slices; t += kRows) {
-      const long long p = static_cast<long long>(c) * slices + t;
+    int t = threadIdx.y;
+    for (; t + (kRowsAtOnce - 1) * kRows < slices; t += kRowsAtOnce * kRows) {
+      double dy_part[kRowsAtOnce], dyx_part[kRowsAtOnce];
+#pragma unroll
+      for (int i = 0; i < kRowsAtOnce; ++i) {
+        const long long p = static_cast<long long>(t + i * kRows) * channels + c;
+        dy_part[i] = static_cast<double>(__ldcg(part + p));
+        dyx_part[i] = static_cast<double>(__ldcg(part + partials + p));
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsAtOnce; ++i) {
+        total_dy += dy_part[i];
+        total_dyx += dyx_part[i];
+      }
+    }
+    for (; t < slices; t += kRows) {
+      const long long p = static_cast<long long>(t) * channels + c;
       total_dy += static_cast<double>(__ldcg(part + p));
       total_dyx += static_cast<double>(__ldcg(part + partials + p));
     }
