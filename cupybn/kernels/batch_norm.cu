@@ -541,6 +541,24 @@ __global__ void __launch_bounds__(kThreads)
   long long j = begin + threadIdx.x;
   if (j < end) {
     PlanarCursor at(j, kThreads, inner_packs);
+    // kGroup packs at a time (at least 4 values): their loads in flight
+    // together, one merge for them all.
+    constexpr int kGroup = kVec >= 4 ? 1 : 4 / kVec;
+    for (; j + (kGroup - 1) * kThreads < end; j += kGroup * kThreads) {
+      P v[kGroup];
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        v[g] = channel[at.offset(row_stride)];
+        at.advance(inner_packs);
+      }
+      Acc d[kGroup * kVec];
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) d[g * kVec + e] = widen<Acc>(v[g].v[e]) - k;
+      }
+      add_values(a, d);
+    }
     for (; j < end; j += kThreads) {
       const P v = channel[at.offset(row_stride)];
       Acc d[kVec];
@@ -859,17 +877,32 @@ __global__ void __launch_bounds__(kThreads)
   long long j = begin + threadIdx.x;
   if (j < end) {
     PlanarCursor at(j, kThreads, inner_packs);
-    for (; j < end; j += kThreads) {
-      const long long i = base + at.offset(row_stride);
-      const P g = dys[i];
-      const P v = xs[i];
+    constexpr int kGroup = kVec >= 4 ? 1 : 4 / kVec;  // packs whose loads are in flight together
+    for (; j < end;) {
+      P g[kGroup], v[kGroup];
+      int taken = 0;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        const Acc ge = widen<Acc>(g.v[e]);
-        sum_dy += ge;
-        sum_dyx = mul_add(ge, widen<Acc>(v.v[e]) - m, sum_dyx);
+      for (int q = 0; q < kGroup; ++q) {
+        if (j + static_cast<long long>(q) * kThreads < end) {
+          const long long i = base + at.offset(row_stride);
+          g[q] = dys[i];
+          v[q] = xs[i];
+          at.advance(inner_packs);
+          taken = q + 1;
+        }
       }
-      at.advance(inner_packs);
+#pragma unroll
+      for (int q = 0; q < kGroup; ++q) {  // the sums in the order of the values, as one at a time
+        if (q < taken) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const Acc ge = widen<Acc>(g[q].v[e]);
+            sum_dy += ge;
+            sum_dyx = mul_add(ge, widen<Acc>(v[q].v[e]) - m, sum_dyx);
+          }
+        }
+      }
+      j += static_cast<long long>(taken) * kThreads;
     }
   }
   block_sum2<Acc, kThreads>(sum_dy, sum_dyx);
