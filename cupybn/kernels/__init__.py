@@ -141,8 +141,9 @@ def cuda_header_dirs() -> list[Path]:
 
     In order: ``$CUPYBN_CUDA_INCLUDE`` (os.pathsep-separated), the include
     folders of NVIDIA's runtime wheels (nvidia-cuda-runtime-cu12, or the CUDA 13
-    layout), and the CUDA toolkit of ``$CUDA_PATH``/``$CUDA_HOME``.  CuPy usually finds
-    the header itself; the backend adds these only when it does not.
+    layout), and the CUDA toolkit of ``$CUDA_PATH``/``$CUDA_HOME``.  The NVRTC
+    gate compiles the test kernels that include the header with these; cupybn's
+    own kernels include no CUDA header (docs/nvrtc-gate.md).
     """
     explicit = [Path(p) for p in os.environ.get(CUDA_INCLUDE_ENV, "").split(os.pathsep) if p]
     toolkits = [Path(os.environ[v]) / "include" for v in ("CUDA_PATH", "CUDA_HOME") if os.environ.get(v)]
