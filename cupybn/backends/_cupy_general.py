@@ -6,8 +6,8 @@ ReductionKernels and ElementwiseKernels index it through its strides.  They
 are simpler and slower per pass than the RawKernels, and they carry their own
 numerics: two-pass statistics (shifted sum, then squared deviations from the
 mean) accumulated in double, which is as exact as the fast path.  The
-per-channel finalize kernels are the fast path's, fed with one "slice" per
-channel, so the coefficients are computed the same way.
+per-channel finishing code is the fast path's (``bn_*_channelwise`` kernels,
+one thread per channel), so the coefficients are computed the same way.
 """
 from __future__ import annotations
 
