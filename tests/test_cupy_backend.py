@@ -99,6 +99,27 @@ def test_only_shifts_more_than_4_std_from_the_mean_take_the_second_pass_and_all_
     meets_the_reference(x, backend, axis)
 
 
+@pytest.mark.parametrize("shape,axis", [((40, 5, 33), 1), ((300, 37), 1), ((5, 4, 4, 40), -1)],
+                         ids=["planar", "rows", "channels-last"])
+def test_tickets_are_back_at_zero_after_every_call(shape, axis):
+    # The last block of each channel (or tile) is chosen by an atomicInc ticket
+    # that wraps to 0; the counters are reused by the next call on the stream,
+    # so one left non-zero would let a later call finish a channel too early.
+    backend = host_cupy_backend(sm_count=8, values_per_thread=1)  # several slices per channel
+    x = make_x(shape, np.float32, 3.0, 1.0, np.random.default_rng(17))
+    x[(0,) * x.ndim] += 1e3  # a far first value: the second statistics pass runs too
+    C = shape[axis]
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    for training in (True, False):
+        y, saved = cupybn.batch_norm(x, running_mean=rm, running_var=rv, training=training, axis=axis,
+                                     backend=backend)
+        cupybn.batch_norm_backward(np.ones_like(x), saved)
+        (tickets,) = backend._tickets.values()
+        assert tickets.size >= 32 and not tickets.any()
+    plan = backend._plan("train", x.reshape(x.shape[0], C, -1) if axis == 1 else x.reshape(-1, C, 1))
+    assert plan.reduction.slices > 1  # the tickets did count
+
+
 def test_results_do_not_depend_on_the_run_but_on_the_geometry_only():
     x = np.random.default_rng(6).standard_normal((40, 5, 33)).astype(np.float32)
     a, b = host_cupy_backend(values_per_thread=1), host_cupy_backend(values_per_thread=1)
