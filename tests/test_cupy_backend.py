@@ -215,21 +215,28 @@ def test_16_byte_packs_in_the_elementwise_kernels_give_the_same_bits_as_single_v
     running = [rng.standard_normal(channels).astype(acc), rng.uniform(0.5, 2, channels).astype(acc)]
     dy3 = rng.standard_normal(x3.shape).astype(x3.dtype)
     results = []
-    # packs and single values; coefficients kept per thread (fixed) and fetched per value
-    for backend, moving in [(host_cupy_backend(), False), (host_cupy_backend(vector_loads=False), False),
-                            (host_cupy_backend(), True)]:
-        def launch(template, *arrays, rest, backend=backend, moving=moving):
+    # packs and single values; coefficients fetched when the channel changes
+    # (moving) and kept per thread over a grid of whole planes (fixed)
+    for backend, path in [(host_cupy_backend(), "plan"), (host_cupy_backend(vector_loads=False), "plan"),
+                          (host_cupy_backend(), "moving"), (host_cupy_backend(), "fixed")]:
+        def launch(template, *arrays, rest, backend=backend, path=path):
             out = np.empty_like(x3)
             plan = backend._elementwise(template, x3.shape, x3.dtype, aligned=True)
-            geometry = (*plan.geometry[:-1], np.int32(0)) if moving else plan.geometry
-            plan.kernel(plan.grid, plan.block, (*arrays, out, *geometry, *rest))
+            grid, geometry = plan.grid, plan.geometry
+            if path != "plan":
+                vec = 16 // x3.dtype.itemsize if x3.size % (16 // x3.dtype.itemsize) == 0 else 1
+                plane = x3.shape[1] * x3.shape[2]
+                unit = plane // np.gcd(plane, backend.threads * vec)  # a grid of whole planes
+                grid = grid if path == "moving" else (int(unit),)
+                geometry = (*geometry[:-1], np.int32(path == "fixed"))
+            plan.kernel(grid, plan.block, (*arrays, out, *geometry, *rest))
             return out.tobytes()
 
         codes = [c for a in running + [None, None] for c in backend._channel(a, stats)]
         results.append((launch("bn_normalize", x3, rest=(stats,)),
                         launch("bn_normalize_running", x3, rest=(*codes, np.float64(1e-5), stats.copy())),
                         launch("bn_backward_elementwise", dy3, x3, rest=(np.int32(1), stats[0], coef))))
-    assert results[0] == results[1] == results[2]
+    assert results[0] == results[1] == results[2] == results[3]
 
 
 def test_elementwise_grids_stride_by_whole_planes_where_that_costs_little():

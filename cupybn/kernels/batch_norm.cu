@@ -708,12 +708,13 @@ __global__ void bn_infer_channelwise(const void* running_mean, int running_mean_
 // arranges where it costs little), every thread meets the same channels in
 // every iteration: it gets their coefficients once and keeps them in
 // registers.  Otherwise a cursor tracks each value's channel (no division per
-// value) and the coefficients are fetched when the channel changes.  `op(u, k)` maps pack u with k[e]
-// the coefficients of its value e.
+// value) and the coefficients are fetched when the channel changes.
+// `load(u)` reads pack u (and what goes with it) and `store(u, loaded, k)`
+// writes its result, k[e] being the coefficients of its value e.
 namespace cupybn {
-template <int kVec, typename K, typename Coefficients, typename Op>
+template <int kVec, typename K, typename Coefficients, typename Load, typename Store>
 __device__ __forceinline__ void for_each_pack(long long total, long long inner, int channels, int fixed,
-                                              Coefficients coefficients, Op op) {
+                                              Coefficients coefficients, Load load, Store store) {
   const long long packs = total / kVec;
   const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
   long long u = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -726,7 +727,15 @@ __device__ __forceinline__ void for_each_pack(long long total, long long inner, 
       k[e] = coefficients(at.channel);
       at.next(inner, channels);
     }
-    for (; u < packs; u += step) op(u, k);
+    // Two packs a thread at a time, both loads issued before either is used:
+    // twice the bytes in flight that one pack per iteration would have.
+    for (; u + step < packs; u += 2 * step) {
+      const auto first = load(u);
+      const auto second = load(u + step);
+      store(u, first, k);
+      store(u + step, second, k);
+    }
+    if (u < packs) store(u, load(u), k);
     return;
   }
   int cached = -1;  // the channel whose coefficients `last` holds
@@ -741,23 +750,21 @@ __device__ __forceinline__ void for_each_pack(long long total, long long inner, 
       k[e] = last;
       at.next(inner, channels);
     }
-    op(u, k);
+    store(u, load(u), k);
     at.advance(inner, channels);
   }
 }
 
 // y = (x - centre) * scale + offset for the values of one pack.
 template <typename T, typename Acc, int kVec>
-__device__ __forceinline__ void normalize_pack(const T* __restrict__ x, T* __restrict__ y, long long u,
+__device__ __forceinline__ void normalize_pack(T* __restrict__ y, long long u, const Pack<T, kVec>& in,
                                                const Affine<Acc> (&k)[kVec]) {
-  using P = Pack<T, kVec>;
-  const P in = reinterpret_cast<const P*>(x)[u];
-  P out;
+  Pack<T, kVec> out;
 #pragma unroll
   for (int e = 0; e < kVec; ++e) {
     out.v[e] = store_value<T>(mul_add(widen<Acc>(in.v[e]) - k[e].centre, k[e].scale, k[e].offset));
   }
-  reinterpret_cast<P*>(y)[u] = out;
+  reinterpret_cast<Pack<T, kVec>*>(y)[u] = out;
 }
 }  // namespace cupybn
 
@@ -766,13 +773,15 @@ template <typename T, typename Acc, int kVec>
 __global__ void bn_normalize(const T* __restrict__ x, T* __restrict__ y, long long total, long long inner,
                              int channels, int fixed, const Acc* __restrict__ stats) {
   using namespace cupybn;
+  using P = Pack<T, kVec>;
   for_each_pack<kVec, Affine<Acc>>(
       total, inner, channels, fixed,
       [&](int c) {
         return Affine<Acc>{stats[kMeanHi * channels + c], stats[kScale * channels + c],
                            stats[kOffset * channels + c]};
       },
-      [&](long long u, const Affine<Acc>(&k)[kVec]) { normalize_pack<T, Acc, kVec>(x, y, u, k); });
+      [&](long long u) { return reinterpret_cast<const P*>(x)[u]; },
+      [&](long long u, const P& in, const Affine<Acc>(&k)[kVec]) { normalize_pack<T, Acc, kVec>(y, u, in, k); });
 }
 
 // Inference in one launch: the coefficients come from the running statistics
@@ -786,6 +795,7 @@ __global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y,
                                      long long gamma_stride, const void* beta, int beta_kind, long long beta_stride,
                                      double eps, Acc* __restrict__ stats) {
   using namespace cupybn;
+  using P = Pack<T, kVec>;
   const ChannelIn rm{running_mean, running_mean_kind, running_mean_stride};
   const ChannelIn rv{running_var, running_var_kind, running_var_stride};
   const ChannelIn g{gamma, gamma_kind, gamma_stride};
@@ -801,7 +811,8 @@ __global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y,
         const InferCoefficients<Acc> k = infer_coefficients<Acc>(c, rm, rv, g, b, eps);
         return Affine<Acc>{k.centre, k.scale, k.offset};
       },
-      [&](long long u, const Affine<Acc>(&k)[kVec]) { normalize_pack<T, Acc, kVec>(x, y, u, k); });
+      [&](long long u) { return reinterpret_cast<const P*>(x)[u]; },
+      [&](long long u, const P& in, const Affine<Acc>(&k)[kVec]) { normalize_pack<T, Acc, kVec>(y, u, in, k); });
 }
 
 // dx = a[c] * dy + b[c] * (x - centre[c]) + k[c]; in inference (with_x == 0)
@@ -816,24 +827,31 @@ __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __res
   struct K {
     Acc centre, a, b, k;
   };
+  struct Loaded {
+    P g, v;
+  };
   for_each_pack<kVec, K>(
       total, inner, channels, fixed,
       [&](int c) {
         return K{centre[c], coef[kCoefA * channels + c], coef[kCoefB * channels + c], coef[kCoefK * channels + c]};
       },
-      [&](long long u, const K(&k)[kVec]) {
-        const P g = reinterpret_cast<const P*>(dy)[u];
+      [&](long long u) {
+        Loaded in;
+        in.g = reinterpret_cast<const P*>(dy)[u];
+        if (with_x) in.v = reinterpret_cast<const P*>(x)[u];
+        return in;
+      },
+      [&](long long u, const Loaded& in, const K(&k)[kVec]) {
         P out;
         if (with_x) {
-          const P in = reinterpret_cast<const P*>(x)[u];
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            out.v[e] = store_value<T>(mul_add(k[e].a, widen<Acc>(g.v[e]),
-                                              mul_add(k[e].b, widen<Acc>(in.v[e]) - k[e].centre, k[e].k)));
+            out.v[e] = store_value<T>(mul_add(k[e].a, widen<Acc>(in.g.v[e]),
+                                              mul_add(k[e].b, widen<Acc>(in.v.v[e]) - k[e].centre, k[e].k)));
           }
         } else {
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) out.v[e] = store_value<T>(k[e].a * widen<Acc>(g.v[e]));
+          for (int e = 0; e < kVec; ++e) out.v[e] = store_value<T>(k[e].a * widen<Acc>(in.g.v[e]));
         }
         reinterpret_cast<P*>(dx)[u] = out;
       });
