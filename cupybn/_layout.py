@@ -38,18 +38,17 @@ class Layout:
     def shape3(self) -> tuple[int, int, int]:
         return (self.outer, self.channels, self.inner)
 
-    def to3d(self, a, xp):
-        """View ``a`` (shaped like x) as (outer, C, inner); copies only if it must."""
-        del xp  # array methods: the same on NumPy and CuPy, and cheaper than module functions
+    def to3d(self, a):
+        """View ``a`` (shaped like x) as (outer, C, inner); copies only if it must.
+        Array methods: the same on NumPy and CuPy, and cheaper than module functions."""
         return a.transpose(self.perm).reshape(self.shape3)
 
-    def from3d(self, a3, xp):
+    def from3d(self, a3):
         """Inverse of :meth:`to3d` for a C-contiguous (outer, C, inner) result.
 
         The result has the same memory order as the input the layout was made
         from, so y and dx keep x's layout (channels-last stays channels-last).
         """
-        del xp
         return a3.reshape(self._permuted_shape).transpose(self._inverse)
 
     @functools.cached_property

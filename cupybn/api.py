@@ -190,8 +190,7 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
     elif running_mean is None:
         raise ValueError("training=False needs running_mean and running_var")
 
-    xp = be.xp
-    x3 = layout.to3d(x, xp)
+    x3 = layout.to3d(x)
     # The per-channel results come back in the parameter dtype; the backend
     # updates the running statistics itself (in training), after its work is done.
     if training:
@@ -202,7 +201,7 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
     saved = BatchNormSaved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma,
                            beta=beta, training=training, axis=ax, eps=eps, layout=layout,
                            backend=be)
-    return layout.from3d(y3, xp), saved
+    return layout.from3d(y3), saved
 
 
 def batch_norm_backward(dy, saved, *, backend=None):
@@ -221,10 +220,9 @@ def batch_norm_backward(dy, saved, *, backend=None):
         raise ValueError(f"dy must have the shape of x, {tuple(saved.x.shape)}, got {tuple(dy.shape)}")
     if dy.dtype != saved.x.dtype:
         raise TypeError(f"dy must have the dtype of x, {saved.x.dtype}, got {dy.dtype}")
-    xp = be.xp
     layout = saved.layout
     # dgamma and dbeta come back in gamma's and beta's dtypes (None where absent).
-    dx3, dgamma, dbeta = be.backward(layout.to3d(dy, xp), layout.to3d(saved.x, xp), saved.mean,
+    dx3, dgamma, dbeta = be.backward(layout.to3d(dy), layout.to3d(saved.x), saved.mean,
                                      saved.mean_lo, saved.var, saved.inv_std, saved.gamma, saved.beta,
                                      saved.training)
-    return layout.from3d(dx3, xp), dgamma, dbeta
+    return layout.from3d(dx3), dgamma, dbeta

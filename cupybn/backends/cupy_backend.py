@@ -264,18 +264,12 @@ class CupyBackend:
         plan = self._plans.get(key)
         if plan is None:
             shape, dtype = x3.shape, x3.dtype
-            if mode.startswith("general"):  # strided views: the general path's kernels
-                plan = _Plan(None, None)
-            elif mode == "train":
-                plan = _Plan(self._reduction("bn_stats", shape, dtype, aligned),
-                             self._elementwise("bn_normalize", shape, dtype, aligned))
-            elif mode == "infer":
-                plan = _Plan(None, self._elementwise("bn_normalize_running", shape, dtype, aligned))
-            else:
-                plan = _Plan(self._reduction("bn_grad", shape, dtype, aligned),
-                             self._elementwise("bn_backward_elementwise", shape, dtype, aligned))
-            plan.count = shape[0] * shape[2]
-            plan.acc = np.float64 if dtype == np.float64 else np.float32
+            reduction, elementwise = {  # strided views ("general-*") take the general path's kernels
+                "train": ("bn_stats", "bn_normalize"), "infer": (None, "bn_normalize_running"),
+                "grad": ("bn_grad", "bn_backward_elementwise")}.get(mode, (None, None))
+            plan = _Plan(self._reduction(reduction, shape, dtype, aligned) if reduction else None,
+                         self._elementwise(elementwise, shape, dtype, aligned) if elementwise else None,
+                         count=shape[0] * shape[2], acc=np.float64 if dtype == np.float64 else np.float32)
             self._plans[key] = plan
         return plan
 
@@ -339,17 +333,24 @@ class CupyBackend:
     @quiet  # NumPy arithmetic on the host harness: NaN and Inf are data here, not errors
     def _forward_train_general(self, x3, plan, stats, far, params):
         """Strided x3, read in place: two-pass statistics in double (see _cupy_general)."""
-        xp = self.xp
         channels = x3.shape[1]
         per_channel = (1, channels, 1)
         shift = x3[0, :, 0].astype(plan.acc)
         mean = self._general.shifted_sum(x3, shift.reshape(per_channel), axis=(0, 2)) / plan.count
         shift64 = shift.astype(np.float64)
         squares = self._general.squared_deviations(x3, (shift64 + mean).reshape(per_channel), axis=(0, 2))
-        self._function(x3.dtype, "bn_stats_channelwise")(
-            (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
-            (shift64, mean, squares, np.float64(plan.count), np.int32(channels), stats, far, *params))
-        y3 = xp.empty(x3.shape, x3.dtype)
+        self._channelwise(x3.dtype, "bn_stats_channelwise", channels,
+                          (shift64, mean, squares, np.float64(plan.count), np.int32(channels), stats, far, *params))
+        return self._general_normalize(x3, stats)
+
+    def _channelwise(self, dtype, template: str, channels: int, args: tuple) -> None:
+        """One of the general path's per-channel kernels: one thread per channel."""
+        self._function(dtype, template)((math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,), args)
+
+    def _general_normalize(self, x3, stats):
+        """y = (x - mean_hi) * scale + offset over a strided x3, the coefficients from ``stats``."""
+        y3 = self.xp.empty(x3.shape, x3.dtype)
+        per_channel = (1, x3.shape[1], 1)
         self._general.affine(x3, *(stats[row].reshape(per_channel) for row in (_MEAN_HI, _SCALE, _OFFSET)), y3)
         return y3
 
@@ -363,13 +364,11 @@ class CupyBackend:
                   *self._channel(self._kernel_readable(running_var), stats),
                   *self._channel(self._kernel_readable(gamma), stats),
                   *self._channel(self._kernel_readable(beta), stats), np.float64(eps))
-        y3 = xp.empty(x3.shape, x3.dtype)
         if general:
-            self._function(x3.dtype, "bn_infer_channelwise")(
-                (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,), (*params, np.int32(channels), stats))
-            per_channel = (1, channels, 1)
-            self._general.affine(x3, *(stats[row].reshape(per_channel) for row in (_MEAN_HI, _SCALE, _OFFSET)), y3)
+            self._channelwise(x3.dtype, "bn_infer_channelwise", channels, (*params, np.int32(channels), stats))
+            y3 = self._general_normalize(x3, stats)
         else:
+            y3 = xp.empty(x3.shape, x3.dtype)
             normalize = plan.elementwise
             normalize((x3, y3, *normalize.geometry, *params, stats))
         return y3, stats[_MEAN_HI], stats[_MEAN_LO], stats[_VAR], stats[_INV_STD]
@@ -393,9 +392,8 @@ class CupyBackend:
             per_channel = (1, channels, 1)
             sum_dy = self._general.sum(dy3, axis=(0, 2))
             sum_dyx = self._general.centred_product_sum(dy3, x3, mean_hi.reshape(per_channel), axis=(0, 2))
-            self._function(x3.dtype, "bn_grad_channelwise")(
-                (math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,),
-                (sum_dy, sum_dyx, np.int32(channels), *params))
+            self._channelwise(x3.dtype, "bn_grad_channelwise", channels,
+                              (sum_dy, sum_dyx, np.int32(channels), *params))
             self._general.backward(dy3, x3, mean_hi.reshape(per_channel),
                                    *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), mode, dx3)
         else:
@@ -441,10 +439,10 @@ class _Plan:
 
     __slots__ = ("reduction", "elementwise", "count", "acc")
 
-    def __init__(self, reduction: _Launch | None, elementwise: _Launch | None):
+    def __init__(self, reduction: _Launch | None, elementwise: _Launch | None, *, count: int, acc):
         self.reduction, self.elementwise = reduction, elementwise
-        self.count = 0
-        self.acc = np.float32
+        self.count = count  # values per channel
+        self.acc = acc      # the arithmetic (and statistics) dtype
 
 
 # Templates whose first parameter is the storage type (the others take the arithmetic type only).
