@@ -367,6 +367,32 @@ __device__ __forceinline__ bool arrive_last(unsigned int* ticket, unsigned int b
   return last;
 }
 
+// The last block reads the partial pairs of one channel: this thread takes
+// slices first, first + kStride, ... (< slices); slice t's pair is at
+// index(t) and partials further on, and take(t, a, b) gets them in slice
+// order.  Four slices' loads are issued before any is used.
+constexpr int kSlicesAtOnce = 4;
+template <int kStride, typename Acc, typename Index, typename Take>
+__device__ __forceinline__ void read_partials(const Acc* part, long long partials, int first, int slices,
+                                              Index index, Take take) {
+  int t = first;
+  for (; t + (kSlicesAtOnce - 1) * kStride < slices; t += kSlicesAtOnce * kStride) {
+    double a[kSlicesAtOnce], b[kSlicesAtOnce];
+#pragma unroll
+    for (int i = 0; i < kSlicesAtOnce; ++i) {
+      const long long p = index(t + i * kStride);
+      a[i] = static_cast<double>(__ldcg(part + p));
+      b[i] = static_cast<double>(__ldcg(part + partials + p));
+    }
+#pragma unroll
+    for (int i = 0; i < kSlicesAtOnce; ++i) take(t + i * kStride, a[i], b[i]);
+  }
+  for (; t < slices; t += kStride) {
+    const long long p = index(t);
+    take(t, static_cast<double>(__ldcg(part + p)), static_cast<double>(__ldcg(part + partials + p)));
+  }
+}
+
 // Thread 0 ends with the merge over the whole (1-D) block of moments whose
 // counts travel with them (the fixed tree of warp_merge, then warp 0).
 template <int kThreads>
@@ -577,11 +603,12 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (!arrive_last(tickets + c, slices)) return;
   Moments<double> m{0.0, 0.0, 0.0};
-  for (int t = threadIdx.x; t < slices; t += kThreads) {  // each thread merges slices t, t + kThreads, ...
-    const long long p = static_cast<long long>(c) * slices + t;
-    const double n = static_cast<double>(min(per_block, total - static_cast<long long>(t) * per_block));
-    merge(m, Moments<double>{n, static_cast<double>(__ldcg(part + p)), static_cast<double>(__ldcg(part + partials + p))});
-  }
+  read_partials<kThreads>(
+      part, partials, threadIdx.x, slices, [&](int t) { return static_cast<long long>(c) * slices + t; },
+      [&](int t, double mean, double m2) {
+        const double n = static_cast<double>(min(per_block, total - static_cast<long long>(t) * per_block));
+        merge(m, Moments<double>{n, mean, m2});
+      });
   block_merge_counted<kThreads>(m);
   if (threadIdx.x == 0) finish_stats(c, channels, m, static_cast<double>(k), pass, stats, far, CUPYBN_FORWARD_PARAMS_STRUCT);
 }
@@ -635,26 +662,12 @@ __global__ void __launch_bounds__(32 * kRows)
   if (!arrive_last(tickets + blockIdx.x, slices)) return;
   Moments<double> m{0.0, 0.0, 0.0};
   if (live) {
-    auto slice_rows = [&](int t) {
-      return static_cast<double>(min(per_block, outer - static_cast<long long>(t) * per_block));
-    };
-    int t = threadIdx.y;
-    for (; t + (kRowsAtOnce - 1) * kRows < slices; t += kRowsAtOnce * kRows) {
-      double mean[kRowsAtOnce], m2[kRowsAtOnce];  // every load first, then the merges in slice order
-#pragma unroll
-      for (int i = 0; i < kRowsAtOnce; ++i) {
-        const long long p = static_cast<long long>(t + i * kRows) * channels + c;
-        mean[i] = static_cast<double>(__ldcg(part + p));
-        m2[i] = static_cast<double>(__ldcg(part + partials + p));
-      }
-#pragma unroll
-      for (int i = 0; i < kRowsAtOnce; ++i) merge(m, Moments<double>{slice_rows(t + i * kRows), mean[i], m2[i]});
-    }
-    for (; t < slices; t += kRows) {
-      const long long p = static_cast<long long>(t) * channels + c;
-      merge(m, Moments<double>{slice_rows(t), static_cast<double>(__ldcg(part + p)),
-                               static_cast<double>(__ldcg(part + partials + p))});
-    }
+    read_partials<kRows>(
+        part, partials, threadIdx.y, slices, [&](int t) { return static_cast<long long>(t) * channels + c; },
+        [&](int t, double mean, double m2) {
+          const double n = static_cast<double>(min(per_block, outer - static_cast<long long>(t) * per_block));
+          merge(m, Moments<double>{n, mean, m2});
+        });
   }
   merged_n[threadIdx.y][threadIdx.x] = m.n;
   merged_mean[threadIdx.y][threadIdx.x] = m.mean;
@@ -932,11 +945,12 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (!arrive_last(tickets + c, slices)) return;
   double total_dy = 0.0, total_dyx = 0.0;
-  for (int t = threadIdx.x; t < slices; t += kThreads) {
-    const long long p = static_cast<long long>(c) * slices + t;
-    total_dy += static_cast<double>(__ldcg(part + p));
-    total_dyx += static_cast<double>(__ldcg(part + partials + p));
-  }
+  read_partials<kThreads>(part, partials, threadIdx.x, slices,
+                          [&](int t) { return static_cast<long long>(c) * slices + t; },
+                          [&](int, double sum_dy_t, double sum_dyx_t) {
+                            total_dy += sum_dy_t;
+                            total_dyx += sum_dyx_t;
+                          });
   block_sum2<double, kThreads>(total_dy, total_dyx);
   if (threadIdx.x == 0) CUPYBN_FINISH_GRAD(c, total_dy, total_dyx);
 }
@@ -998,26 +1012,12 @@ __global__ void __launch_bounds__(32 * kRows)
   if (!arrive_last(tickets + blockIdx.x, slices)) return;
   double total_dy = 0.0, total_dyx = 0.0;
   if (live) {
-    int t = threadIdx.y;
-    for (; t + (kRowsAtOnce - 1) * kRows < slices; t += kRowsAtOnce * kRows) {
-      double dy_part[kRowsAtOnce], dyx_part[kRowsAtOnce];
-#pragma unroll
-      for (int i = 0; i < kRowsAtOnce; ++i) {
-        const long long p = static_cast<long long>(t + i * kRows) * channels + c;
-        dy_part[i] = static_cast<double>(__ldcg(part + p));
-        dyx_part[i] = static_cast<double>(__ldcg(part + partials + p));
-      }
-#pragma unroll
-      for (int i = 0; i < kRowsAtOnce; ++i) {
-        total_dy += dy_part[i];
-        total_dyx += dyx_part[i];
-      }
-    }
-    for (; t < slices; t += kRows) {
-      const long long p = static_cast<long long>(t) * channels + c;
-      total_dy += static_cast<double>(__ldcg(part + p));
-      total_dyx += static_cast<double>(__ldcg(part + partials + p));
-    }
+    read_partials<kRows>(part, partials, threadIdx.y, slices,
+                         [&](int t) { return static_cast<long long>(t) * channels + c; },
+                         [&](int, double sum_dy_t, double sum_dyx_t) {
+                           total_dy += sum_dy_t;
+                           total_dyx += sum_dyx_t;
+                         });
   }
   merged_dy[threadIdx.y][threadIdx.x] = total_dy;
   merged_dyx[threadIdx.y][threadIdx.x] = total_dyx;
