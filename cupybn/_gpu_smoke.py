@@ -1,9 +1,9 @@
 """One small call of each mode on the GPU, for compute-sanitizer (``python -m cupybn gpu-check``).
 
 Every kernel of the CuPy backend runs at least once: both reduction families
-(NCHW and channels-last), both passes of the statistics, packs and single
-values, float16 and float32, the general path (a strided view), inference and
-both backward modes.  Exits 0 when every result is finite.
+(NCHW and channels-last), both passes of the statistics, packs (rows of whole
+packs, and rows with heads and tails) and single values, float16 and float32,
+the general path (a strided view), inference and both backward modes.  Exits 0 when every result is finite.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def main() -> int:
     for dtype in ("float32", "float16"):
         base = cp.asarray((rng.standard_normal((4, 6, 5, 5)) * 2 + 3).astype(dtype))
         views = [(base, 1), (base.transpose(0, 2, 3, 1).copy(), -1), (base[::2], 1),
-                 (cp.asarray(rng.standard_normal((33, 4, 8)).astype(dtype)), 1)]  # 8 values a row: packs
+                 (cp.asarray(rng.standard_normal((33, 4, 8)).astype(dtype)), 1),  # 8 values a row: packs
+                 (cp.asarray(rng.standard_normal((3, 4, 7, 7)).astype(dtype)), 1)]  # 49: packs, heads, tails
         for x, axis in views:
             channels = x.shape[axis]
             gamma, beta = cp.ones(channels, cp.float32), cp.zeros(channels, cp.float32)

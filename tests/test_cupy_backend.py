@@ -10,6 +10,8 @@ kernel.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 
 import cupybn
 from cupybn.backends._running import update_running
-from cupybn.backends.cupy_backend import CupyBackend
+from cupybn.backends.cupy_backend import CupyBackend, planar_shares, planar_slots
 from cupybn.testing import (
     batch_norm_errors,
     exceeded,
@@ -128,8 +130,8 @@ def test_results_do_not_depend_on_the_run_but_on_the_geometry_only():
     assert ya.tobytes() == yb.tobytes() and sa.var.tobytes() == sb.var.tobytes()
 
 
-@pytest.mark.parametrize("shape,axis", [((2, 3, 4, 5), 1), ((40, 3), 1), ((2, 4, 5, 3), -1)],
-                         ids=["planar", "rows", "channels-last"])
+@pytest.mark.parametrize("shape,axis", [((2, 3, 4, 5), 1), ((3, 3, 7, 7), 1), ((40, 3), 1), ((2, 4, 5, 3), -1)],
+                         ids=["planar", "planar-peeled", "rows", "channels-last"])
 @pytest.mark.parametrize("sanitize,threads", [("race", 64), ("race", 256), ("address", 64)],
                          ids=["race-64", "race-256", "address-64"])
 def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, threads, shape, axis):
@@ -156,7 +158,7 @@ def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, threads, shape, 
 def test_half_and_double_kernels_run_clean_under_the_sanitizers(sanitize, threads, dtype):
     backend = host_cupy_backend(sanitize, threads=threads)
     pdt = np.float64 if dtype == np.float64 else np.float32
-    for shape in ((2, 3, 9), (33, 3), (2, 3, 16)):  # (2, 3, 16): 16-byte packs
+    for shape in ((2, 3, 9), (33, 3), (2, 3, 16), (3, 3, 35)):  # 16-byte packs: whole rows, peeled rows
         x = np.random.default_rng(8).standard_normal(shape).astype(dtype)
         rm, rv = np.zeros(3, pdt), np.ones(3, pdt)
         y, saved = cupybn.batch_norm(x, running_mean=rm, running_var=rv, backend=backend)
@@ -346,7 +348,7 @@ def test_the_general_path_runs_clean_under_the_sanitizers(sanitize):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("values_per_thread", [1, 1000])
-def test_planar_reductions_read_16_byte_packs_where_rows_are_whole_packs(dtype, values_per_thread):
+def test_planar_reductions_read_16_byte_packs_and_peel_rows_that_are_not_whole_packs(dtype, values_per_thread):
     backend = host_cupy_backend(values_per_thread=values_per_thread, sm_count=8)
     launched = []
     real = backend._function
@@ -354,11 +356,39 @@ def test_planar_reductions_read_16_byte_packs_where_rows_are_whole_packs(dtype, 
                                                                                                       *params)
     rng = np.random.default_rng(14)
     vec = 16 // np.dtype(dtype).itemsize
-    meets_the_reference(make_x((6, 3, 8, 8), dtype, 20.0, 3.0, rng), backend)  # rows of 64: whole packs
-    assert ("bn_stats_planar", (64, vec)) in launched and ("bn_grad_planar", (64, vec)) in launched
+    # rows of 64: whole packs; of 49 (7x7) and 75: every row starts at another
+    # place within a pack, so heads and tails of every length are read alone
+    for shape in ((6, 3, 8, 8), (6, 3, 7, 7), (5, 7, 3, 25)):
+        launched.clear()
+        meets_the_reference(make_x(shape, dtype, 20.0, 3.0, rng), backend)
+        assert ("bn_stats_planar", (64, vec)) in launched and ("bn_grad_planar", (64, vec)) in launched
     launched.clear()
-    meets_the_reference(make_x((6, 3, 7, 3), dtype, 20.0, 3.0, rng), backend)  # rows of 21: single values
+    meets_the_reference(make_x((6, 3, 1, 5), dtype, 20.0, 3.0, rng), backend)  # rows of 5: single values
     assert ("bn_stats_planar", (64, 1)) in launched and ("bn_grad_planar", (64, 1)) in launched
+
+
+@pytest.mark.parametrize("vec", [2, 4, 8])
+def test_every_planar_row_holds_the_packs_it_is_read_by(vec):
+    # Row (n, c) starts at element (n C + c) inner of an aligned array: at every
+    # multiple of gcd(inner, vec) within a pack.  Each row must hold `slots`
+    # aligned packs after its head, and rows of whole packs have no singles.
+    for inner in range(2, 12 * vec):
+        slots, rest = planar_slots(inner, vec)
+        assert slots * vec + rest == inner and rest < 2 * vec
+        assert rest == 0 or inner % vec
+        for start in range(0, vec, math.gcd(inner, vec)):
+            head = -start % vec
+            assert head + slots * vec <= inner
+
+
+def test_planar_shares_cover_every_pack_and_single_with_no_empty_slice():
+    for outer, slots, rest, vec, slices in [(256, 11, 5, 4, 7), (3, 1, 0, 4, 64), (1, 23, 12, 8, 1),
+                                            (2 * 10**6, 11, 5, 4, 3)]:
+        got, per_block, singles = planar_shares(outer, slots, rest, vec, slices)
+        assert got * per_block >= outer * slots > (got - 1) * per_block  # the last slice has packs
+        assert got * singles >= outer * rest
+        assert vec * per_block + singles <= 2**24
+    assert planar_shares(2 * 10**6, 11, 5, 4, 3)[0] == 6  # 98e6 values: 2^24 at most per block
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -34,6 +34,9 @@ _MAX_BLOCKS_PER_SM = 32
 _REGISTER_GRANULE = 256  # registers are given to warps in units of this many
 # Partial counts are float32 in the kernels: keep each block's share exact.
 _MAX_VALUES_PER_BLOCK = 2**24
+# A planar row that is not a whole number of packs is read in packs when it is
+# at least this many packs long (its head and tail are read value by value).
+_PEELED_PACKS = 4
 _MAX_GRID_Y = 65535
 # Rows of the per-channel arrays the kernels write (batch_norm.cu: StatRow, CoefRow).
 _MEAN_HI, _MEAN_LO, _VAR, _INV_STD, _SCALE, _OFFSET = range(6)
@@ -188,7 +191,7 @@ class CupyBackend:
             blocks = min(blocks, sm_shared // shared)
         return max(1, blocks)
 
-    def _slices(self, per_channel: int, columns: int, per_thread_step: int, multiple: int = 1, *,
+    def _slices(self, per_channel: int, columns: int, per_thread_step: int, *,
                 blocks_per_sm: int = _REDUCTION_BLOCKS_PER_SM) -> tuple[int, int]:
         """How many blocks share a channel, and how many values (planar) or rows each takes.
 
@@ -196,14 +199,12 @@ class CupyBackend:
         (``blocks_per_sm`` resident blocks on each SM; rounding up would start a
         second wave of a few blocks, which costs as much as a whole one), but
         not so many that a thread gets fewer than ``values_per_thread`` values.
-        ``per_block`` is a multiple of ``multiple`` (the pack size of the planar
-        kernels).
         """
         wanted = max(1, blocks_per_sm * self.sm_count() // columns)
         useful = math.ceil(per_channel / (per_thread_step * self.values_per_thread))
         slices = max(1, min(wanted, useful), math.ceil(per_channel / _MAX_VALUES_PER_BLOCK))
         slices = min(slices, _MAX_GRID_Y)
-        per_block = math.ceil(per_channel / slices / multiple) * multiple  # whole packs per block
+        per_block = math.ceil(per_channel / slices)
         return math.ceil(per_channel / per_block), per_block  # no empty slices
 
     def _pack_size(self, dtype, aligned: bool, divides: int) -> int:
@@ -212,18 +213,29 @@ class CupyBackend:
         vec = VECTOR_BYTES // np.dtype(dtype).itemsize
         return vec if self.vector_loads and aligned and divides % vec == 0 else 1
 
+    def _planar_pack_size(self, dtype, aligned: bool, inner: int) -> int:
+        """Values per load in the planar reductions: 16 bytes' worth where x is
+        16-byte aligned and its rows are whole packs, or long enough
+        (_PEELED_PACKS packs' worth) that their unaligned heads and tails, read
+        one value at a time, are a small part of them."""
+        vec = VECTOR_BYTES // np.dtype(dtype).itemsize
+        worth = inner % vec == 0 or inner >= _PEELED_PACKS * vec
+        return vec if self.vector_loads and aligned and worth else 1
+
     def _reduction(self, family: str, shape, dtype, aligned: bool) -> _Launch:
         """The statistics ("bn_stats") or gradient ("bn_grad") reduction over a contiguous (outer, C, inner)."""
         outer, channels, inner = shape
         if inner > 1:
-            vec = self._pack_size(dtype, aligned, inner)
+            vec = self._planar_pack_size(dtype, aligned, inner)
+            slots, rest = planar_slots(inner, vec)
             kernel = self._function(dtype, f"{family}_planar", self.threads, vec)
-            slices, per_block = self._slices(outer * inner, channels, self.threads * vec, multiple=vec,
-                                             blocks_per_sm=self._resident_blocks(kernel, self.threads,
-                                                                                 _REDUCTION_BLOCKS_PER_SM))
+            slices, _ = self._slices(outer * inner, channels, self.threads * vec,
+                                     blocks_per_sm=self._resident_blocks(kernel, self.threads,
+                                                                         _REDUCTION_BLOCKS_PER_SM))
+            slices, per_block, singles_per_block = planar_shares(outer, slots, rest, vec, slices)
             return _Launch(kernel, (channels, slices), (self.threads,),
-                           (np.int64(outer), np.int32(channels), np.int64(inner), np.int64(per_block)), slices,
-                           channels)
+                           (np.int64(outer), np.int32(channels), np.int64(inner), np.int64(slots),
+                            np.int64(per_block), np.int64(singles_per_block)), slices, channels)
         rows = self.threads // 32
         tiles = math.ceil(channels / 32)
         kernel = self._function(dtype, f"{family}_rows", rows)
@@ -419,6 +431,30 @@ def _as_dtype(result, param):
         return result
     with np.errstate(all="ignore"):  # an overflow to Inf is the right answer here
         return result.astype(param.dtype)
+
+
+def planar_slots(inner: int, vec: int) -> tuple[int, int]:
+    """Packs and single values the planar reductions read per row of ``inner`` values.
+
+    A row is a whole number of packs when ``inner`` is a multiple of ``vec``.
+    Otherwise where a row starts varies from row to row, and every row holds
+    at least (inner - vec + 1) // vec aligned packs: those are read as packs,
+    the rest one value at a time (batch_norm.cu: PlanarRows)."""
+    slots = inner // vec if inner % vec == 0 else (inner - vec + 1) // vec
+    return slots, inner - slots * vec
+
+
+def planar_shares(outer: int, slots: int, rest: int, vec: int, slices: int) -> tuple[int, int, int]:
+    """(slices, packs per block, singles per block) for about ``slices`` blocks per
+    channel: none without packs, none with more than _MAX_VALUES_PER_BLOCK values."""
+    packs, singles = outer * slots, outer * rest
+    while True:
+        per_block = math.ceil(packs / slices)
+        slices = math.ceil(packs / per_block)
+        singles_per_block = math.ceil(singles / slices)
+        if vec * per_block + singles_per_block <= _MAX_VALUES_PER_BLOCK or slices >= _MAX_GRID_Y:
+            return slices, per_block, singles_per_block
+        slices += 1
 
 
 class _Launch:

@@ -190,16 +190,18 @@ __device__ __forceinline__ void warp_merge(Moments<Acc>& a, Count group) {
 }
 
 // Thread 0 ends with the merge over the whole (1-D) block, whose threads were
-// dealt the `len` units of the slice round-robin, `unit` values each.
+// dealt the `len` units of the slice round-robin, `unit` values each, and
+// then its `singles` values, also round-robin.
 template <typename Acc, int kThreads>
-__device__ __forceinline__ void block_merge(Moments<Acc>& a, long long len, int unit) {
+__device__ __forceinline__ void block_merge(Moments<Acc>& a, long long len, int unit, long long singles) {
   static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size must be a multiple of 32");
   constexpr int kWarps = kThreads / 32;
   __shared__ Acc shared_mean[kWarps], shared_m2[kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  warp_merge(a, [&](int first_lane, int width) {
-    return unit * dealt(len, kThreads, warp * 32 + first_lane, width);
-  });
+  auto count = [&](int first, int width) {
+    return unit * dealt(len, kThreads, first, width) + dealt(singles, kThreads, first, width);
+  };
+  warp_merge(a, [&](int first_lane, int width) { return count(warp * 32 + first_lane, width); });
   if (lane == 0) {
     shared_mean[warp] = a.mean;
     shared_m2[warp] = a.m2;
@@ -208,11 +210,10 @@ __device__ __forceinline__ void block_merge(Moments<Acc>& a, long long len, int 
   if (warp == 0) {
     a.mean = lane < kWarps ? shared_mean[lane] : Acc(0);
     a.m2 = lane < kWarps ? shared_m2[lane] : Acc(0);
-    a.n = lane < kWarps ? static_cast<Acc>(unit * dealt(len, kThreads, lane * 32, 32)) : Acc(0);
+    a.n = lane < kWarps ? static_cast<Acc>(count(lane * 32, 32)) : Acc(0);
     // lane L now stands for warp L: threads [32 L, 32 (L + 1))
     warp_merge(a, [&](int first_warp, int width) {
-      return first_warp >= kWarps ? 0LL
-                                  : unit * dealt(len, kThreads, first_warp * 32, 32 * min(width, kWarps - first_warp));
+      return first_warp >= kWarps ? 0LL : count(first_warp * 32, 32 * min(width, kWarps - first_warp));
     });
   }
 }
@@ -266,6 +267,29 @@ struct PlanarCursor {
       col -= inner;
       ++row;
     }
+  }
+};
+
+// Row n of planar channel c holds the `inner` values from element
+// (n C + c) inner on: a whole number of packs when inner is a multiple of
+// kVec, and otherwise a head before its first aligned pack and a tail after
+// its last.  The planar reductions read `slots` aligned packs of each row
+// (the host picks slots: every row has that many whole packs), then the
+// other inner - kVec slots values of the rows ("singles") one at a time.
+template <int kVec>
+struct PlanarRows {
+  long long row_values, first, slots;  // C * inner; c * inner; packs read per row
+  // The index (in packs) of the first aligned pack of row `row`.
+  __device__ __forceinline__ long long first_pack(long long row) const {
+    return static_cast<long long>((static_cast<unsigned long long>(row * row_values + first) + (kVec - 1)) / kVec);
+  }
+  // Pack `col` of row `row`, in packs.
+  __device__ __forceinline__ long long pack(const PlanarCursor& at) const { return first_pack(at.row) + at.col; }
+  // Single `col` of row `row` (head values first, then the tail's), in values.
+  __device__ __forceinline__ long long single(const PlanarCursor& at) const {
+    const long long start = at.row * row_values + first;
+    const long long head = first_pack(at.row) * kVec - start;
+    return start + (at.col < head ? at.col : at.col + slots * kVec);
   }
 };
 
@@ -537,18 +561,19 @@ __device__ __forceinline__ void save_infer_stats(int c, int channels, const Infe
 
 // ---- forward statistics ------------------------------------------------------------
 
-// Grid (C, slices), kThreads threads.  Block (c, s) reduces values
-// [s * per_block, (s + 1) * per_block) of channel c (in channel order), writes
+// Grid (C, slices), kThreads threads.  Block (c, s) reduces packs
+// [s * per_block, (s + 1) * per_block) of channel c (PlanarRows: `slots` per
+// row, in channel order) and singles [s * singles_per_block, ...), writes
 // partial (c, s), and the last block of channel c finishes it.  pass 0 takes
 // every channel with x[0, c, 0] as shift; pass 1 only the channels pass 0
 // flagged as far, with the shift it left in stats[kNextShift].
 // part: 2 * C * slices values (means, then sums of squared deviations).
 template <typename T, typename Acc, int kThreads, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    bn_stats_planar(const T* __restrict__ x, long long outer, int channels, long long inner, long long per_block,
-                    int pass, Acc* __restrict__ part, unsigned int* __restrict__ tickets, Acc* __restrict__ stats,
-                    int* __restrict__ far, CUPYBN_FORWARD_PARAMS) {
-  // In packs of kVec values: the host makes inner and per_block multiples of kVec.
+    bn_stats_planar(const T* __restrict__ x, long long outer, int channels, long long inner, long long slots,
+                    long long per_block, long long singles_per_block, int pass, Acc* __restrict__ part,
+                    unsigned int* __restrict__ tickets, Acc* __restrict__ stats, int* __restrict__ far,
+                    CUPYBN_FORWARD_PARAMS) {
   using namespace cupybn;
   using P = Pack<T, kVec>;
   const int c = blockIdx.x;
@@ -556,17 +581,18 @@ __global__ void __launch_bounds__(kThreads)
   const int slices = gridDim.y;
   if (pass == 1 && !far[c]) return;  // the whole block leaves together
   const Acc k = pass == 0 ? widen<Acc>(x[static_cast<long long>(c) * inner]) : stats[kNextShift * channels + c];
-  const long long total = outer * inner;
-  const long long count = total / kVec;
-  const long long inner_packs = inner / kVec;
-  const long long begin = static_cast<long long>(s) * (per_block / kVec);
-  const long long end = min(count, begin + per_block / kVec);
-  const P* channel = reinterpret_cast<const P*>(x + static_cast<long long>(c) * inner);
-  const long long row_stride = static_cast<long long>(channels) * inner_packs;
+  const PlanarRows<kVec> rows{static_cast<long long>(channels) * inner, static_cast<long long>(c) * inner, slots};
+  const long long rest = inner - slots * kVec;  // singles per row
+  const long long packs = outer * slots, singles = outer * rest;
+  const long long begin = static_cast<long long>(s) * per_block;
+  const long long end = min(packs, begin + per_block);
+  const long long singles_begin = static_cast<long long>(s) * singles_per_block;
+  const long long singles_end = min(singles, singles_begin + singles_per_block);
+  const P* x_packs = reinterpret_cast<const P*>(x);
   Moments<Acc> a{Acc(0), Acc(0), Acc(0)};
   long long j = begin + threadIdx.x;
   if (j < end) {
-    PlanarCursor at(j, kThreads, inner_packs);
+    PlanarCursor at(j, kThreads, slots);
     // kGroup packs at a time (at least 4 values): their loads in flight
     // together, one merge for them all.
     constexpr int kGroup = kVec >= 4 ? 1 : 4 / kVec;
@@ -574,8 +600,8 @@ __global__ void __launch_bounds__(kThreads)
       P v[kGroup];
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
-        v[g] = channel[at.offset(row_stride)];
-        at.advance(inner_packs);
+        v[g] = x_packs[rows.pack(at)];
+        at.advance(slots);
       }
       Acc d[kGroup * kVec];
 #pragma unroll
@@ -586,15 +612,32 @@ __global__ void __launch_bounds__(kThreads)
       add_values(a, d);
     }
     for (; j < end; j += kThreads) {
-      const P v = channel[at.offset(row_stride)];
+      const P v = x_packs[rows.pack(at)];
       Acc d[kVec];
 #pragma unroll
       for (int e = 0; e < kVec; ++e) d[e] = widen<Acc>(v.v[e]) - k;
       add_values(a, d);
-      at.advance(inner_packs);
+      at.advance(slots);
     }
   }
-  block_merge<Acc, kThreads>(a, max(0LL, end - begin), kVec);
+  j = singles_begin + threadIdx.x;
+  if (j < singles_end) {  // the heads and tails of rows that are not whole packs
+    PlanarCursor at(j, kThreads, rest);
+    for (; j + 3 * kThreads < singles_end; j += 4 * kThreads) {
+      Acc d[4];
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        d[g] = widen<Acc>(x[rows.single(at)]) - k;
+        at.advance(rest);
+      }
+      add_values(a, d);
+    }
+    for (; j < singles_end; j += kThreads) {
+      add_value(a, widen<Acc>(x[rows.single(at)]) - k);
+      at.advance(rest);
+    }
+  }
+  block_merge<Acc, kThreads>(a, max(0LL, end - begin), kVec, max(0LL, singles_end - singles_begin));
   const long long partials = static_cast<long long>(channels) * slices;
   if (threadIdx.x == 0) {
     const long long p = static_cast<long long>(c) * slices + s;
@@ -606,8 +649,10 @@ __global__ void __launch_bounds__(kThreads)
   read_partials<kThreads>(
       part, partials, threadIdx.x, slices, [&](int t) { return static_cast<long long>(c) * slices + t; },
       [&](int t, double mean, double m2) {
-        const double n = static_cast<double>(min(per_block, total - static_cast<long long>(t) * per_block));
-        merge(m, Moments<double>{n, mean, m2});
+        const long long in_packs = max(0LL, min(per_block, packs - static_cast<long long>(t) * per_block));
+        const long long in_singles =
+            max(0LL, min(singles_per_block, singles - static_cast<long long>(t) * singles_per_block));
+        merge(m, Moments<double>{static_cast<double>(kVec * in_packs + in_singles), mean, m2});
       });
   block_merge_counted<kThreads>(m);
   if (threadIdx.x == 0) finish_stats(c, channels, m, static_cast<double>(k), pass, stats, far, CUPYBN_FORWARD_PARAMS_STRUCT);
@@ -883,31 +928,32 @@ __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __res
                            cupybn::ChannelIn{gamma, gamma_kind, gamma_stride}.at((c), 1.0), training, coef,   \
                            cupybn::ChannelInOut{dgamma, dgamma_kind, 1}, cupybn::ChannelInOut{dbeta, dbeta_kind, 1})
 
-// sum(dy) and sum(dy * (x - mean_hi)) per channel slice, layout (and packs) as
-// bn_stats_planar; the last block of a channel finishes it.  part: 2 * C * slices.
+// sum(dy) and sum(dy * (x - mean_hi)) per channel slice, layout (packs and
+// singles) as bn_stats_planar; the last block of a channel finishes it.
+// part: 2 * C * slices.
 template <typename T, typename Acc, int kThreads, int kVec>
 __global__ void __launch_bounds__(kThreads)
     bn_grad_planar(const T* __restrict__ dy, const T* __restrict__ x, long long outer, int channels,
-                   long long inner, long long per_block, Acc* __restrict__ part, unsigned int* __restrict__ tickets,
-                   CUPYBN_GRAD_PARAMS) {
+                   long long inner, long long slots, long long per_block, long long singles_per_block,
+                   Acc* __restrict__ part, unsigned int* __restrict__ tickets, CUPYBN_GRAD_PARAMS) {
   using namespace cupybn;
   using P = Pack<T, kVec>;
   const int c = blockIdx.x;
   const int s = blockIdx.y;
   const int slices = gridDim.y;
-  const long long count_packs = outer * inner / kVec;
-  const long long inner_packs = inner / kVec;
-  const long long begin = static_cast<long long>(s) * (per_block / kVec);
-  const long long end = min(count_packs, begin + per_block / kVec);
-  const long long base = static_cast<long long>(c) * inner_packs;
-  const long long row_stride = static_cast<long long>(channels) * inner_packs;
-  const P* dys = reinterpret_cast<const P*>(dy);
-  const P* xs = reinterpret_cast<const P*>(x);
+  const PlanarRows<kVec> rows{static_cast<long long>(channels) * inner, static_cast<long long>(c) * inner, slots};
+  const long long rest = inner - slots * kVec;
+  const long long begin = static_cast<long long>(s) * per_block;
+  const long long end = min(outer * slots, begin + per_block);
+  const long long singles_begin = static_cast<long long>(s) * singles_per_block;
+  const long long singles_end = min(outer * rest, singles_begin + singles_per_block);
+  const P* dy_packs = reinterpret_cast<const P*>(dy);
+  const P* x_packs = reinterpret_cast<const P*>(x);
   const Acc m = mean_hi[c];
   Acc sum_dy = Acc(0), sum_dyx = Acc(0);
   long long j = begin + threadIdx.x;
   if (j < end) {
-    PlanarCursor at(j, kThreads, inner_packs);
+    PlanarCursor at(j, kThreads, slots);
     constexpr int kGroup = kVec >= 4 ? 1 : 4 / kVec;  // packs whose loads are in flight together
     for (; j < end;) {
       P g[kGroup], v[kGroup];
@@ -915,10 +961,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < kGroup; ++q) {
         if (j + static_cast<long long>(q) * kThreads < end) {
-          const long long i = base + at.offset(row_stride);
-          g[q] = dys[i];
-          v[q] = xs[i];
-          at.advance(inner_packs);
+          const long long i = rows.pack(at);
+          g[q] = dy_packs[i];
+          v[q] = x_packs[i];
+          at.advance(slots);
           taken = q + 1;
         }
       }
@@ -934,6 +980,32 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       j += static_cast<long long>(taken) * kThreads;
+    }
+  }
+  j = singles_begin + threadIdx.x;
+  if (j < singles_end) {  // the heads and tails of rows that are not whole packs
+    PlanarCursor at(j, kThreads, rest);
+    for (; j + 3 * kThreads < singles_end; j += 4 * kThreads) {
+      Acc g[4], v[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // every load first, then the sums in order
+        const long long i = rows.single(at);
+        g[q] = load<Acc>(dy, i);
+        v[q] = load<Acc>(x, i);
+        at.advance(rest);
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        sum_dy += g[q];
+        sum_dyx = mul_add(g[q], v[q] - m, sum_dyx);
+      }
+    }
+    for (; j < singles_end; j += kThreads) {
+      const long long i = rows.single(at);
+      const Acc g1 = load<Acc>(dy, i);
+      sum_dy += g1;
+      sum_dyx = mul_add(g1, load<Acc>(x, i) - m, sum_dyx);
+      at.advance(rest);
     }
   }
   block_sum2<Acc, kThreads>(sum_dy, sum_dyx);
