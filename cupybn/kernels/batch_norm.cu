@@ -147,6 +147,10 @@ __device__ __forceinline__ void add_values(Moments<Acc>& a, const Acc (&d)[kN]) 
 
 // Rows a rows-kernel thread takes four at a time (loads in flight together).
 constexpr int kRowsAtOnce = 4;
+// Single values a planar-kernel thread loads at once: four, or eight halves
+// (as many bytes in flight as four floats).
+template <typename T>
+constexpr int kSinglesAtOnce = sizeof(T) == 2 ? 8 : 4;
 
 // Shuffles a pair of values down the warp: two floats travel as one 64-bit
 // shuffle, two doubles as two.
@@ -568,8 +572,10 @@ __device__ __forceinline__ void save_infer_stats(int c, int channels, const Infe
 // every channel with x[0, c, 0] as shift; pass 1 only the channels pass 0
 // flagged as far, with the shift it left in stats[kNextShift].
 // part: 2 * C * slices values (means, then sums of squared deviations).
+// Three blocks of 256 per SM at least: left alone, ptxas squeezes the float
+// packs into 64 registers with spills to keep a fourth.
 template <typename T, typename Acc, int kThreads, int kVec>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 768 / kThreads)
     bn_stats_planar(const T* __restrict__ x, long long outer, int channels, long long inner, long long slots,
                     long long per_block, long long singles_per_block, int pass, Acc* __restrict__ part,
                     unsigned int* __restrict__ tickets, Acc* __restrict__ stats, int* __restrict__ far,
@@ -593,9 +599,9 @@ __global__ void __launch_bounds__(kThreads)
   long long j = begin + threadIdx.x;
   if (j < end) {
     PlanarCursor at(j, kThreads, slots);
-    // kGroup packs at a time (at least 4 values): their loads in flight
-    // together, one merge for them all.
-    constexpr int kGroup = kVec >= 4 ? 1 : 4 / kVec;
+    // kGroup packs at a time (two at least, and at least 8 values): their
+    // loads in flight together, one merge (with its division) for them all.
+    constexpr int kGroup = kVec >= 4 ? 2 : 8 / kVec;
     for (; j + (kGroup - 1) * kThreads < end; j += kGroup * kThreads) {
       P v[kGroup];
 #pragma unroll
@@ -623,10 +629,10 @@ __global__ void __launch_bounds__(kThreads)
   j = singles_begin + threadIdx.x;
   if (j < singles_end) {  // the heads and tails of rows that are not whole packs
     PlanarCursor at(j, kThreads, rest);
-    for (; j + 3 * kThreads < singles_end; j += 4 * kThreads) {
-      Acc d[4];
+    for (; j + (kSinglesAtOnce<T> - 1) * kThreads < singles_end; j += kSinglesAtOnce<T> * kThreads) {
+      Acc d[kSinglesAtOnce<T>];
 #pragma unroll
-      for (int g = 0; g < 4; ++g) {
+      for (int g = 0; g < kSinglesAtOnce<T>; ++g) {
         d[g] = widen<Acc>(x[rows.single(at)]) - k;
         at.advance(rest);
       }
@@ -985,17 +991,18 @@ __global__ void __launch_bounds__(kThreads)
   j = singles_begin + threadIdx.x;
   if (j < singles_end) {  // the heads and tails of rows that are not whole packs
     PlanarCursor at(j, kThreads, rest);
-    for (; j + 3 * kThreads < singles_end; j += 4 * kThreads) {
-      Acc g[4], v[4];
+    constexpr int kAtOnce = kSinglesAtOnce<T>;
+    for (; j + (kAtOnce - 1) * kThreads < singles_end; j += kAtOnce * kThreads) {
+      Acc g[kAtOnce], v[kAtOnce];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {  // every load first, then the sums in order
+      for (int q = 0; q < kAtOnce; ++q) {  // every load first, then the sums in order
         const long long i = rows.single(at);
         g[q] = load<Acc>(dy, i);
         v[q] = load<Acc>(x, i);
         at.advance(rest);
       }
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
+      for (int q = 0; q < kAtOnce; ++q) {
         sum_dy += g[q];
         sum_dyx = mul_add(g[q], v[q] - m, sum_dyx);
       }
