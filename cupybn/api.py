@@ -13,6 +13,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import backends as _backends
 from ._layout import Layout, canonical_axis, make_layout
 
@@ -90,10 +92,21 @@ class BatchNormSaved:
 
 
 # ---- argument checks -------------------------------------------------------
+def _check_plain(name, a):
+    """np.matrix and masked arrays look like arrays but do not behave like them here."""
+    if isinstance(a, np.ndarray) and type(a) is not np.ndarray:
+        if isinstance(a, np.matrix):
+            raise TypeError(f"{name} must be an ndarray, not np.matrix (np.asarray({name}) gives one)")
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(f"{name} must be an ndarray, not a masked array: fill or drop the masked values "
+                            f"first ({name}.filled(...) or {name}.compressed())")
+
+
 def _check_x(x):
     dtype = getattr(x, "dtype", None)
     if dtype is None or not hasattr(x, "shape"):
         raise TypeError(f"x must be a NumPy or CuPy array, got {type(x).__name__}")
+    _check_plain("x", x)
     if not _is_float_dtype(dtype):
         raise TypeError(f"x must have a floating dtype ({', '.join(SUPPORTED_DTYPES)}), got {dtype}")
     if x.ndim < 2:
@@ -122,6 +135,7 @@ def _check_vector(name, a, channels):
         raise TypeError(f"{name} must be an array of shape ({channels},), got {type(a).__name__}")
     if not _is_float_dtype(dtype):
         raise TypeError(f"{name} must have a floating dtype, got {dtype}")
+    _check_plain(name, a)
     if a.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) (one value per channel), got {tuple(a.shape)}")
 
@@ -173,7 +187,9 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
     for name in ("gamma", "beta", "running_mean", "running_var"):
         _check_vector(name, named[name], channels)
     if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+        if not isinstance(training, np.bool_):
+            raise TypeError(f"training must be a bool, got {type(training).__name__}")
+        training = bool(training)
     eps = _check_real("eps", eps, _positive, "a finite number > 0")
     momentum = _check_real("momentum", momentum, _fraction, "in [0, 1]")
     if (running_mean is None) != (running_var is None):
@@ -218,6 +234,7 @@ def batch_norm_backward(dy, saved, *, backend=None):
     _backends.backend_for({"dy": dy, "x (saved)": saved.x}, be)
     if tuple(dy.shape) != tuple(saved.x.shape):
         raise ValueError(f"dy must have the shape of x, {tuple(saved.x.shape)}, got {tuple(dy.shape)}")
+    _check_plain("dy", dy)
     if dy.dtype != saved.x.dtype:
         raise TypeError(f"dy must have the dtype of x, {saved.x.dtype}, got {dy.dtype}")
     layout = saved.layout

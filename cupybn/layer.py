@@ -1,8 +1,11 @@
 """``BatchNorm``: a layer that owns its parameters and running statistics."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
+from . import _state
 from .api import _check_real, batch_norm, batch_norm_backward, param_dtype_name
 
 
@@ -16,22 +19,35 @@ class BatchNorm:
     float64 data.  ``momentum=None`` makes the running statistics a cumulative
     average over all batches seen.
 
-    Calling the layer returns y; :meth:`backward` returns dx and stores
-    ``grad_gamma``/``grad_beta``.  In eval mode without running statistics the
-    batch statistics are used, as in PyTorch.
+    Calling the layer returns y; :meth:`backward` returns dx and sets
+    ``grad_gamma``/``grad_beta`` to that call's gradients (they replace, not
+    add to, the previous ones; :meth:`zero_grad` clears them).  In eval mode
+    without running statistics the batch statistics are used, as in PyTorch.
+
+    Checkpoints: the layer pickles and deep-copies with its settings,
+    parameters, statistics and gradients, but without the last forward pass
+    (it holds that call's input): after restoring, call the layer again before
+    :meth:`backward`.  :meth:`state_dict` and :meth:`load_state_dict` use
+    PyTorch's names (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``); ``cupybn.keras_state_dict`` converts Keras's
+    weights.  :meth:`to` moves the layer between NumPy and CuPy.
     """
 
     def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, xp=np, backend=None):
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features must be a positive int, got {type(num_features).__name__}")
+        if num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an int (the channel axis, e.g. 1 or -1), got {type(axis).__name__}")
         if momentum is not None:
             _check_real("momentum", momentum, lambda v: 0 <= v <= 1, "in [0, 1] or None")
         _check_real("eps", eps, lambda v: v > 0, "a finite number > 0")
         if np.dtype(dtype).name not in ("float16", "bfloat16", "float32", "float64"):
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {np.dtype(dtype)}")
-        self.num_features = num_features
-        self.axis = axis
+        self.num_features = int(num_features)
+        self.axis = int(axis)
         self.eps = eps
         self.momentum = momentum
         self.dtype = np.dtype(dtype)
@@ -90,6 +106,66 @@ class BatchNorm:
             raise RuntimeError("backward() needs a forward call first")
         dx, self.grad_gamma, self.grad_beta = batch_norm_backward(dy, self._saved, backend=self.backend)
         return dx
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_saved"] = None  # the last forward's input and statistics: not part of the layer
+        return state
+
+    def state_dict(self) -> dict:
+        """Copies of the parameters and running statistics, and the batch count, under PyTorch's names."""
+        return _state.state_dict(self)
+
+    def load_state_dict(self, state, strict: bool = True):
+        """Copy ``state`` (PyTorch's names; NumPy or CuPy arrays, torch tensors, ...) into the layer.
+
+        Every entry is checked (names, shapes, floating-point dtypes) before
+        anything changes; values are cast to the layer's parameter dtype.
+        Returns (missing, unexpected) names; ``strict`` raises KeyError on either.
+        """
+        return _state.load_state_dict(self, state, strict=strict)
+
+    def to(self, xp, backend=None) -> BatchNorm:
+        """Move the parameters, statistics and gradients to array module ``xp``
+        (``numpy`` or ``cupy``); ``backend`` replaces the layer's (None: chosen
+        from the arrays of each call).  Drops the last forward pass."""
+        moved = {attr: _state.to_module(getattr(self, attr), xp, attr)
+                 for attr in ("gamma", "beta", "running_mean", "running_var", "grad_gamma", "grad_beta")
+                 if getattr(self, attr) is not None}
+        for attr, value in moved.items():
+            setattr(self, attr, value)
+        self.backend = backend
+        self._saved = None
+        return self
+
+    # ---- what a training loop reaches for ---------------------------------------------------
+
+    def parameters(self) -> dict:
+        """The learnable arrays by name ({} without ``affine``)."""
+        return {} if self.gamma is None else {"gamma": self.gamma, "beta": self.beta}
+
+    def gradients(self) -> dict:
+        """The last backward call's gradients by name (None before any, or after :meth:`zero_grad`)."""
+        return {} if self.gamma is None else {"gamma": self.grad_gamma, "beta": self.grad_beta}
+
+    def zero_grad(self) -> None:
+        self.grad_gamma = self.grad_beta = None
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, batch count 0 (in place)."""
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """Running statistics reset, gamma 1 and beta 0 (in place)."""
+        self.reset_running_stats()
+        if self.affine:
+            self.gamma[...] = 1
+            self.beta[...] = 0
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, momentum={self.momentum}, "

@@ -55,6 +55,13 @@ FORWARD_CASES = [
     ("axis-too-big", ValueError, r"^axis must be in \[-3, 2\]", dict(axis=3)),
     ("axis-too-negative", ValueError, r"^axis must be in", dict(axis=-4)),
     ("axis-float", TypeError, r"^axis must be an int", dict(axis=1.0)),
+    ("axis-str", TypeError, r"^axis must be an int", dict(axis="c")),
+    ("x-matrix", TypeError, r"^x must be an ndarray, not np.matrix", dict(x=np.asmatrix(np.ones((4, C), np.float32)),
+                                                                          gamma=None, beta=None, running_mean=None,
+                                                                          running_var=None)),
+    ("x-masked", TypeError, r"^x must be an ndarray, not a masked array", dict(x=np.ma.masked_less(x_ok(), 0))),
+    ("gamma-masked", TypeError, r"^gamma must be an ndarray, not a masked array",
+     dict(gamma=np.ma.masked_equal(np.ones(C, np.float32), 1))),
     ("gamma-shape", ValueError, r"^gamma must have shape \(3,\)", dict(gamma=np.ones(C + 1, np.float32))),
     ("gamma-2d", ValueError, r"^gamma must have shape", dict(gamma=np.ones((C, 1), np.float32))),
     ("gamma-int", TypeError, r"^gamma must have a floating dtype", dict(gamma=np.ones(C, np.int64))),
@@ -135,6 +142,8 @@ def saved():
     pytest.param(TypeError, r"^dy must have the dtype of x", np.ones((4, C, 5), np.float16), id="dy-float16"),
     pytest.param(TypeError, r"dy", ForeignArray(np.ones((4, C, 5), np.float32)), id="dy-foreign"),
     pytest.param(TypeError, r"^dy must be", [[1.0]], id="dy-list"),
+    pytest.param(TypeError, r"^dy must be an ndarray, not a masked array",
+                 np.ma.masked_less(np.ones((4, C, 5), np.float32), 0), id="dy-masked"),
 ])
 def test_bad_dy_raises(saved, exc, pattern, dy):
     with pytest.raises(exc, match=pattern):
@@ -148,8 +157,10 @@ def test_saved_must_come_from_batch_norm():
 
 @pytest.mark.parametrize("exc, pattern, kwargs", [
     pytest.param(ValueError, r"^num_features must be a positive int", dict(num_features=0), id="zero-features"),
-    pytest.param(ValueError, r"^num_features must be a positive int", dict(num_features=True), id="bool-features"),
-    pytest.param(ValueError, r"^num_features must be a positive int", dict(num_features=2.0), id="float-features"),
+    pytest.param(TypeError, r"^num_features must be a positive int", dict(num_features=True), id="bool-features"),
+    pytest.param(TypeError, r"^num_features must be a positive int", dict(num_features=2.0), id="float-features"),
+    pytest.param(TypeError, r"^axis must be an int", dict(axis="c"), id="axis-str"),
+    pytest.param(TypeError, r"^axis must be an int", dict(axis=1.0), id="axis-float"),
     pytest.param(ValueError, r"^momentum must be in \[0, 1\] or None", dict(momentum=2.0), id="momentum"),
     pytest.param(ValueError, r"^eps must be a finite number > 0", dict(eps=0.0), id="eps"),
     pytest.param(TypeError, r"^dtype must be float16, bfloat16, float32 or float64", dict(dtype=np.int32), id="dtype"),
@@ -188,3 +199,13 @@ def test_layer_bad_input_changes_nothing():
 def test_mixed_array_libraries_name_both():
     with pytest.raises(TypeError, match=r"different libraries.*numpy: x.*otherlib: gamma"):
         cupybn.batch_norm(x_ok(), ForeignArray(np.ones(C, np.float32)))
+
+
+def test_numpy_scalars_are_taken_wherever_python_numbers_are():
+    x = x_ok()
+    y, saved = cupybn.batch_norm(x, training=np.bool_(True), eps=np.float32(1e-5), momentum=np.float64(0.1),
+                                 axis=np.int64(1))
+    assert saved.training is True and y.shape == x.shape
+    bn = cupybn.BatchNorm(np.int64(C), axis=np.int32(-2), eps=np.float64(1e-3), momentum=np.float32(0.5))
+    assert (bn.num_features, bn.axis) == (C, -2) and type(bn.num_features) is int
+    np.testing.assert_array_equal(bn(x), cupybn.batch_norm(x, eps=1e-3, axis=1)[0])

@@ -13,6 +13,7 @@ the device: every decision that depends on the data is taken by the kernels.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import threading
 from typing import Any
@@ -106,6 +107,22 @@ class CupyBackend:
 
     def __repr__(self) -> str:
         return f"CupyBackend({self.name}, threads={self.threads})"
+
+    # A backend is its settings (its compiled kernels, plans and tickets are made
+    # again on first use), its array module by name and its kernel factory.
+    # Copies share it; the process default unpickles as the process default.
+    def __reduce__(self):
+        if default_cupy_backend.cache_info().currsize and self is default_cupy_backend():
+            return default_cupy_backend, ()
+        kernels = None if self._kernels is self.xp else self._kernels
+        return _restore_cupy_backend, (self.xp.__name__, kernels, self.threads, self._sm_count,
+                                       self.values_per_thread, self.vector_loads, self.name)
+
+    def __copy__(self) -> CupyBackend:
+        return self
+
+    def __deepcopy__(self, memo) -> CupyBackend:
+        return self
 
     def owns(self, a) -> bool:
         return isinstance(a, self.xp.ndarray)
@@ -436,11 +453,13 @@ def _as_dtype(result, param):
 def planar_slots(inner: int, vec: int) -> tuple[int, int]:
     """Packs and single values the planar reductions read per row of ``inner`` values.
 
-    A row is a whole number of packs when ``inner`` is a multiple of ``vec``.
-    Otherwise where a row starts varies from row to row, and every row holds
-    at least (inner - vec + 1) // vec aligned packs: those are read as packs,
-    the rest one value at a time (batch_norm.cu: PlanarRows)."""
-    slots = inner // vec if inner % vec == 0 else (inner - vec + 1) // vec
+    Row (n, c) starts at element (n C + c) inner: at a multiple of
+    g = gcd(inner, vec) within a pack, so its head before the first aligned
+    pack is at most vec - g values, and every row holds (inner - vec + g) // vec
+    aligned packs after it (inner / vec, and no head or tail, when inner is a
+    multiple of vec).  Those are read as packs, the rest of each row one value
+    at a time (batch_norm.cu: PlanarRows)."""
+    slots = (inner - vec + math.gcd(inner, vec)) // vec
     return slots, inner - slots * vec
 
 
@@ -510,6 +529,12 @@ class _Launcher:
         except Exception as e:  # CUDA (or host harness) failures: say which kernel
             self._backend._forget_tickets()
             raise KernelLaunchError(f"cupybn kernel {self.name} (grid {grid}, block {block}) failed: {e}") from e
+
+
+def _restore_cupy_backend(xp_name: str, kernels, threads: int, sm_count: int | None, values_per_thread: int,
+                          vector_loads: bool, name: str) -> CupyBackend:
+    return CupyBackend(importlib.import_module(xp_name), kernels, threads=threads, sm_count=sm_count,
+                       values_per_thread=values_per_thread, vector_loads=vector_loads, name=name)
 
 
 @functools.cache

@@ -248,6 +248,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=lambda: [b._forget_pool() for b in list(_LIVE_BACKENDS)])
 
 
+def _default_backend():
+    from . import NUMPY  # noqa: PLC0415 - the package imports this module first
+
+    return NUMPY
+
+
+def _restore_numpy_backend(threads: int, output_cache_bytes: int, default: bool) -> NumpyBackend:
+    return _default_backend() if default else NumpyBackend(threads, output_cache_bytes)
+
+
 class NumpyBackend:
     """Batch Normalization on NumPy arrays.
 
@@ -281,6 +291,18 @@ class NumpyBackend:
 
     def __repr__(self) -> str:
         return f"NumpyBackend(threads={self.threads}, output_cache_bytes={self._outputs.limit})"
+
+    # A backend is its settings; its thread pool and recycled buffers are made
+    # again on first use.  Copies share it (it holds no data of its own), and
+    # the process default unpickles as the process default.
+    def __reduce__(self):
+        return _restore_numpy_backend, (self.threads, self._outputs.limit, self is _default_backend())
+
+    def __copy__(self) -> NumpyBackend:
+        return self
+
+    def __deepcopy__(self, memo) -> NumpyBackend:
+        return self
 
     def clear_cache(self) -> None:
         """Release the idle output buffers kept for recycling."""
