@@ -17,8 +17,10 @@ LOADAVG_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def pytest_collect_file(file_path, parent):
-    # benchmark modules are named bench_*.py so the test run never picks them up
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # benchmark modules are named bench_*.py so the test run never picks them up; a file named
+    # on the command line is pytest's own to collect, and collecting it here too would run it twice
+    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
+            and not parent.session.isinitpath(file_path)):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
