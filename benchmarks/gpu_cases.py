@@ -26,8 +26,9 @@ Settings come from the environment (gpu-check sets them from its options):
 from __future__ import annotations
 
 import math
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,13 +116,11 @@ class Settings:
 
 def _count(get: Callable[[str], str], name: str, default: int, minimum: int) -> int:
     text = get(name)
-    try:
-        value = int(text) if text else default
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
+    if not text:
+        return default
+    if not re.fullmatch(r"\d+", text) or int(text) < minimum:
         raise ValueError(f"{ENV_PREFIX}{name}={text!r}: expected an integer >= {minimum}")
-    return value
+    return int(text)
 
 
 # ---- cases -----------------------------------------------------------------------------------
@@ -204,7 +203,7 @@ def quick_cases(batch: int = RESNET50_BATCH, image: int = RESNET50_IMAGE) -> lis
     return [Case(s, "nchw", "float32") for s in shapes if s == shapes[0] or s[1] in QUICK_CHANNELS]
 
 
-def select_cases(cases: list[Case], patterns: tuple[str, ...] | list[str]) -> list[Case]:
+def select_cases(cases: Sequence[Case], patterns: Sequence[str]) -> list[Case]:
     """The cases whose name contains any of ``patterns`` (all of them when there are none)."""
     if not patterns:
         return list(cases)

@@ -647,8 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="On a machine with an NVIDIA GPU and CuPy: print the device, run the tests with GPU tests "
                     "required, then the GPU benchmarks of benchmarks/bench_gpu.py (the copy roofline, and cupybn, "
                     "torch and textbook CuPy on ResNet-50's BatchNorm shapes); print tables and targets, and write "
-                    "a JSON report.  Exit status: 0 all well, 1 a test failed or an implementation raised, "
-                    "2 no CuPy or GPU.  CUPYBN_GPU_BENCH_* variables reach the benchmarks (benchmarks/gpu_cases.py).")
+                    "a JSON report.  Exit status: 0 all well, 1 a test failed, a sanitizer reported, an implementation "
+                    "raised or the benchmarks did not run through, 2 no CuPy or GPU.  CUPYBN_GPU_BENCH_* "
+                    "variables reach the benchmarks (benchmarks/gpu_cases.py).")
     parser.add_argument("--quick", action="store_true", help="3 shapes, float32, NCHW, fewer rounds: a smoke run")
     parser.add_argument("--cases", action="append", metavar="TEXT",
                         help="only cases whose name contains TEXT (repeatable; names look like "

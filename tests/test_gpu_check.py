@@ -297,6 +297,45 @@ def test_the_event_clock_times_pytest_benchmark_rounds_per_call(tmp_path):
     assert bench["options"]["timer"] == "cuda_event_clock"
 
 
+def fake_cupy(log, stream=0, devices=1):
+    """What cuda_device() uses of CuPy, logging the calls."""
+    class Event:
+        def record(self):
+            log.append("record")
+
+    ns = types.SimpleNamespace
+    runtime = ns(getDeviceCount=lambda: devices, getDeviceProperties=lambda i: {"l2CacheSize": 50 * gc.MIB})
+    return ns(cuda=ns(runtime=runtime, Device=lambda: ns(id=0, synchronize=lambda: log.append("synchronize")),
+                      Event=Event, get_elapsed_time=lambda start, end: 1.5,
+                      get_current_stream=lambda: ns(ptr=stream)),
+              RawKernel=lambda source, name: lambda grid, block, args: log.append(("delay", name, grid, block, args)),
+              copyto=np.copyto, get_default_memory_pool=lambda: ns(free_all_blocks=lambda: log.append("free")))
+
+
+def test_the_cuda_device_compiles_the_delay_first_and_times_on_the_legacy_default_stream(monkeypatch):
+    log = []
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(log))
+    device = gcases.open_device(settings())
+    assert device.kind == "cuda" and device.l2_bytes == 50 * gc.MIB and list(device.copies) == ["copyto", "memcpy"]
+    assert device.torch is None and "not importable" in device.torch_unavailable
+    # the delay kernel: one thread, 100 µs in ns, compiled and run once before any benchmark
+    assert log == [("delay", "gpu_bench_delay", (1,), (1,), (np.uint64(gcases.DELAY_US * 1000),)), "synchronize"]
+    device.clock()  # a round's start, and its benchmark raised before the end
+    device.before_timing()
+    log.clear()
+    device.clock()
+    assert [e if isinstance(e, str) else e[0] for e in log] == ["delay", "record"]  # the next starts afresh
+    device.release()
+    assert log[-2:] == ["synchronize", "free"]
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(log, stream=2))  # e.g. CuPy's per-thread default stream
+    with pytest.raises(RuntimeError, match="legacy default stream"):
+        gcases.open_device(settings()).before_timing()
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(log, devices=0))
+    with pytest.raises(gcases.DeviceUnavailable, match="no NVIDIA GPU"):
+        gcases.open_device(settings())
+
+
 # ---- implementations on NumPy ------------------------------------------------------------
 @functools.cache
 def host_device():
@@ -630,7 +669,7 @@ def _bench(tmp_path, env):
 def _without_torch(tmp_path):
     """PYTHONPATH under which ``import torch`` fails, installed or not."""
     (tmp_path / "no_torch").mkdir(exist_ok=True)
-    (tmp_path / "no_torch" / "torch.py").write_text("raise ImportError('torch is hidden from this test')\n")
+    (tmp_path / "no_torch" / "torch.py").write_text("raise ModuleNotFoundError('torch is hidden from this test')\n")
     return {"PYTHONPATH": str(tmp_path / "no_torch")}
 
 
@@ -668,7 +707,7 @@ def test_the_gpu_benchmarks_run_on_the_host_and_record_every_benchmark(tmp_path)
         assert r["extra_info"] == b["extra_info"] and r["extra_info"]["clock"] == "perf_counter"
     skipped = [r for r in lines if r["outcome"] == "skipped"]
     assert [r["extra_info"]["impl"] for r in skipped] == ["torch"] * 3
-    assert all(r["skipped"] == "torch is not importable (ImportError)" for r in skipped)
+    assert all(r["skipped"] == "torch is not importable (ModuleNotFoundError)" for r in skipped)
 
 
 def test_the_benchmarks_hold_one_case_s_data_at_a_time(monkeypatch):
