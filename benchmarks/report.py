@@ -27,6 +27,8 @@ def load(path: str | Path) -> tuple[dict, dict, dict]:
     nbytes = {}
     for b in doc["benchmarks"]:
         info = b["extra_info"]
+        if "op" not in info:  # bench_gpu.py's, in a run of all benchmarks on a GPU machine: gpu-check reports those
+            continue
         medians[info["case"]][info["op"]][info["impl"]] = b["stats"]["median"] * 1e3
         nbytes[info["case"]] = info["nbytes"]
     machine = dict(doc["machine_info"].get("cupybn", {}))

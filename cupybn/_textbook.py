@@ -6,8 +6,9 @@ per-channel values broadcast), arithmetic in the dtype NumPy picks for the
 inputs, and every intermediate a full-size temporary.  It is the baseline of
 ``python -m cupybn compare`` and of ``benchmarks/``; run in float64 it is also
 the reference those compare against.  The same functions run on CuPy arrays
-(the GPU baseline of ``python -m cupybn gpu-check``): NumPy's ufuncs dispatch
-to CuPy's, and everything else is an array method.
+(the GPU baseline of ``benchmarks/bench_gpu.py``, which ``python -m cupybn
+gpu-check`` runs): NumPy's ufuncs dispatch to CuPy's, and everything else is
+an array method.
 
 Not part of the public API.
 """

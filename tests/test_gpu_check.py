@@ -1,13 +1,17 @@
-"""``python -m cupybn gpu-check`` without a GPU: everything but the CUDA timing.
+"""``python -m cupybn gpu-check`` and the GPU benchmarks it drives, without a GPU.
 
-The command takes its array module, timers and implementations from a
-``GpuEnv``; here that is NumPy with fake timers, so the case list, the timer
-logic, the roofline arithmetic, the targets, the test step, the tables and the
-JSON report are all checked on the CPU.  Only ``probe_gpu`` and the CUDA event
-timers themselves need the real machine.
+The benchmarks (``benchmarks/bench_gpu.py``, their cases in ``benchmarks/gpu_cases.py``,
+imported here by path) run on NumPy arrays with a wall-clock timer when
+CUPYBN_GPU_BENCH_DEVICE=host, so the whole command runs here end to end: the case
+list, the implementations against float64, the records each benchmark appends, the
+roofline arithmetic, the targets, the tables and the JSON report.  The CUDA-event
+clock is checked with fake events.  Only the real events, the delay kernel and
+``probe_gpu`` need the GPU.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import json
 import math
@@ -20,9 +24,11 @@ import types
 import numpy as np
 import pytest
 
-import cupybn
 from cupybn import _gpu_check as gc
 from cupybn import _textbook as textbook
+
+gcases = gc.load_gpu_cases()  # benchmarks/gpu_cases.py of this checkout
+ROOT = gc.benchmarks_dir().parent
 
 # What torchvision's ResNet-50 feeds its BatchNorm layers at batch 256 and 224x224
 # (written out by hand from the architecture: stem, then the four stages).
@@ -33,37 +39,23 @@ RESNET50_SHAPES = [
     (256, 256, 28, 28), (256, 256, 14, 14), (256, 1024, 14, 14),
     (256, 512, 14, 14), (256, 512, 7, 7), (256, 2048, 7, 7),
 ]
+HOST = {"CUPYBN_GPU_BENCH_DEVICE": "host", "CUPYBN_GPU_BENCH_SCALE": "2,16"}
+TINY_CASES = ["2x64x8x8-nchw-f32", "2x256x4x4-nhwc-f16"]  # at HOST's scale
 
 
-# ---- helpers -----------------------------------------------------------------------
-class FakeTimer:
-    """Runs each call once (so the code paths execute) and reports fixed times in µs."""
-
-    def __init__(self, times_us=(100.0, 110.0, 120.0)):
-        self.times_us = list(times_us)
-        self.calls = []
-
-    def __call__(self, fn, inputs, *, warmup, repeat):
-        self.calls.append((len(inputs), warmup, repeat))
-        for a in inputs[:2]:
-            fn(a)
-        return (self.times_us * repeat)[:repeat]
+@pytest.fixture(autouse=True)
+def _no_benchmark_settings_from_outside(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("CUPYBN_GPU_BENCH_"):
+            monkeypatch.delenv(name)
 
 
-def numpy_env(impls=None, timers=None, l2_bytes=1):
-    timer = FakeTimer()
-    return gc.GpuEnv(
-        xp=np,
-        device={"id": 0, "name": "Fake GPU 9000", "compute_capability": "9.0", "sm_count": 4,
-                "memory_bytes": 2**34, "l2_bytes": l2_bytes},
-        versions={"numpy": np.__version__, "cupybn": cupybn.__version__},
-        timers=timers or {"cupy": timer, "torch": timer},
-        impls=impls if impls is not None else [gc.cupybn_impl(), gc.textbook_impl(np)],
-    )
+def settings(**env):
+    return gcases.Settings.from_env({f"CUPYBN_GPU_BENCH_{k.upper()}": v for k, v in env.items()})
 
 
-SMALL_CASES = [gc.Case((6, 3, 4, 5), "nchw", "float32"), gc.Case((6, 3, 4, 5), "nhwc", "float16"),
-               gc.Case((40, 7), "2d", "float32")]
+SMALL_CASES = [gcases.Case((6, 3, 4, 5), "nchw", "float32"), gcases.Case((6, 3, 4, 5), "nhwc", "float16"),
+               gcases.Case((40, 7), "2d", "float32")]
 
 
 def measurement(case="c", mode="forward-train", impl="cupybn", nbytes=100 * gc.MIB, median=1.0, share=0.5,
@@ -73,9 +65,20 @@ def measurement(case="c", mode="forward-train", impl="cupybn", nbytes=100 * gc.M
                           error=error)
 
 
+def record(kind="batch-norm", outcome="passed", median=10.0, **info):
+    """A line as benchmarks/conftest.py writes it."""
+    base = ({"method": "copyto", "nbytes": 10**9} if kind == "copy" else
+            {"case": "c", "shape": [1000, 250], "layout": "2d", "dtype": "float32", "mode": "inference",
+             "impl": "cupybn", "nbytes": 10**6, "inputs": 4, "passes": 2, "max_err": 1e-7})
+    r = {"test": "t", "outcome": outcome, "extra_info": {"kind": kind, **base, **info}}
+    if outcome == "passed":
+        r.update(median_us=median, min_us=median / 2, iqr_us=1.0, rounds=3, iterations=10)
+    return r
+
+
 # ---- cases ---------------------------------------------------------------------------
 def test_resnet50_bn_shapes_are_the_twelve_of_the_network():
-    assert gc.resnet50_bn_shapes() == RESNET50_SHAPES
+    assert gcases.resnet50_bn_shapes() == RESNET50_SHAPES
 
 
 def test_resnet50_bn_shapes_match_torchvision():
@@ -88,11 +91,11 @@ def test_resnet50_bn_shapes_match_torchvision():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
         net(torch.empty(256, 3, 224, 224))
-    assert gc.resnet50_bn_shapes() == list(dict.fromkeys(seen))
+    assert gcases.resnet50_bn_shapes() == list(dict.fromkeys(seen))
 
 
 def test_case_list_has_every_resnet50_shape_in_both_layouts_and_dtypes_and_the_rows_case():
-    cases = gc.all_cases()
+    cases = gcases.all_cases()
     have = {(c.shape, c.layout, c.dtype) for c in cases}
     for shape in RESNET50_SHAPES:
         for layout in ("nchw", "nhwc"):
@@ -101,45 +104,74 @@ def test_case_list_has_every_resnet50_shape_in_both_layouts_and_dtypes_and_the_r
     assert ((8192, 4096), "2d", "float16") in have and ((8192, 4096), "2d", "float32") in have
     assert len(cases) == len(have) == 12 * 4 + 2
     assert len({c.name for c in cases}) == len(cases)
+    assert gcases.selected_cases(settings()) == cases
 
 
 def test_case_names_and_sizes():
-    case = gc.Case((256, 64, 56, 56), "nhwc", "float16")
+    case = gcases.Case((256, 64, 56, 56), "nhwc", "float16")
     assert case.name == "256x64x56x56-nhwc-f16"
     assert case.nbytes == 256 * 64 * 56 * 56 * 2
     assert case.channels == 64
-    assert gc.Case((8192, 4096), "2d", "float32").nbytes == 8192 * 4096 * 4
+    assert gcases.Case((8192, 4096), "2d", "float32").nbytes == 8192 * 4096 * 4
 
 
 def test_quick_is_three_float32_nchw_shapes_of_the_full_list():
-    quick = gc.quick_cases()
-    assert len(quick) == 3
+    quick = gcases.quick_cases()
+    assert [c.shape for c in quick] == [(256, 64, 112, 112), (256, 1024, 14, 14), (256, 2048, 7, 7)]
     assert all(c.dtype == "float32" and c.layout == "nchw" for c in quick)
-    assert set(quick) <= set(gc.all_cases())
+    assert set(quick) <= set(gcases.all_cases())
+    assert gcases.selected_cases(settings(set="quick")) == quick
 
 
 def test_cases_filter_by_substring():
-    cases = gc.all_cases()
-    assert gc.select_cases(cases, None) == cases
-    picked = gc.select_cases(cases, ["7x7-nhwc", "2d-f16"])
+    cases = gcases.all_cases()
+    assert gcases.select_cases(cases, ()) == cases
+    picked = gcases.select_cases(cases, ["7x7-nhwc", "2d-f16"])
     assert {c.name for c in picked} == {"256x512x7x7-nhwc-f32", "256x512x7x7-nhwc-f16", "256x2048x7x7-nhwc-f32",
                                         "256x2048x7x7-nhwc-f16", "8192x4096-2d-f16"}
-    assert gc.select_cases(cases, ["no-such-case"]) == []
+    assert gcases.select_cases(cases, ["no-such-case"]) == []
+    assert gcases.selected_cases(settings(cases="7x7-nhwc, 2d-f16")) == picked
+
+
+def test_the_scale_shrinks_every_case_and_the_names_follow_the_shapes():
+    small = gcases.selected_cases(settings(scale="2,16"))
+    assert all(c.shape[0] == 2 for c in small[:-2])
+    assert small[0].name == "2x64x8x8-nchw-f32"
+    assert [c.shape for c in small[-2:]] == [(64, 292), (64, 292)]  # 8192 * 2/256 rows, 4096 * 16/224 features
+    assert set(TINY_CASES) <= {c.name for c in small}
+    assert gcases.rows_shape() == (8192, 4096)
+
+
+def test_settings_from_the_environment():
+    s = settings()
+    assert (s.case_set, s.patterns, s.device, s.batch, s.image) == ("full", (), "cuda", 256, 224)
+    assert (s.repeat, s.warmup, s.copy_mib) == (gcases.DEFAULT_REPEAT, gcases.DEFAULT_WARMUP, 1024)
+    assert settings(set="quick").repeat == gcases.QUICK_REPEAT
+    host = settings(device="host", repeat="3", warmup="0")
+    assert (host.device, host.repeat, host.warmup, host.copy_mib) == ("host", 3, 0, gcases.HOST_COPY_MIB)
+    assert settings(copy_mib="64").copy_mib == 64
+    for bad in ({"set": "most"}, {"device": "tpu"}, {"repeat": "0"}, {"warmup": "-1"}, {"repeat": "many"},
+                {"scale": "2"}, {"scale": "0,16"}, {"copy_mib": "0"}):
+        name = "CUPYBN_GPU_BENCH_" + next(iter(bad)).upper()
+        with pytest.raises(ValueError, match=name):
+            settings(**bad)
 
 
 def test_rotated_inputs_cover_the_l2_cache_several_times():
-    l2 = 50 * gc.MIB
-    for case in gc.all_cases():
-        n = gc.rotation_count(case.nbytes, l2)
+    l2 = 50 * gcases.MIB
+    for case in gcases.all_cases():
+        n = gcases.rotation_count(case.nbytes, l2)
         assert n >= 2
-        assert n * case.nbytes >= gc.ROTATION_COVER * l2 or n == gc.MAX_ROTATION
-    assert gc.rotation_count(12_845_056, l2) == math.ceil(3 * l2 / 12_845_056)  # the smallest f16 case
-    assert gc.rotation_count(10**9, l2) == 2
+        assert n * case.nbytes >= gcases.ROTATION_COVER * l2 or n == gcases.MAX_ROTATION
+    assert gcases.rotation_count(12_845_056, l2) == math.ceil(3 * l2 / 12_845_056)  # the smallest f16 case
+    assert gcases.rotation_count(10**9, l2) == 2
+    assert gcases.rotation_count(1000, 0) == 2  # the host: no cache to beat
 
 
 # ---- roofline arithmetic -------------------------------------------------------------
-def test_passes_per_mode():
-    assert gc.PASSES == {"forward-train": 3, "inference": 2, "backward": 5}
+def test_passes_per_mode_and_the_targets_cover_every_mode():
+    assert gcases.PASSES == {"forward-train": 3, "inference": 2, "backward": 5}
+    assert gc.MODES == gcases.MODES == tuple(gcases.PASSES)
 
 
 def test_copy_bandwidth_counts_read_and_write():
@@ -149,59 +181,169 @@ def test_copy_bandwidth_counts_read_and_write():
 def test_effective_bandwidth_and_roofline_share():
     nbytes, copy_us = 10**9, 1000.0
     roof = gc.copy_gbps(nbytes, copy_us)
-    for mode, passes in gc.PASSES.items():
+    for mode, passes in gcases.PASSES.items():
         # a mode that moves exactly its passes at the copy's speed sits on the roofline
         at_roof = passes / 2 * copy_us
-        assert gc.effective_gbps(mode, nbytes, at_roof) == pytest.approx(roof)
-        assert gc.roofline_share(mode, nbytes, at_roof, roof) == pytest.approx(1.0)
-        assert gc.roofline_share(mode, nbytes, 2 * at_roof, roof) == pytest.approx(0.5)
-    assert gc.effective_gbps("backward", 10**9, 5000.0) == pytest.approx(1000.0)
+        assert gc.effective_gbps(passes, nbytes, at_roof) == pytest.approx(roof)
+        for time_us, share in ((at_roof, 1.0), (2 * at_roof, 0.5)):
+            r = record(mode=mode, passes=passes, nbytes=nbytes, median=time_us)
+            assert gc.measurement_from_record(r, roof).roofline_share == pytest.approx(share)
+    assert gc.effective_gbps(5, 10**9, 5000.0) == pytest.approx(1000.0)
 
 
-def test_summarize():
-    stats = gc.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
-    assert stats == {"median_us": 3.0, "min_us": 1.0, "iqr_us": 2.0}
+def test_a_record_becomes_a_measurement():
+    m = gc.measurement_from_record(record(median=2.0), 1000.0)  # 1 MB, inference: 2 passes
+    assert (m.case, m.shape, m.mode, m.implementation, m.inputs) == ("c", (1000, 250), "inference", "cupybn", 4)
+    assert (m.median_us, m.min_us, m.iqr_us, m.max_err) == (2.0, 1.0, 1.0, 1e-7)
+    assert m.gbps == pytest.approx(2 * 10**6 / 2.0 / 1e3)
+    assert m.roofline_share == pytest.approx(1.0)
+    assert m.ok
+    bad = gc.measurement_from_record({**record(outcome="failed"), "error": "RuntimeError: out of memory"}, 1000.0)
+    assert not bad.ok and bad.error == "RuntimeError: out of memory" and bad.median_us is None
+    assert gc.measurement_from_record(record(), None).roofline_share is None  # no copy timed
 
 
-# ---- the CUDA-event timer, with fake events -------------------------------------------
-class FakeClock:
+def test_the_roofline_is_the_fastest_copy_and_skipped_implementations_are_unavailable():
+    results = gc.BenchmarkResults([record("copy", median=1000.0), record("copy", method="memcpy", median=800.0),
+                                   record(), {**record(impl="torch", outcome="skipped"), "skipped": "no torch"}])
+    assert results.copy["method"] == "memcpy" and results.copy["gbps"] == pytest.approx(2500.0)
+    assert results.copy["methods"]["copyto"]["gbps"] == pytest.approx(2000.0)
+    assert [m.implementation for m in results.measurements] == ["cupybn"]
+    assert results.measurements[0].roofline_share == pytest.approx(200.0 / 2500.0)
+    assert results.unavailable == {"torch": "no torch"}
+    assert gc.BenchmarkResults([record("copy", outcome="failed")]).copy is None
+
+
+def test_records_are_read_as_they_land(tmp_path):
+    path = tmp_path / "records.jsonl"
+    source = gc.RecordFile(path)
+    assert source.new_records() == []  # nothing written yet
+    path.write_text(json.dumps(record()) + "\n" + '{"test": "half a li')
+    assert [r["test"] for r in source.new_records()] == ["t"]
+    with open(path, "a") as f:
+        f.write('ne", "outcome": "passed", "extra_info": {}}\n')
+    assert source.new_records() == [{"test": "half a line", "outcome": "passed", "extra_info": {}}]
+    assert source.new_records() == []
+
+
+# ---- the CUDA-event clock, with fake events ----------------------------------------------
+class FakeGpu:
+    """A stream's clock in ms: the delay kernel and every call advance it when "executed"."""
+
     def __init__(self):
-        self.now = 0.0  # ms
-        self.synchronized = []
+        self.now = 0.0
+        self.log = []
 
     def event(self):
-        clock = self
+        gpu = self
 
         class Event:
             def record(self):
-                self.at = clock.now
+                self.at = gpu.now
+                gpu.log.append("record")
 
             def synchronize(self):
-                clock.synchronized.append(self)
+                gpu.log.append(("synchronize", self.at))
 
         return Event()
 
+    def delay(self):
+        self.log.append("delay")
+        self.now += 0.1
 
-def test_event_timer_times_each_call_after_the_warm_up_rotating_inputs():
-    clock = FakeClock()
-    order = []
+    def clock(self):
+        return gcases.EventClock(self.event, lambda start, end: end.at - start.at, self.delay)
 
-    def fn(ms):
-        order.append(ms)
-        clock.now += ms
 
-    timer = gc.EventTimer(clock.event, lambda start, end: end.at - start.at)
-    times = timer(fn, [1.0, 2.0, 3.0], warmup=2, repeat=5)
-    assert order == [1.0, 2.0, 1.0, 2.0, 3.0, 1.0, 2.0]  # two warm-up calls, then five timed
-    assert times == pytest.approx([1000.0, 2000.0, 3000.0, 1000.0, 2000.0])  # ms -> µs
-    assert len(clock.synchronized) == 1  # waits once, on the last event
-    with pytest.raises(ValueError):
-        timer(fn, [1.0], warmup=0, repeat=0)
+def test_the_event_clock_delays_the_start_waits_only_for_the_end_and_gives_seconds():
+    gpu = FakeGpu()
+    clock = gpu.clock()
+    start = clock()
+    assert gpu.log == ["delay", "record"]  # the delay is queued before the start event, and nothing waits
+    gpu.now += 3.0  # the round's calls
+    end = clock()
+    assert gpu.log == ["delay", "record", "record"]  # no delay before the end event
+    assert end - start == pytest.approx(3e-3)  # ms on the GPU, seconds for pytest-benchmark
+    assert gpu.log[-1] == ("synchronize", end.event.at)  # waits for the end event only
+    clock()
+    assert gpu.log[-2:] == ["delay", "record"]  # the next round starts with the delay again
+    clock.reset()  # a benchmark that raised mid-round left the clock expecting an end
+    clock()
+    assert gpu.log[-2:] == ["delay", "record"]
+
+
+def test_the_event_clock_times_pytest_benchmark_rounds_per_call(tmp_path):
+    # pytest-benchmark's own runner with the clock as a benchmark marker's timer, as bench_gpu.py uses it
+    (tmp_path / "test_clock.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import pytest\nimport gpu_cases\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom test_gpu_check import FakeGpu\n"
+        "gpu = FakeGpu()\nclock = gpu.clock()\n\n"
+        "def call():\n    gpu.now += 2.0  # each call: 2 ms on the fake GPU\n\n"
+        "@pytest.mark.benchmark(timer=clock)\n"
+        "def test_fake_gpu(benchmark):\n"
+        "    clock.reset()\n"
+        "    benchmark.pedantic(call, rounds=4, warmup_rounds=1, iterations=5)\n"
+        "    assert gpu.log.count('delay') == 5  # a delay per round, the warm-up round's too\n")
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+                             f"--benchmark-json={out}", str(tmp_path / "test_clock.py")], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    bench = json.loads(out.read_text())["benchmarks"][0]
+    assert bench["stats"]["iterations"] == 5 and bench["stats"]["rounds"] == 4
+    # 5 calls of 2 ms a round, the delay before the start event not counted: 2 ms per call, every round
+    assert bench["stats"]["min"] == pytest.approx(2e-3) and bench["stats"]["max"] == pytest.approx(2e-3)
+    assert bench["options"]["timer"] == "cuda_event_clock"
+
+
+def fake_cupy(log, stream=0, devices=1):
+    """What cuda_device() uses of CuPy, logging the calls."""
+    class Event:
+        def record(self):
+            log.append("record")
+
+    ns = types.SimpleNamespace
+    runtime = ns(getDeviceCount=lambda: devices, getDeviceProperties=lambda i: {"l2CacheSize": 50 * gc.MIB})
+    return ns(cuda=ns(runtime=runtime, Device=lambda: ns(id=0, synchronize=lambda: log.append("synchronize")),
+                      Event=Event, get_elapsed_time=lambda start, end: 1.5,
+                      get_current_stream=lambda: ns(ptr=stream)),
+              RawKernel=lambda source, name: lambda grid, block, args: log.append(("delay", name, grid, block, args)),
+              copyto=np.copyto, get_default_memory_pool=lambda: ns(free_all_blocks=lambda: log.append("free")))
+
+
+def test_the_cuda_device_compiles_the_delay_first_and_times_on_the_legacy_default_stream(monkeypatch):
+    log = []
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(log))
+    device = gcases.open_device(settings())
+    assert device.kind == "cuda" and device.l2_bytes == 50 * gc.MIB and list(device.copies) == ["copyto", "memcpy"]
+    assert device.torch is None and "not importable" in device.torch_unavailable
+    # the delay kernel: one thread, 100 µs in ns, compiled and run once before any benchmark
+    assert log == [("delay", "gpu_bench_delay", (1,), (1,), (np.uint64(gcases.DELAY_US * 1000),)), "synchronize"]
+    device.clock()  # a round's start, and its benchmark raised before the end
+    device.before_timing()
+    log.clear()
+    device.clock()
+    assert [e if isinstance(e, str) else e[0] for e in log] == ["delay", "record"]  # the next starts afresh
+    device.release()
+    assert log[-2:] == ["synchronize", "free"]
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(log, stream=2))  # e.g. CuPy's per-thread default stream
+    with pytest.raises(RuntimeError, match="legacy default stream"):
+        gcases.open_device(settings()).before_timing()
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(log, devices=0))
+    with pytest.raises(gcases.DeviceUnavailable, match="no NVIDIA GPU"):
+        gcases.open_device(settings())
 
 
 # ---- implementations on NumPy ------------------------------------------------------------
+@functools.cache
+def host_device():
+    return gcases.host_device()  # imports torch where it is installed: only when a test needs it
+
+
 def test_case_data_layout_dtype_and_distinct_inputs():
-    data = gc.make_case_data(np, gc.Case((4, 3, 5, 6), "nhwc", "float16"), 3)
+    data = gcases.make_case_data(np, gcases.Case((4, 3, 5, 6), "nhwc", "float16"), 3)
     assert len(data.xs) == len(data.dys) == 3
     x = data.xs[0]
     assert x.shape == (4, 3, 5, 6) and x.dtype == np.float16
@@ -209,41 +351,40 @@ def test_case_data_layout_dtype_and_distinct_inputs():
     assert not np.array_equal(data.xs[0], data.xs[1])
     assert data.gamma.dtype == data.running_var.dtype == np.float32
     assert (data.running_var > 0).all()
-    nchw = gc.make_case_data(np, gc.Case((4, 3, 5, 6), "nchw", "float32"), 2)
+    nchw = gcases.make_case_data(np, gcases.Case((4, 3, 5, 6), "nchw", "float32"), 2)
     assert nchw.xs[0].flags.c_contiguous
 
 
-@pytest.mark.parametrize("mode", gc.MODES)
+@pytest.mark.parametrize("mode", gcases.MODES)
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.name)
 def test_every_implementation_matches_the_float64_reference(mode, case):
-    torch = pytest.importorskip("torch") if case.dtype == "float32" else None
-    impls = [gc.cupybn_impl(), gc.textbook_impl(np)] + ([gc.torch_impl(torch, np)] if torch else [])
-    data = gc.make_case_data(np, case, 2)
-    ref = gc.reference_output(np, mode, data)
+    impls = ["cupybn", "textbook"] + (["torch"] if host_device().torch and case.dtype == "float32" else [])
+    data = gcases.make_case_data(np, case, 2)
+    ref = gcases.reference_output(np, mode, data)
     tol = 1e-5 if case.dtype == "float32" else 3e-3
     for impl in impls:
-        target = impl.prepare(mode, data)
+        target = host_device().target(impl, mode, data)
         assert len(target.inputs) == 2
         out = target.output(target.fn(target.inputs[1]))
         assert out.shape == case.shape
-        assert gc.max_rel_err(np, target.output(target.fn(target.inputs[0])), ref) < tol, impl.name
-        assert gc.max_rel_err(np, out, ref) > tol  # the second input is another array
+        assert gcases.max_rel_err(np, target.output(target.fn(target.inputs[0])), ref) < tol, impl
+        assert gcases.max_rel_err(np, out, ref) > tol  # the second input is another array
 
 
 def test_max_rel_err_is_relative_above_one_and_absolute_below():
     ref = np.array([0.5, -4.0, 100.0, 0.0])
     value = np.array([0.25, -4.0, 99.0, 0.0], dtype=np.float32)
-    assert gc.max_rel_err(np, value, ref) == pytest.approx(0.25)  # |0.25 - 0.5| / 1 beats 1 / 100
-    assert gc.max_rel_err(np, value[1:], ref[1:]) == pytest.approx(0.01)
+    assert gcases.max_rel_err(np, value, ref) == pytest.approx(0.25)  # |0.25 - 0.5| / 1 beats 1 / 100
+    assert gcases.max_rel_err(np, value[1:], ref[1:]) == pytest.approx(0.01)
 
 
 def test_reference_is_the_textbook_in_float64():
-    data = gc.make_case_data(np, gc.Case((8, 3, 4, 4), "nchw", "float32"), 1)
+    data = gcases.make_case_data(np, gcases.Case((8, 3, 4, 4), "nchw", "float32"), 1)
     x = data.xs[0].astype(np.float64)
-    y = gc.reference_output(np, "forward-train", data)
+    y = gcases.reference_output(np, "forward-train", data)
     mean = x.mean(axis=(0, 2, 3), keepdims=True)
     var = x.var(axis=(0, 2, 3), keepdims=True)
-    expect = (x - mean) / np.sqrt(var + gc.EPS) * data.gamma.reshape(1, 3, 1, 1) + data.beta.reshape(1, 3, 1, 1)
+    expect = (x - mean) / np.sqrt(var + gcases.EPS) * data.gamma.reshape(1, 3, 1, 1) + data.beta.reshape(1, 3, 1, 1)
     np.testing.assert_allclose(y, expect, rtol=1e-12, atol=1e-12)
 
 
@@ -264,7 +405,7 @@ def test_textbook_backward_is_the_gradient():
         numeric[i] = (loss(x + e) - loss(x - e)) / (2 * h)
     np.testing.assert_allclose(dx, numeric, atol=1e-6)
     np.testing.assert_allclose(dbeta, dy.sum(axis=(0, 2)))
-    xhat = (x - x.mean(axis=(0, 2), keepdims=True)) / np.sqrt(x.var(axis=(0, 2), keepdims=True) + gc.EPS)
+    xhat = (x - x.mean(axis=(0, 2), keepdims=True)) / np.sqrt(x.var(axis=(0, 2), keepdims=True) + gcases.EPS)
     np.testing.assert_allclose(dgamma, (dy * xhat).sum(axis=(0, 2)))
 
 
@@ -278,8 +419,8 @@ def test_textbook_updates_running_statistics_with_the_unbiased_variance():
 
 def test_torch_gets_the_same_memory_in_channels_last_format():
     torch = pytest.importorskip("torch")
-    data = gc.make_case_data(np, gc.Case((4, 3, 5, 6), "nhwc", "float32"), 2)
-    target = gc.torch_impl(torch, np).prepare("forward-train", data)
+    data = gcases.make_case_data(np, gcases.Case((4, 3, 5, 6), "nhwc", "float32"), 2)
+    target = gcases.torch_target(torch, np, "forward-train", data)
     t = target.inputs[0]
     assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     assert t.data_ptr() == data.xs[0].ctypes.data  # no copy
@@ -289,8 +430,8 @@ def test_torch_gets_the_same_memory_in_channels_last_format():
 
 def test_torch_backward_times_the_backward_alone():
     torch = pytest.importorskip("torch")
-    data = gc.make_case_data(np, gc.Case((4, 3, 5), "nchw", "float32"), 2)
-    target = gc.torch_impl(torch, np).prepare("backward", data)
+    data = gcases.make_case_data(np, gcases.Case((4, 3, 5), "nchw", "float32"), 2)
+    target = gcases.torch_target(torch, np, "backward", data)
     calls = []
     real = torch.nn.functional.batch_norm
     torch.nn.functional.batch_norm = lambda *a, **k: calls.append(1) or real(*a, **k)
@@ -300,21 +441,10 @@ def test_torch_backward_times_the_backward_alone():
     finally:
         torch.nn.functional.batch_norm = real
     assert calls == []  # the forward ran once, when the graphs were built
-    assert gc.max_rel_err(np, dx, gc.reference_output(np, "backward", data)) < 1e-5
+    assert gcases.max_rel_err(np, dx, gcases.reference_output(np, "backward", data)) < 1e-5
 
 
-# ---- measurements and targets ------------------------------------------------------------
-def test_measured_fills_bandwidth_and_share():
-    case = gc.Case((1000, 250), "2d", "float32")  # 1 MB
-    m = gc.measured(case, "inference", "cupybn", [2.0, 1.0, 3.0], 1000.0, inputs=4, max_err=1e-7)
-    assert (m.median_us, m.min_us, m.inputs, m.max_err) == (2.0, 1.0, 4, 1e-7)
-    assert m.gbps == pytest.approx(2 * 10**6 / 2.0 / 1e3)
-    assert m.roofline_share == pytest.approx(1.0)
-    assert m.ok
-    bad = gc.failed(case, "backward", "torch", RuntimeError("out of\nmemory"), inputs=4)
-    assert not bad.ok and bad.error == "RuntimeError: out of memory" and bad.median_us is None
-
-
+# ---- targets ------------------------------------------------------------------------------
 def test_roofline_targets_judge_large_inputs_only():
     rows = [measurement("big1", share=0.85), measurement("big2", share=0.81),
             measurement("small", nbytes=gc.MIB, share=0.10),
@@ -342,7 +472,10 @@ def test_a_failed_large_case_misses_the_target_and_no_data_is_not_measured():
     assert t["met"] is False and "failed" in t["note"]
     only_failed = [measurement("big2", error="NotImplementedError: no backend")]
     t = next(t for t in gc.evaluate_targets(only_failed) if t["name"] == "forward-train-roofline")
-    assert t["met"] is None
+    assert t["met"] is None and "failed on all" in t["note"]
+    no_roofline = [measurement("big1", share=None)]
+    t = next(t for t in gc.evaluate_targets(no_roofline) if t["name"] == "forward-train-roofline")
+    assert t["met"] is None and t["note"] == "not measured"
     assert all(t["met"] is None for t in gc.evaluate_targets([]))
 
 
@@ -370,7 +503,20 @@ def test_ratio_is_cupybn_over_the_other():
     assert gc.ratio(rows, "a", "forward-train", "torch") is None
 
 
-# ---- the test step ------------------------------------------------------------------------
+def test_exit_status_needs_passing_tests_clean_sanitizers_and_every_benchmark():
+    ran, passed, failed = gc.TestRun(ran=False), gc.TestRun(ran=True, exit_status=0), gc.TestRun(ran=True,
+                                                                                                  exit_status=1)
+    ok = [measurement()]
+    assert gc.exit_status(ran, [], passed, ok) == 0
+    assert gc.exit_status(failed, [], passed, ok) == 1
+    assert gc.exit_status(ran, [], failed, ok) == 1  # e.g. a benchmark module that did not import
+    assert gc.exit_status(ran, [], gc.TestRun(ran=True, exit_status=None), ok) == 1  # timed out
+    assert gc.exit_status(ran, [], ran, []) == 1  # not a checkout: nothing benchmarked
+    assert gc.exit_status(ran, [], passed, []) == 1
+    assert gc.exit_status(ran, [], passed, ok + [measurement(error="ValueError: x")]) == 1
+
+
+# ---- pytest runs: the test step and the benchmark step ----------------------------------------
 def test_parse_pytest_counts():
     assert gc.parse_pytest_counts("x\n1 failed, 510 passed in 80.71s (0:01:20)\n") == {"failed": 1, "passed": 510}
     text = "....\n===== 3 passed, 2 skipped, 1 error, 4 warnings in 1.20s =====\n"
@@ -382,16 +528,32 @@ def test_parse_pytest_counts():
 
 
 def test_run_tests_requires_gpu_tests_and_records_the_outcome(tmp_path):
-    script = ("import os\nprint('CUPYBN_REQUIRE_GPU=' + os.environ['CUPYBN_REQUIRE_GPU'])\n"
+    script = ("import os\nprint('CUPYBN_REQUIRE_GPU=' + os.environ['CUPYBN_REQUIRE_GPU'] + ' ' + os.environ['X'])\n"
               "print('2 failed, 5 passed, 1 skipped in 0.10s')\nraise SystemExit(1)\n")
     out = io.StringIO()
-    result = gc.run_tests([sys.executable, "-c", script], tmp_path, out)
-    assert "CUPYBN_REQUIRE_GPU=1" in out.getvalue()  # echoed as it ran
+    result = gc.run_tests([sys.executable, "-c", script], tmp_path, out, env={"X": "extra"})
+    assert "CUPYBN_REQUIRE_GPU=1 extra" in out.getvalue()  # echoed as it ran
     assert result.exit_status == 1 and not result.passed
     assert result.counts == {"failed": 2, "passed": 5, "skipped": 1}
     ok = gc.run_tests([sys.executable, "-c", "print('7 passed in 0.01s')"], tmp_path, io.StringIO())
     assert ok.passed and ok.exit_status == 0 and ok.counts == {"passed": 7}
     assert gc.TestRun(ran=False).passed
+
+
+def test_output_reaches_the_caller_before_the_line_ends(tmp_path):
+    # pytest -q prints a progress letter per test and a newline only every 80 or so
+    script = "import sys, time\nsys.stdout.write('.')\nsys.stdout.flush()\ntime.sleep(60)\n"
+    seen = []
+
+    def on_output():
+        seen.append(out.getvalue())
+        raise KeyboardInterrupt  # stops waiting: the letter came before the line's end
+
+    out = io.StringIO()
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        gc.run_tests([sys.executable, "-c", script], tmp_path, out, timeout_s=10, on_output=on_output)
+    assert seen == ["."] and time.perf_counter() - started < 5  # not when the time-out ends the line
 
 
 def test_a_hanging_test_suite_is_killed(tmp_path):
@@ -416,23 +578,41 @@ def test_the_test_step_selects_the_gpu_tests_only():
     assert any("test_cupy_gpu.py" in i for i in ids) and any("[cupy-gpu" in i or "-cupy-gpu" in i for i in ids)
 
 
+def _wait_until_gone(pid):
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _sleeper_with_a_child(marker):
+    return (f"import subprocess, sys, time\n"
+            f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            f"open({str(marker)!r}, 'w').write(str(child.pid))\n"
+            f"print('started', flush=True)\n"
+            f"time.sleep(60)\n")
+
+
 def test_a_timed_out_suite_is_killed_with_every_process_it_started(tmp_path):
     marker = tmp_path / "child.pid"
-    script = (f"import subprocess, sys, time\n"
-              f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-              f"open({str(marker)!r}, 'w').write(str(child.pid))\n"
-              f"time.sleep(60)\n")
-    result = gc.run_tests([sys.executable, "-c", script], tmp_path, io.StringIO(), timeout_s=3)
+    result = gc.run_tests([sys.executable, "-c", _sleeper_with_a_child(marker)], tmp_path, io.StringIO(), timeout_s=3)
     assert result.exit_status is None and "killed" in result.note
-    child = int(marker.read_text())
-    for _ in range(50):  # the kill reaches the grandchild too
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the suite's child process survived the time-out")
+    assert _wait_until_gone(int(marker.read_text())), "the suite's child process survived the time-out"
+
+
+def test_an_interrupted_run_is_killed_with_every_process_it_started(tmp_path):
+    marker = tmp_path / "child.pid"
+
+    def interrupt():
+        raise KeyboardInterrupt  # what gpu-check sees when its own slot ends
+
+    with pytest.raises(KeyboardInterrupt):
+        gc.run_tests([sys.executable, "-c", _sleeper_with_a_child(marker)], tmp_path, io.StringIO(), timeout_s=30,
+                     on_output=interrupt)
+    assert _wait_until_gone(int(marker.read_text())), "the run's child process survived the interrupt"
 
 
 def _fake_sanitizer(tmp_path, exit_status):
@@ -449,132 +629,244 @@ def test_compute_sanitizer_runs_memcheck_and_racecheck_on_the_smoke_calls(tmp_pa
     assert "sanitizer memcheck on -m cupybn._gpu_smoke" in out.getvalue()
     dirty = gc.run_sanitizers(io.StringIO(), executable=_fake_sanitizer(tmp_path, 1))
     assert not any(r["clean"] for r in dirty)
-    assert gc.exit_status(gc.TestRun(ran=False), [], dirty) == 1
-    assert gc.exit_status(gc.TestRun(ran=False), [], clean) == 0
+    passed = gc.TestRun(ran=True, exit_status=0)
+    assert gc.exit_status(gc.TestRun(ran=False), dirty, passed, [measurement()]) == 1
+    assert gc.exit_status(gc.TestRun(ran=False), clean, passed, [measurement()]) == 0
     missing = [{"tool": "memcheck", "ran": False, "note": "not on PATH"}]
-    assert gc.exit_status(gc.TestRun(ran=False), [], missing) == 0
+    assert gc.exit_status(gc.TestRun(ran=False), missing, passed, [measurement()]) == 0
 
 
-def test_tests_folder_is_found_in_a_checkout():
+def test_tests_and_benchmarks_are_found_in_a_checkout():
     assert gc.tests_dir() is not None and (gc.tests_dir() / "test_gpu_check.py").is_file()
+    assert (gc.benchmarks_dir() / "bench_gpu.py").is_file()
+    assert gc.load_gpu_cases() is gcases
 
 
-# ---- the whole command on NumPy ------------------------------------------------------------
-def _run(tmp_path, argv, env, **kw):
-    args = gc.build_parser().parse_args(argv + ["--copy-mib", "1", "--repeat", "3", "--warmup", "1",
-                                                "--json", str(tmp_path)])
-    out = io.StringIO()
-    status = gc.run(args, env, argv=argv, stream=out, cases=kw.pop("cases", SMALL_CASES), today="2026-01-02", **kw)
-    return status, out.getvalue(), tmp_path / "gpu-fake-gpu-9000-2026-01-02.json"
+def test_the_benchmark_step_is_pytest_benchmark_on_bench_gpu_with_the_options_as_settings():
+    command = gc.benchmark_command(gc.Path("out.json"))
+    assert command[:5] == [sys.executable, "-m", "pytest", "benchmarks/bench_gpu.py", "--benchmark-only"]
+    assert command[-2:] == ["--benchmark-json", "out.json"]
+    args = gc.build_parser().parse_args(["--quick", "--cases", "7x7", "--cases", "2d", "--repeat", "3",
+                                         "--warmup", "0", "--copy-mib", "16"])
+    env = gc.benchmark_environment(args)
+    assert env == {"CUPYBN_GPU_BENCH_SET": "quick", "CUPYBN_GPU_BENCH_CASES": "7x7,2d",
+                   "CUPYBN_GPU_BENCH_REPEAT": "3", "CUPYBN_GPU_BENCH_WARMUP": "0", "CUPYBN_GPU_BENCH_COPY_MIB": "16"}
+    s = gcases.Settings.from_env(env)
+    assert (s.case_set, s.patterns, s.repeat, s.warmup, s.copy_mib) == ("quick", ("7x7", "2d"), 3, 0, 16)
+    assert gc.benchmark_environment(gc.build_parser().parse_args([])) == {}
 
 
+# ---- the benchmarks on their own ----------------------------------------------------------------
+def _bench(tmp_path, env):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "pytest", "benchmarks/bench_gpu.py", "--benchmark-only", "-q", "-rs",
+               "-p", "no:cacheprovider", f"--benchmark-json={out}"]
+    result = subprocess.run(command, cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True,
+                            timeout=300)
+    return result, out
+
+
+def _without_torch(tmp_path):
+    """PYTHONPATH under which ``import torch`` fails, installed or not."""
+    (tmp_path / "no_torch").mkdir(exist_ok=True)
+    (tmp_path / "no_torch" / "torch.py").write_text("raise ModuleNotFoundError('torch is hidden from this test')\n")
+    return {"PYTHONPATH": str(tmp_path / "no_torch")}
+
+
+def test_the_gpu_benchmarks_skip_cleanly_without_a_gpu(tmp_path):
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            pytest.skip("there is a GPU here")
+    except Exception:
+        pass
+    result, _ = _bench(tmp_path, {})
+    assert result.returncode in (0, 5), result.stdout + result.stderr
+    assert "1 skipped" in result.stdout and "CUPYBN_GPU_BENCH_DEVICE=host" in result.stdout
+    assert "CuPy is not importable" in result.stdout or "GPU" in result.stdout
+
+
+def test_the_gpu_benchmarks_run_on_the_host_and_record_every_benchmark(tmp_path):
+    records = tmp_path / "records.jsonl"
+    result, out = _bench(tmp_path, {**HOST, "CUPYBN_GPU_BENCH_CASES": TINY_CASES[0], "CUPYBN_GPU_BENCH_REPEAT": "2",
+                                    "CUPYBN_GPU_BENCH_RESULTS": str(records), **_without_torch(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    timed = [b["extra_info"]["impl"] for b in benchmarks if b["group"].startswith("gpu-2x64x8x8")]
+    # case-major: every mode and implementation of the case, in order; torch skips, and says why
+    assert timed == ["cupybn", "textbook"] * 3
+    assert [b["group"] for b in benchmarks[:1]] == ["gpu-copy"]
+    assert [(r["extra_info"]["mode"], r["extra_info"]["impl"]) for r in lines[1:]] == [
+        (m, i) for m in gcases.MODES for i in gcases.IMPLEMENTATIONS]
+    for b, r in zip(benchmarks, (r for r in lines if r["outcome"] == "passed"), strict=True):
+        assert b["stats"]["iterations"] == r["iterations"] == gcases.CALLS_PER_ROUND
+        assert b["stats"]["rounds"] == r["rounds"] == 2
+        assert r["median_us"] == pytest.approx(b["stats"]["median"] * 1e6)
+        assert r["extra_info"] == b["extra_info"] and r["extra_info"]["clock"] == "perf_counter"
+    skipped = [r for r in lines if r["outcome"] == "skipped"]
+    assert [r["extra_info"]["impl"] for r in skipped] == ["torch"] * 3
+    assert all(r["skipped"] == "torch is not importable (ModuleNotFoundError)" for r in skipped)
+
+
+def test_the_benchmarks_hold_one_case_s_data_at_a_time(monkeypatch):
+    monkeypatch.setenv("CUPYBN_GPU_BENCH_DEVICE", "host")
+    monkeypatch.setitem(sys.modules, "torch", None)  # not needed here, and slow to import
+    spec = importlib.util.spec_from_file_location("bench_gpu_here", ROOT / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    released = []
+    monkeypatch.setattr(bench.DEVICE, "release", lambda: released.append((bench.DATA.key, bench.REFERENCE.key)))
+    built = []
+
+    def build(name):
+        return lambda: built.append(name) or name
+
+    assert bench.DATA.get("a", build("a")) == "a" and bench.REFERENCE.get(("a", "inference"), build("ref")) == "ref"
+    assert bench.DATA.get("a", build("a again")) == "a" and built == ["a", "ref"]  # the benchmarks of a case share it
+    released.clear()
+    assert bench.DATA.get("b", build("b")) == "b"
+    # the reference and the data of "a" are dropped, and memory handed back, before "b" is built
+    assert released[-1] == (None, None) and built[-1] == "b"
+    assert bench.REFERENCE.key is None and bench.DATA.key == "b"
+
+
+# ---- the whole command, on the host ---------------------------------------------------------
 REPORT_KEYS = {"schema": str, "date": str, "command": list, "complete": bool, "device": dict, "versions": dict,
-               "settings": dict, "implementations": dict, "tests": dict, "sanitizers": list, "copy": dict,
-               "measurements": list, "targets": list, "exit_status": int}
+               "settings": dict, "implementations": dict, "tests": dict, "sanitizers": list, "benchmarks": dict,
+               "copy": dict, "measurements": list, "targets": list, "exit_status": int}
 MEASUREMENT_KEYS = {"case": str, "shape": list, "layout": str, "dtype": str, "mode": str, "implementation": str,
                     "nbytes": int, "inputs": int, "median_us": float, "min_us": float, "iqr_us": float,
                     "gbps": float, "roofline_share": float, "max_err": float, "error": type(None)}
 TARGET_KEYS = {"name", "mode", "threshold", "description", "cases", "cases_met", "value", "worst_case", "met"}
+FAST = ["--no-tests", "--no-sanitizers", "--repeat", "2", "--warmup", "1"]
 
 
-def test_whole_run_on_numpy_writes_the_report(tmp_path):
-    status, out, path = _run(tmp_path, ["--no-tests"], numpy_env())
-    assert status == 0
+def _host_without_torch(monkeypatch, tmp_path, env=HOST):
+    """The host settings of ``env``, with torch hidden here and in the benchmarks' process: importing it
+    takes seconds, and the test with torch is the one above."""
+    monkeypatch.setitem(sys.modules, "torch", None)
+    for name, value in {**env, **_without_torch(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+
+
+def _gpu_check_here(monkeypatch, tmp_path, argv, env=HOST):
+    """gpu-check in this process on the host, without torch; (exit status, output, report)."""
+    _host_without_torch(monkeypatch, tmp_path, env)
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    status = gc.main([*argv, "--json", str(tmp_path / "report.json")])
+    return status, out.getvalue(), json.loads((tmp_path / "report.json").read_text())
+
+
+def test_gpu_check_on_the_host_benchmarks_every_case_mode_and_implementation(tmp_path):
+    argv = [*FAST, "--cases", TINY_CASES[0], "--cases", TINY_CASES[1], "--json", str(tmp_path)]
+    result = subprocess.run([sys.executable, "-m", "cupybn", "gpu-check", *argv], cwd=ROOT,
+                            env=dict(os.environ, **HOST), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    (path,) = tmp_path.glob("gpu-host-*[0-9].json")
     report = json.loads(path.read_text())
     for key, kind in REPORT_KEYS.items():
         assert isinstance(report[key], kind), key
-    assert report["schema"] == gc.SCHEMA and report["date"] == "2026-01-02"
-    assert report["command"] == ["python", "-m", "cupybn", "gpu-check", "--no-tests"]
-    assert report["device"]["name"] == "Fake GPU 9000"
-    assert report["tests"]["ran"] is False
-    assert report["copy"]["gbps"] == pytest.approx(2 * gc.MIB / 110.0 / 1e3)
+    assert report["schema"] == gc.SCHEMA and report["complete"] is True and report["exit_status"] == 0
+    assert report["command"] == ["python", "-m", "cupybn", "gpu-check", *argv]
+    assert report["device"]["name"] == "host" and report["settings"]["device"] == "host"
+    assert report["tests"]["ran"] is False and report["benchmarks"]["exit_status"] == 0
+    run, unavailable = report["implementations"]["run"], report["implementations"]["unavailable"]
+    assert sorted(run + list(unavailable)) == sorted(gcases.IMPLEMENTATIONS)
+    assert ("torch" in unavailable) == (host_device().torch is None)
+    copy = report["copy"]
+    assert copy["nbytes"] == gcases.HOST_COPY_MIB * gc.MIB and copy["gbps"] > 0
     rows = report["measurements"]
-    assert len(rows) == len(SMALL_CASES) * 3 * 2
-    assert {(r["case"], r["mode"], r["implementation"]) for r in rows} == {
-        (c.name, m, i) for c in SMALL_CASES for m in gc.MODES for i in ("cupybn", "textbook")}
+    assert [(r["case"], r["mode"], r["implementation"]) for r in rows] == [
+        (c, m, i) for c in TINY_CASES for m in gcases.MODES for i in gcases.IMPLEMENTATIONS if i in run]
     for r in rows:
         assert set(r) == set(MEASUREMENT_KEYS)
         for key, kind in MEASUREMENT_KEYS.items():
             assert isinstance(r[key], kind), key
-        assert r["median_us"] == 110.0 and r["inputs"] == 2
+        assert 0 < r["min_us"] <= r["median_us"] < 1e6 and r["inputs"] == 2
         assert r["max_err"] < (1e-5 if r["dtype"] == "float32" else 3e-3)
-        expect = gc.PASSES[r["mode"]] * r["nbytes"] / 110.0 / 1e3
+        expect = gcases.PASSES[r["mode"]] * r["nbytes"] / r["median_us"] / 1e3
         assert r["gbps"] == pytest.approx(expect)
-        assert r["roofline_share"] == pytest.approx(expect / report["copy"]["gbps"])
+        assert r["roofline_share"] == pytest.approx(expect / copy["gbps"])
     assert [t["name"] for t in report["targets"]] == [
         "forward-train-roofline", "inference-roofline", "backward-roofline",
         "forward-train-vs-torch", "inference-vs-torch", "backward-vs-torch"]
     assert all(set(t) >= TARGET_KEYS for t in report["targets"])
-    assert report["exit_status"] == 0
-    # the printed tables: a header per case, every mode, the overview and the targets
-    for case in SMALL_CASES:
-        assert f"] {case.name}: x " in out
-    assert out.count("forward-train cupybn") == len(SMALL_CASES)
+    # pytest-benchmark's own file has the same measurements
+    (bench_json,) = tmp_path.glob("*.pytest-benchmark.json")
+    assert len(json.loads(bench_json.read_text())["benchmarks"]) == 1 + len(rows)
+    # the printed tables: the copy, a table per case, every mode, the overview and the targets
+    assert "== copy roofline" in out
+    for i, case in enumerate(TINY_CASES, 1):
+        assert f"[{i}/2, " in out and f"] {case}: x " in out
+    assert out.count("forward-train cupybn") == len(TINY_CASES)
     assert "== overview" in out and "== targets" in out and "exit status 0" in out
 
 
 def test_a_run_cut_short_leaves_a_report_of_the_cases_done(tmp_path, monkeypatch):
-    # A slot can end at any time: the report is written after every case.
-    real = gc.benchmark_case
-    done = []
+    # A slot can end at any time: the report is rewritten as every benchmark finishes.
+    real = gc.BenchmarkWatch.add
 
-    def second_case_is_cut(env, case, *args, **kwargs):
-        if done:
+    def second_case_is_cut(watch, record):
+        if record["extra_info"].get("case") == TINY_CASES[1]:
             raise KeyboardInterrupt  # what a killed run looks like from here
-        done.append(case.name)
-        return real(env, case, *args, **kwargs)
+        real(watch, record)
 
-    monkeypatch.setattr(gc, "benchmark_case", second_case_is_cut)
+    monkeypatch.setattr(gc.BenchmarkWatch, "add", second_case_is_cut)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, ["--no-tests", "--no-sanitizers"], numpy_env(), cases=SMALL_CASES[:2])
-    report = json.loads((tmp_path / "gpu-fake-gpu-9000-2026-01-02.json").read_text())
+        _gpu_check_here(monkeypatch, tmp_path, [*FAST, "--cases", TINY_CASES[0], "--cases", TINY_CASES[1]])
+    report = json.loads((tmp_path / "report.json").read_text())
     assert report["complete"] is False and report["exit_status"] is None
-    assert {r["case"] for r in report["measurements"]} == {SMALL_CASES[0].name}
+    assert [(r["case"], r["mode"], r["implementation"]) for r in report["measurements"]] == [
+        (TINY_CASES[0], m, i) for m in gcases.MODES for i in ("cupybn", "textbook")]
     assert report["copy"]["gbps"] > 0
 
 
-def test_an_implementation_that_raises_is_recorded_and_fails_the_command(tmp_path):
-    def prepare(mode, data):
-        raise NotImplementedError("no CuPy backend yet")
+def test_an_implementation_that_raises_is_recorded_and_fails_the_command(tmp_path, monkeypatch):
+    # One value per channel: training (forward and the forward that backward needs) cannot estimate a
+    # variance, so cupybn raises there, and the textbook's running variance divides by zero.
+    status, out, report = _gpu_check_here(monkeypatch, tmp_path, [*FAST, "--cases", "1x2048x1x1-nchw-f32"],
+                                          env={**HOST, "CUPYBN_GPU_BENCH_SCALE": "1,16"})
+    assert status == 1 and report["exit_status"] == 1 and report["complete"] is True
+    assert report["benchmarks"]["exit_status"] == 1
+    errors = {(r["mode"], r["implementation"]): r["error"] for r in report["measurements"] if r["error"]}
+    assert errors[("forward-train", "cupybn")].startswith("ValueError: training needs at least 2 values per channel")
+    assert ("backward", "cupybn") in errors and ("forward-train", "textbook") in errors
+    assert all(r["median_us"] > 0 for r in report["measurements"] if (r["mode"], r["implementation"]) not in errors)
+    assert {r["mode"] for r in report["measurements"] if not r["error"]} >= {"inference"}
+    assert "error: ValueError: training needs" in out
 
-    env = numpy_env(impls=[gc.Impl("cupybn", prepare, "cupy"), gc.textbook_impl(np)])
-    status, out, path = _run(tmp_path, ["--no-tests"], env, cases=SMALL_CASES[:1])
-    assert status == 1
-    report = json.loads(path.read_text())
-    assert report["exit_status"] == 1
-    errors = [r for r in report["measurements"] if r["error"]]
-    assert len(errors) == 3 and all(r["implementation"] == "cupybn" for r in errors)
-    assert errors[0]["error"] == "NotImplementedError: no CuPy backend yet"
-    assert all(r["median_us"] for r in report["measurements"] if r["implementation"] == "textbook")
-    assert "error: NotImplementedError" in out
 
-
-def test_failing_tests_fail_the_command_but_the_benchmarks_still_run(tmp_path):
+def test_failing_tests_fail_the_command_but_the_benchmarks_still_run(tmp_path, monkeypatch):
+    _host_without_torch(monkeypatch, tmp_path)
+    args = gc.build_parser().parse_args([*FAST[1:], "--cases", TINY_CASES[0], "--json", str(tmp_path / "r.json")])
     failing = [sys.executable, "-c", "print('1 failed, 2 passed in 0.01s'); raise SystemExit(1)"]
-    status, out, path = _run(tmp_path, [], numpy_env(), cases=SMALL_CASES[:1], test_command=failing)
-    assert status == 1
-    report = json.loads(path.read_text())
+    out = io.StringIO()
+    assert gc.run(args, gc.host_machine(), stream=out, test_command=failing) == 1
+    report = json.loads((tmp_path / "r.json").read_text())
     assert report["tests"]["exit_status"] == 1 and report["tests"]["counts"] == {"failed": 1, "passed": 2}
-    assert len(report["measurements"]) == 6 and all(r["error"] is None for r in report["measurements"])
-    assert "FAILED" in out
-    passing = [sys.executable, "-c", "print('2 passed in 0.01s')"]
-    assert _run(tmp_path, [], numpy_env(), cases=SMALL_CASES[:1], test_command=passing)[0] == 0
+    assert report["measurements"] and all(r["error"] is None for r in report["measurements"])
+    assert "FAILED" in out.getvalue()
 
 
-def test_torch_rows_and_ratios_appear_when_torch_runs(tmp_path):
-    torch = pytest.importorskip("torch")
-    timers = {"cupy": FakeTimer([100.0]), "torch": FakeTimer([200.0])}
-    env = numpy_env(impls=[gc.cupybn_impl(), gc.torch_impl(torch, np), gc.textbook_impl(np)], timers=timers)
-    status, out, path = _run(tmp_path, ["--no-tests"], env, cases=[SMALL_CASES[0]])
-    assert status == 0
-    report = json.loads(path.read_text())
-    torch_rows = [r for r in report["measurements"] if r["implementation"] == "torch"]
-    assert len(torch_rows) == 3 and all(r["max_err"] < 1e-5 for r in torch_rows)
-    vs_torch = [t for t in report["targets"] if t["name"].endswith("vs-torch")]
-    assert all(t["met"] is True and t["value"] == pytest.approx(0.5) for t in vs_torch)
-    assert "0.50" in out
+def test_outside_a_checkout_the_benchmarks_are_not_run_and_the_report_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gc, "benchmarks_dir", lambda: None)
+    monkeypatch.setattr(gc, "tests_dir", lambda: None)
+    assert gc.main(["--list"]) == 2
+    assert "needs a checkout" in capsys.readouterr().err
+    args = gc.build_parser().parse_args(["--no-sanitizers", "--json", str(tmp_path / "r.json")])
+    out = io.StringIO()
+    assert gc.run(args, gc.host_machine(), stream=out) == 1
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["benchmarks"]["ran"] is False and "need a checkout" in report["benchmarks"]["note"]
+    assert report["measurements"] == [] and report["complete"] is True
+    assert "need a checkout" in out.getvalue()
 
 
+# ---- output -------------------------------------------------------------------------------------
 def test_json_path():
     assert gc.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     default = gc.resolve_json_path(None, "NVIDIA H100 80GB HBM3", "2026-05-06")
@@ -585,13 +877,15 @@ def test_json_path():
 
 
 def test_case_table_shows_ratios_and_errors():
-    case = SMALL_CASES[0]
-    rows = [gc.measured(case, "forward-train", "cupybn", [10.0], 1000.0, inputs=2, max_err=2e-7),
-            gc.measured(case, "forward-train", "textbook", [40.0], 1000.0, inputs=2),
-            gc.failed(case, "backward", "cupybn", ValueError("bad"), inputs=2)]
-    table = gc.format_case_table(case, rows, repeat=3)
+    rows = [gc.measurement_from_record(record(mode="forward-train", passes=3, median=10.0), 1000.0),
+            gc.measurement_from_record(record(mode="forward-train", passes=3, impl="textbook", median=40.0,
+                                              max_err=2e-7), 1000.0),
+            gc.measurement_from_record({**record(mode="backward", outcome="failed"), "error": "ValueError: bad"},
+                                       1000.0)]
+    table = gc.format_case_table(rows, repeat=3, calls=10)
     assert "0.25" in table and "2.0e-07" in table and "error: ValueError: bad" in table
-    assert table.splitlines()[0].startswith(case.name)
+    assert table.splitlines()[0].startswith("c: x 1.0 MB, 4 inputs rotated, median of 3 rounds of 10 calls")
+    assert [line.split()[0] for line in table.splitlines()[2:]] == ["forward-train", "textbook", "backward"]
 
 
 def test_format_targets_marks_each_target():
@@ -604,7 +898,7 @@ def test_format_targets_marks_each_target():
 def test_without_cupy_the_command_exits_2_with_one_line():
     code = ("import sys\nsys.modules['cupy'] = None\n"  # makes 'import cupy' fail even where CuPy is installed
             "from cupybn.__main__ import main\nraise SystemExit(main(['gpu-check', '--no-tests']))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -618,7 +912,7 @@ def test_python_m_cupybn_gpu_check_without_cupy():
         pass
     else:
         pytest.skip("CuPy is importable here; the test above blocks it explicitly")
-    result = subprocess.run([sys.executable, "-m", "cupybn", "gpu-check", "--quick"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "cupybn", "gpu-check", "--quick"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("gpu-check: CuPy is not importable")
@@ -635,21 +929,28 @@ def test_cupy_without_a_gpu_exits_2(monkeypatch, capsys):
     assert err == "gpu-check: no usable NVIDIA GPU: cudaErrorNoDevice: no CUDA-capable device is detected\n"
 
 
-def test_usage_errors_exit_2(capsys):
+def test_usage_errors_exit_2(capsys, monkeypatch):
     assert gc.main(["--cases", "no-such-case"]) == 2
     assert gc.main(["--repeat", "0"]) == 2
-    assert "no case matches" in capsys.readouterr().err
+    monkeypatch.setenv("CUPYBN_GPU_BENCH_DEVICE", "tpu")
+    assert gc.main(["--list"]) == 2
+    err = capsys.readouterr().err
+    assert "no case matches" in err and "CUPYBN_GPU_BENCH_DEVICE='tpu'" in err
 
 
-def test_list_needs_no_gpu(capsys):
+def test_list_needs_no_gpu(capsys, monkeypatch):
     assert gc.main(["--list", "--quick"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == [c.name for c in gc.quick_cases()]
+    assert [line.split()[0] for line in lines] == [c.name for c in gcases.quick_cases()]
+    monkeypatch.setenv("CUPYBN_GPU_BENCH_SCALE", "2,16")
+    assert gc.main(["--list", "--cases", "2d"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["64x292-2d-f32", "64x292-2d-f16"]
 
 
 def test_importing_the_module_imports_neither_cupy_nor_torch():
     code = ("import sys\nimport cupybn._gpu_check, cupybn.__main__\n"
+            "cupybn._gpu_check.load_gpu_cases()\n"
             "print(sorted(m for m in ('cupy', 'torch') if m in sys.modules))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
