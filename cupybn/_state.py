@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .backends import _is_cupy_array
+
 # state-dict name -> the layer's attribute
 ARRAYS = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean", "running_var": "running_var"}
 COUNT = "num_batches_tracked"
@@ -19,10 +21,7 @@ COUNT = "num_batches_tracked"
 
 def array_module(arrays) -> Any:
     """CuPy if any of ``arrays`` is a CuPy array, else NumPy."""
-    cupy = sys.modules.get("cupy")
-    if cupy is not None and any(isinstance(a, cupy.ndarray) for a in arrays):
-        return cupy
-    return np
+    return sys.modules["cupy"] if any(_is_cupy_array(a) for a in arrays) else np
 
 
 def to_module(value, xp, name: str):
@@ -42,10 +41,6 @@ def to_module(value, xp, name: str):
         return xp.asarray(np.asarray(value))
     except Exception as e:
         raise TypeError(f"{name}: cannot read a {type(value).__name__} as an array of {xp.__name__} ({e})") from e
-
-
-def _dtype_name(a) -> str:
-    return getattr(getattr(a, "dtype", None), "name", type(a).__name__)
 
 
 def state_dict(layer) -> dict:
@@ -82,7 +77,7 @@ def load_state_dict(layer, state, *, strict: bool = True) -> tuple[list[str], li
         current = getattr(layer, attr)
         value = to_module(state[name], xp, name)
         if getattr(value.dtype, "kind", None) != "f" and value.dtype.name != "bfloat16":
-            raise TypeError(f"{name} must be a floating-point array, got dtype {_dtype_name(value)}")
+            raise TypeError(f"{name} must be a floating-point array, got dtype {value.dtype.name}")
         if value.shape != current.shape:
             raise ValueError(f"{name} must have shape {current.shape}, got {value.shape}")
         updates[attr] = xp.array(value, dtype=current.dtype, copy=True)  # never the caller's memory
