@@ -164,8 +164,16 @@ def _row_dots(a, b):
             continue
         ar = a[..., lo:hi].reshape(ko, kc, -1, run)
         br = np.ones(run, a.dtype) if b is None else b[..., lo:hi].reshape(ko, kc, -1, run)
-        total += np.vecdot(ar, br).sum(axis=(0, 2), dtype=np.float64)
+        total += _vecdot(ar, br).sum(axis=(0, 2), dtype=np.float64)
     return total
+
+
+def _matmul_vecdot(a, b):
+    """``np.vecdot`` for NumPy 1.x: the same BLAS dot per row, so the same bits."""
+    return np.matmul(a[..., None, :], b[..., :, None])[..., 0, 0]
+
+
+_vecdot = getattr(np, "vecdot", _matmul_vecdot)
 
 
 def _column_dots(a, b, products):
