@@ -178,7 +178,7 @@ def make_figure(curves: experiment.Curves, title: str):
             ax.plot(curves.steps, [v[i] for v in curves.percentiles[name]], color=color, linestyle=style,
                     label=f"{p}th percentile")
         ax.set(title=f"{label}: input to a last-layer sigmoid", xlabel="training step")
-        ax.legend(loc="best", fontsize=8)
+    axes[1].legend(loc="best", fontsize=8)  # one legend: (c) draws the same lines
     axes[2].sharey(axes[1])
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -268,11 +268,14 @@ def test_the_percentile_lines_are_told_apart():
         curves.percentiles[name] = [[-1.0, 0.0, 1.0], [-1.5, 0.1, 1.2], [-2.0, 0.2, 1.4]]
     fig = _demo_cli.make_figure(curves, "test")
     labels = [f"{p}th percentile" for p in experiment.PERCENTILES]
-    for ax in fig.axes[1:3]:
+    panels = fig.axes[1:3]  # (b) without BN, (c) with BN: the same three lines
+    for ax in panels:
         lines = ax.get_lines()
         assert [line.get_label() for line in lines] == labels
         assert len({line.get_color() for line in lines}) == len(lines)
         assert len({line.get_linestyle() for line in lines}) == len(lines)
-        legend = ax.get_legend()
-        assert [t.get_text() for t in legend.get_texts()] == labels
-        assert len({(h.get_color(), h.get_linestyle()) for h in legend.legend_handles}) == len(lines)
+    styles = [[(line.get_color(), line.get_linestyle()) for line in ax.get_lines()] for ax in panels]
+    assert styles[0] == styles[1]
+    legend = panels[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == labels
+    assert [(h.get_color(), h.get_linestyle()) for h in legend.legend_handles] == styles[0]
