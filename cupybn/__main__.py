@@ -142,14 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare", help="time and check cupybn against textbook NumPy and torch",
-        description="Training-mode forward and backward on one array: median times, and errors "
-                    "against a float64 computation.")
+        description="Training-mode forward and backward on one array with cupybn's NumPy backend, textbook "
+                    "NumPy and torch: median times, and errors against a float64 computation.")
     compare.add_argument("--shape", type=_cli_args.int_at_least(1), nargs="+", metavar="DIM",
                          help=f"shape in N C ... order: sizes >= 1, at least 2 of them, at least 2 values per "
                               f"channel (default {' '.join(map(str, DEFAULT_SHAPE))})")
     compare.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw",
-                         help="memory layout: nhwc stores channels last (axis=-1)")
-    compare.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32")
+                         help="memory layout: nhwc stores channels last (axis=-1) (default nchw)")
+    compare.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32",
+                         help="dtype of x (default float32)")
     compare.add_argument("--offset", type=_cli_args.finite_float, default=0.0,
                          help="x = offset + N(0, 1); |offset| at most half the dtype's largest value (default 0)")
     compare.add_argument("--repeat", type=_cli_args.int_at_least(1), metavar="N",
