@@ -8,6 +8,8 @@ and the runs' sums are added up in float64.  Longer float32 runs lose up to
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 RUN = 256
@@ -27,7 +29,7 @@ def row_dots(a, b):
         if hi == lo:
             continue
         ar = a[..., lo:hi].reshape(ko, kc, -1, run)
-        br = np.ones(run, a.dtype) if b is None else b[..., lo:hi].reshape(ko, kc, -1, run)
+        br = _ones(run, a.dtype) if b is None else b[..., lo:hi].reshape(ko, kc, -1, run)
         total += _vecdot(ar, br).sum(axis=(0, 2), dtype=np.float64)
     return total
 
@@ -53,10 +55,18 @@ def column_dots(a, b, products):
     if b is not None:
         a2 = np.multiply(a2, b.reshape(a2.shape), out=products.reshape(a2.shape))
     full = ko - ko % GROUP
-    total = np.zeros(kc * inner)
     if full:
-        total += np.matmul(np.ones(GROUP, a2.dtype), a2[:full].reshape(-1, GROUP, a2.shape[1])).sum(
+        total = np.matmul(_ones(GROUP, a2.dtype), a2[:full].reshape(-1, GROUP, a2.shape[1])).sum(
             axis=0, dtype=np.float64)
-    if full < ko:
-        total += np.matmul(np.ones(ko - full, a2.dtype), a2[full:])
-    return total.reshape(kc, inner).sum(axis=1)
+        if full < ko:
+            total += np.matmul(_ones(ko - full, a2.dtype), a2[full:])
+    else:
+        total = np.matmul(_ones(ko, a2.dtype), a2).astype(np.float64)
+    return total if inner == 1 else total.reshape(kc, inner).sum(axis=1)
+
+
+@functools.lru_cache(maxsize=256)
+def _ones(n: int, dtype) -> np.ndarray:
+    ones = np.ones(n, dtype)
+    ones.flags.writeable = False
+    return ones

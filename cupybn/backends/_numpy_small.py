@@ -31,6 +31,12 @@ _F64 = np.dtype(np.float64)
 # Rows of C*inner values up to this long are one row of a 2-D view, with
 # repeated coefficients; longer ones keep (outer, C, inner) and broadcast.
 MAX_REPEATED = 1 << 16
+# A NumPy loop pays about 0.1 us per row of a broadcast operand: coefficients
+# are tiled over whole rows of x until a row holds about this many values.
+MIN_ROW = 1 << 13
+# The sample that guesses the mean takes about this many indices along outer
+# and along inner: at most 256 values per channel.
+SAMPLE_AXIS = 16
 
 
 def takes(x3, limit: int) -> bool:
@@ -49,7 +55,14 @@ class _Shape:
         # sums along rows (BLAS dots) or down columns (BLAS matrix-vector), as the blocked path
         self.planar = self.inner >= min_planar_inner
         self.repeated = channels * self.inner <= MAX_REPEATED
-        self.view_shape = (outer, channels * self.inner) if self.repeated else shape3
+        # whole (C, inner) rows of x per row of the 2-D view: a power of two dividing outer
+        self.tiles = 1
+        if self.repeated:
+            while 2 * self.tiles * channels * self.inner <= MIN_ROW and outer % (2 * self.tiles) == 0:
+                self.tiles *= 2
+        width = self.tiles * channels * self.inner
+        self.view_shape = (outer // self.tiles, width) if self.repeated else shape3
+        self.sample_step = (-(-outer // SAMPLE_AXIS), -(-self.inner // SAMPLE_AXIS))
 
     def view(self, a3):
         return a3.reshape(self.view_shape)
@@ -59,7 +72,17 @@ class _Shape:
         v = v.astype(_F32)
         if not self.repeated:
             return v[:, None]
-        return v if self.inner == 1 else np.repeat(v, self.inner)
+        if self.inner > 1:
+            v = np.repeat(v, self.inner)
+        return np.tile(v, self.tiles) if self.tiles > 1 else v
+
+    def sample_moments(self, x3):
+        """float64 mean and variance of every few rows of x: a guess of the mean, to shift by."""
+        sample = x3[::self.sample_step[0], :, ::self.sample_step[1]]
+        k = sample.shape[0] * sample.shape[2]
+        mean = np.add.reduce(sample, axis=(0, 2)) / np.float32(k)  # float32 is plenty for a guess
+        dev = sample - mean[:, None]
+        return mean.astype(_F64), np.einsum("ijk,ijk->j", dev, dev).astype(_F64) / k
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,13 +94,11 @@ class Small:
     """The three operations on whole arrays.
 
     ``scratch(slot, shape, dtype)`` gives reusable buffers (the backend's own
-    per-thread ones); ``sample_moments`` and ``shift_on_grid`` are the blocked
-    path's first guess of the mean, so both paths choose the same shift.
+    per-thread ones).
     """
 
-    def __init__(self, scratch, sample_moments, min_planar_inner: int):
+    def __init__(self, scratch, min_planar_inner: int):
         self._scratch = scratch
-        self._sample_moments = sample_moments
         self._min_planar_inner = min_planar_inner
 
     # ---- plumbing ---------------------------------------------------------
@@ -133,7 +154,7 @@ class Small:
     def forward_train(self, x3, gamma, beta, eps, running_mean, running_var, momentum, offset_is_small):
         g = _shape(x3.shape, self._min_planar_inner)
         xw = self._widened(0, x3)
-        guess, spread = self._sample_moments(x3)
+        guess, spread = g.sample_moments(xw)
         # shift by the sample mean unless the data are near zero; on x's own grid
         # (as the blocked path), so that x - shift is exact near the mean
         shift = np.where(guess * guess <= spread, 0.0, guess).astype(x3.dtype).astype(_F64)

@@ -252,7 +252,7 @@ class NumpyBackend:
         self._pool_lock = threading.Lock()
         self._local = threading.local()
         self._outputs = _OutputCache(output_cache_bytes)
-        self._whole = _small.Small(self._scratch, self._sample_moments, MIN_PLANAR_INNER)
+        self._whole = _small.Small(self._scratch, MIN_PLANAR_INNER)
         _LIVE_BACKENDS.add(self)
 
     def _forget_pool(self) -> None:
