@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import _numpy_small as _small
+from . import _numpy_tiny as _tiny
 from ._dots import GROUP, column_dots, row_dots
 from ._float16 import narrow_to_half, widen_half
 from ._running import update_running
@@ -56,6 +57,8 @@ MAX_DEFAULT_THREADS = 8
 # Narrow arrays of at most this many values are computed whole, in float64
 # (_numpy_small): below it a call costs its NumPy calls, not its bytes.
 SMALL_VALUES = 1 << 17
+# ... and of at most this many in float64 arithmetic, with the fewest NumPy calls (_numpy_tiny).
+TINY_VALUES = 1 << 14
 # |mean * scale| up to which x is scaled before it is centred (see _offset_is_small).
 FUSE_LIMIT = 1.0
 
@@ -215,8 +218,8 @@ def _default_backend():
 
 
 def _restore_numpy_backend(threads: int, output_cache_bytes: int, default: bool,
-                           small_values: int | None = None) -> NumpyBackend:
-    return _default_backend() if default else NumpyBackend(threads, output_cache_bytes, small_values)
+                           small_values: int | None = None, tiny_values: int | None = None) -> NumpyBackend:
+    return _default_backend() if default else NumpyBackend(threads, output_cache_bytes, small_values, tiny_values)
 
 
 class NumpyBackend:
@@ -237,17 +240,18 @@ class NumpyBackend:
     supported_dtypes = frozenset({"float16", "bfloat16", "float32", "float64"})
 
     def __init__(self, threads: int | None = None, output_cache_bytes: int = 1 << 30,
-                 small_values: int | None = None):
+                 small_values: int | None = None, tiny_values: int | None = None):
         if threads is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             threads = min(cores, MAX_DEFAULT_THREADS)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
-        if small_values is not None and (isinstance(small_values, bool) or not isinstance(small_values, int)
-                                         or small_values < 0):
-            raise ValueError(f"small_values must be an int >= 0 or None, got {small_values!r}")
+        for name, limit in (("small_values", small_values), ("tiny_values", tiny_values)):
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+                raise ValueError(f"{name} must be an int >= 0 or None, got {limit!r}")
         self.threads = threads
         self.small_values = small_values
+        self.tiny_values = tiny_values
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._local = threading.local()
@@ -260,13 +264,19 @@ class NumpyBackend:
         self._pool_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        small = "" if self.small_values is None else f", small_values={self.small_values}"
-        return f"NumpyBackend(threads={self.threads}, output_cache_bytes={self._outputs.limit}{small})"
+        limits = "".join(f", {name}={value}" for name, value in (("small_values", self.small_values),
+                                                                  ("tiny_values", self.tiny_values))
+                         if value is not None)
+        return f"NumpyBackend(threads={self.threads}, output_cache_bytes={self._outputs.limit}{limits})"
 
-    def _small(self, x3) -> bool:
-        """Whether ``x3`` takes the whole-array path (the module's SMALL_VALUES is read
-        at each call, so that tests can move it)."""
-        return _small.takes(x3, SMALL_VALUES if self.small_values is None else self.small_values)
+    def _route(self, x3):
+        """The module that computes ``x3`` whole (_numpy_tiny or _numpy_small), or None for
+        the blocked path.  The module's limits are read at each call, so that tests can move them."""
+        if _tiny.takes(x3, TINY_VALUES if self.tiny_values is None else self.tiny_values):
+            return _tiny
+        if _small.takes(x3, SMALL_VALUES if self.small_values is None else self.small_values):
+            return _small
+        return None
 
 
     # A backend is its settings; its thread pool and recycled buffers are made
@@ -274,7 +284,7 @@ class NumpyBackend:
     # the process default unpickles as the process default.
     def __reduce__(self):
         return _restore_numpy_backend, (self.threads, self._outputs.limit, self is _default_backend(),
-                                        self.small_values)
+                                        self.small_values, self.tiny_values)
 
     def __copy__(self) -> NumpyBackend:
         return self
@@ -473,7 +483,10 @@ class NumpyBackend:
         Returns ``y3, mean_hi, mean_lo, var, inv_std`` (var biased), the
         per-channel arrays in the compute dtype.
         """
-        if self._small(x3):
+        route = self._route(x3)
+        if route is _tiny:
+            return _tiny.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum)
+        if route is _small:
             return self._whole.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum,
                                              _offset_is_small)
         mean_hi, mean_lo, var = self.batch_stats(x3)
@@ -492,7 +505,10 @@ class NumpyBackend:
         Returns ``y3, mean_hi, mean_lo, var, inv_std``: the running mean as a
         hi/lo pair, the running variance, in the compute dtype.
         """
-        if self._small(x3):
+        route = self._route(x3)
+        if route is _tiny:
+            return _tiny.forward_infer(x3, gamma, beta, running_mean, running_var, eps)
+        if route is _small:
             return self._whole.forward_infer(x3, gamma, beta, running_mean, running_var, eps, _offset_is_small)
         cdt = compute_dtype(x3.dtype)
         var = np.asarray(running_var, np.float64)
@@ -512,8 +528,12 @@ class NumpyBackend:
         training mode dx also flows through the batch statistics:
         ``dx = a*dy + b*(x - mean) + c`` per channel.
         """
-        if self._small(x3):
-            dx3, dgamma, dbeta = self._whole.backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training)
+        route = self._route(x3)
+        if route is not None:
+            if route is _tiny:
+                dx3, dgamma, dbeta = _tiny.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training)
+            else:
+                dx3, dgamma, dbeta = self._whole.backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training)
             return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
         cdt = compute_dtype(x3.dtype)
         plan = _plan(x3.shape)
