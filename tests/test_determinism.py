@@ -75,6 +75,6 @@ def test_row_dots_are_one_blas_dot_per_run_on_numpy_1_and_2(dtype):
     ones = np.ones(256, dtype)
     per_row = np.array([np.dot(r, s) for r, s in zip(a.reshape(-1, 256), b.reshape(-1, 256), strict=True)])
     per_row_sum = np.array([np.dot(r, ones) for r in a.reshape(-1, 256)])
-    for vecdot in {_dots._vecdot, _dots._matmul_vecdot}:
+    for vecdot in {_dots.vecdot, _dots._matmul_vecdot}:
         assert np.array_equal(vecdot(a, b).reshape(-1), per_row)
         assert np.array_equal(vecdot(a, ones).reshape(-1), per_row_sum)

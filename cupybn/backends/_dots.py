@@ -29,8 +29,8 @@ def row_dots(a, b):
         if hi == lo:
             continue
         ar = a[..., lo:hi].reshape(ko, kc, -1, run)
-        br = _ones(run, a.dtype) if b is None else b[..., lo:hi].reshape(ko, kc, -1, run)
-        total += _vecdot(ar, br).sum(axis=(0, 2), dtype=np.float64)
+        br = ones(run, a.dtype) if b is None else b[..., lo:hi].reshape(ko, kc, -1, run)
+        total += vecdot(ar, br).sum(axis=(0, 2), dtype=np.float64)
     return total
 
 
@@ -39,7 +39,7 @@ def _matmul_vecdot(a, b):
     return np.matmul(a[..., None, :], b[..., :, None])[..., 0, 0]
 
 
-_vecdot = getattr(np, "vecdot", _matmul_vecdot)
+vecdot = getattr(np, "vecdot", _matmul_vecdot)
 
 
 def column_dots(a, b, products):
@@ -56,17 +56,18 @@ def column_dots(a, b, products):
         a2 = np.multiply(a2, b.reshape(a2.shape), out=products.reshape(a2.shape))
     full = ko - ko % GROUP
     if full:
-        total = np.matmul(_ones(GROUP, a2.dtype), a2[:full].reshape(-1, GROUP, a2.shape[1])).sum(
+        total = np.matmul(ones(GROUP, a2.dtype), a2[:full].reshape(-1, GROUP, a2.shape[1])).sum(
             axis=0, dtype=np.float64)
         if full < ko:
-            total += np.matmul(_ones(ko - full, a2.dtype), a2[full:])
+            total += np.matmul(ones(ko - full, a2.dtype), a2[full:])
     else:
-        total = np.matmul(_ones(ko, a2.dtype), a2).astype(np.float64)
+        total = np.matmul(ones(ko, a2.dtype), a2).astype(np.float64)
     return total if inner == 1 else total.reshape(kc, inner).sum(axis=1)
 
 
 @functools.lru_cache(maxsize=256)
-def _ones(n: int, dtype) -> np.ndarray:
+def ones(n: int, dtype) -> np.ndarray:
+    """A read-only vector of ones (cached: the sums take the same few lengths again and again)."""
     ones = np.ones(n, dtype)
     ones.flags.writeable = False
     return ones

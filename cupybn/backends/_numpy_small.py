@@ -67,14 +67,15 @@ class _Shape:
     def view(self, a3):
         return a3.reshape(self.view_shape)
 
-    def lay(self, v):
-        """A per-channel float64 vector as a float32 operand for :meth:`view` arrays."""
-        v = v.astype(_F32)
+    def lay(self, v, dtype=_F32):
+        """A per-channel vector as an operand of ``dtype`` for :meth:`view` arrays."""
         if not self.repeated:
-            return v[:, None]
-        if self.inner > 1:
-            v = np.repeat(v, self.inner)
-        return np.tile(v, self.tiles) if self.tiles > 1 else v
+            return v.astype(dtype)[:, None]
+        if self.tiles == 1 and self.inner == 1:
+            return v.astype(dtype)
+        out = np.empty(self.view_shape[1], dtype)
+        out.reshape(self.tiles, -1, self.inner)[...] = v[:, None]
+        return out
 
     def sample_moments(self, x3):
         """float64 mean and variance of every few rows of x: a guess of the mean, to shift by."""
@@ -88,6 +89,11 @@ class _Shape:
 @functools.lru_cache(maxsize=64)
 def _shape(shape3, min_planar_inner) -> _Shape:
     return _Shape(shape3, min_planar_inner)
+
+
+def shape_of(x3) -> _Shape:
+    """The 2-D view and coefficient layout for whole-array elementwise work on ``x3``."""
+    return _shape(x3.shape, 0)
 
 
 class Small:

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._dots import ones, vecdot
+from ._numpy_small import shape_of
+
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
-_AXES = (0, 2)
+# x3 and dy3 may be strided views: their float64 copies are made C-contiguous, so
+# that the 2-D views of shape_of() are views, and work done through them sticks.
 
 
 def takes(x3, limit: int) -> bool:
@@ -23,15 +27,25 @@ def takes(x3, limit: int) -> bool:
     return x3.size <= limit and x3.dtype != _F64
 
 
-def _column(v):
-    return v[:, None]
+def _sum(a):
+    """Per-channel sum of a float64 (outer, C, inner) array, by BLAS matrix-vector products
+    (a reduction down the columns of a short 2-D array costs a NumPy loop per row)."""
+    outer, _, inner = a.shape
+    rows = a.reshape(outer, -1) if inner == 1 else np.matmul(a, ones(inner, _F64))
+    return np.matmul(ones(outer, _F64), rows)
+
+
+def _dot(a, b):
+    """Per-channel ``sum(a * b)`` of float64 (outer, C, inner) arrays."""
+    outer, _, inner = a.shape
+    if inner == 1:
+        return vecdot(a.reshape(outer, -1).T, b.reshape(outer, -1).T)
+    return np.matmul(ones(outer, _F64), vecdot(a, b))
 
 
 def _rounded(a, dtype):
     """float64 ``a`` rounded once to ``dtype``, as a new array."""
-    out = np.empty(a.shape, dtype)
-    np.copyto(out, a, casting="unsafe")
-    return out
+    return a.astype(dtype)
 
 
 def _outputs(y3, mean, var, inv_std):
@@ -39,22 +53,25 @@ def _outputs(y3, mean, var, inv_std):
     return y3, mean_hi, (mean - mean_hi).astype(_F32), var.astype(_F32), inv_std.astype(_F32)
 
 
-def _affine(d, inv_std, gamma, beta, dtype):
+def _affine(g, d, inv_std, gamma, beta, dtype):
     """``d * (inv_std * gamma) + beta`` rounded to ``dtype``; overwrites ``d``."""
-    d *= _column(inv_std if gamma is None else inv_std * gamma)
+    dv = g.view(d)
+    dv *= g.lay(inv_std if gamma is None else inv_std * gamma, _F64)
     if beta is not None:
-        d += _column(beta.astype(_F64))
+        dv += g.lay(beta, _F64)
     return _rounded(d, dtype)
 
 
 def forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum):
-    count = x3.shape[0] * x3.shape[2]
-    d = x3.astype(_F64)
-    mean = np.add.reduce(d, axis=_AXES) / count
-    d -= _column(mean)
-    var = np.einsum("ijk,ijk->j", d, d) / count
+    g = shape_of(x3)
+    count = g.count
+    d = x3.astype(_F64, order="C")
+    mean = _sum(d) / count
+    dv = g.view(d)
+    dv -= g.lay(mean, _F64)
+    var = _dot(d, d) / count
     inv_std = 1.0 / np.sqrt(var + eps)
-    y3 = _affine(d, inv_std, gamma, beta, x3.dtype)
+    y3 = _affine(g, d, inv_std, gamma, beta, x3.dtype)
     if running_mean is not None:
         # new = (1 - momentum) * old + momentum * batch, the unbiased variance, rounded once
         keep = 1.0 - momentum
@@ -67,24 +84,30 @@ def forward_infer(x3, gamma, beta, running_mean, running_var, eps):
     mean = running_mean.astype(_F64)
     var = running_var.astype(_F64)
     inv_std = 1.0 / np.sqrt(var + eps)
-    d = x3.astype(_F64)
-    d -= _column(mean)
-    return _outputs(_affine(d, inv_std, gamma, beta, x3.dtype), mean, var, inv_std)
+    g = shape_of(x3)
+    d = x3.astype(_F64, order="C")
+    dv = g.view(d)
+    dv -= g.lay(mean, _F64)
+    return _outputs(_affine(g, d, inv_std, gamma, beta, x3.dtype), mean, var, inv_std)
 
 
 def backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training):
     """``dx3`` and float64 ``(dgamma, dbeta)``: ``dx = a*dy + b*(x - mean) + c`` per channel."""
-    count = x3.shape[0] * x3.shape[2]
+    geo = shape_of(x3)
+    count = geo.count
     inv = inv_std.astype(_F64)
-    d = x3.astype(_F64)
-    d -= _column(mean_hi.astype(_F64) + mean_lo)
-    g = dy3.astype(_F64)
-    dbeta = np.add.reduce(g, axis=_AXES)
-    dgamma = np.einsum("ijk,ijk->j", g, d) * inv
+    d = x3.astype(_F64, order="C")
+    dv = geo.view(d)
+    dv -= geo.lay(mean_hi.astype(_F64) + mean_lo, _F64)
+    g = dy3.astype(_F64, order="C")
+    dbeta = _sum(g)
+    dgamma = _dot(g, d) * inv
     a = inv if gamma is None else inv * gamma
-    g *= _column(a)
+    gv = geo.view(g)
+    gv *= geo.lay(a, _F64)
     if training:
-        d *= _column(a * inv * dgamma / -count)
-        g += d
-        g += _column(a * dbeta / -count)
+        # dx = a*dy + b*(x - mean) + c
+        dv *= geo.lay(a * inv * dgamma / -count, _F64)
+        dv += geo.lay(a * dbeta / -count, _F64)
+        gv += dv
     return _rounded(g, dy3.dtype), dgamma, dbeta
