@@ -36,6 +36,7 @@ import numpy as np
 
 import cupybn
 from cupybn import _textbook as textbook  # the one textbook BN; it runs on CuPy arrays too
+from cupybn._cuda_probe import cupy_with_gpu
 
 MODES = ("forward-train", "inference", "backward")
 IMPLEMENTATIONS = ("cupybn", "torch", "textbook")
@@ -487,16 +488,9 @@ def host_device() -> Device:
 
 
 def cuda_device() -> Device:
-    try:
-        import cupy
-    except Exception as e:
-        raise DeviceUnavailable(f"CuPy is not importable ({type(e).__name__}: {e})") from e
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no driver, no device
-        raise DeviceUnavailable(f"no usable NVIDIA GPU: {' '.join(str(e).split()) or type(e).__name__}") from e
-    if count < 1:
-        raise DeviceUnavailable("no NVIDIA GPU found")
+    cupy, why = cupy_with_gpu()
+    if cupy is None:
+        raise DeviceUnavailable(why)
     torch, why = _import_torch(cuda=True)
     clock = EventClock(cupy.cuda.Event, cupy.cuda.get_elapsed_time, delay_kernel(cupy, DELAY_US))
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)

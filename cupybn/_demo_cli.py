@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from . import _cli_args, experiment
+from ._cuda_probe import cupy_with_gpu, one_line
 from .backends import NUMPY, NumpyBackend
 
 DEFAULT_STEPS = 10_000
@@ -89,24 +90,12 @@ class BackendUnavailable(Exception):
     """The CuPy backend cannot run here; the message says why."""
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def gpu_backend():
     """The CuPy backend, after one small call of it has run on the GPU (which
     compiles its kernels); BackendUnavailable saying why when it cannot run."""
-    try:
-        import cupy  # noqa: PLC0415 - optional
-    except Exception as exc:  # ImportError, or CUDA libraries that fail to load
-        raise BackendUnavailable(f"CuPy cannot be imported ({_one_line(exc)}); install it with "
-                                 f"pip install 'cupybn[cuda12]' (or cuda13)") from exc
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # no driver, no device
-        raise BackendUnavailable(f"CuPy finds no usable NVIDIA GPU ({_one_line(exc)})") from exc
-    if count < 1:
-        raise BackendUnavailable("CuPy finds no NVIDIA GPU")
+    cupy, why = cupy_with_gpu()
+    if cupy is None:
+        raise BackendUnavailable(why)
     from .api import batch_norm  # noqa: PLC0415
     from .backends.cupy_backend import default_cupy_backend  # noqa: PLC0415 - only with CuPy
 
@@ -116,7 +105,7 @@ def gpu_backend():
         cupy.cuda.Device().synchronize()
     except Exception as exc:  # compiler, driver or launch failures
         raise BackendUnavailable(f"the CuPy backend cannot run on this GPU ({type(exc).__name__}: "
-                                 f"{_one_line(exc)})") from exc
+                                 f"{one_line(exc)})") from exc
     return backend
 
 
@@ -157,7 +146,7 @@ def folder_problem(folder) -> str | None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        return f"cannot write in {existing} ({exc.strerror or _one_line(exc)})"
+        return f"cannot write in {existing} ({exc.strerror or one_line(exc)})"
     return None
 
 

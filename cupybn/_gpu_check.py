@@ -42,6 +42,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ._cuda_probe import cupy_with_gpu
+
 SCHEMA = "cupybn-gpu-check/1"
 MIB = 1 << 20
 LARGE_BYTES = 64 * MIB  # "large input": the targets are judged on these
@@ -464,16 +466,9 @@ def _versions(**more: Any) -> dict:
 
 def probe_gpu() -> Machine | str:
     """The GPU and the versions, or a one-line reason why there is none (no CuPy, no GPU)."""
-    try:
-        import cupy
-    except Exception as e:  # ImportError, or CUDA libraries that fail to load
-        return f"CuPy is not importable ({type(e).__name__}: {e}); install cupy-cuda12x or cupy-cuda13x"
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no driver, no device
-        return f"no usable NVIDIA GPU: {' '.join(str(e).split()) or type(e).__name__}"
-    if count < 1:
-        return "no NVIDIA GPU found"
+    cupy, why = cupy_with_gpu()
+    if cupy is None:
+        return why
     try:
         runtime = cupy.cuda.runtime
         return Machine(_cupy_device(cupy), _versions(cupy=cupy.__version__,

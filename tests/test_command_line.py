@@ -139,11 +139,11 @@ def test_backend_cupy_where_it_cannot_run_is_an_error_before_training(tmp_path, 
 
 
 @pytest.mark.parametrize("cupy, reason", [
-    (None, "CuPy cannot be imported"),
+    (None, "CuPy is not importable"),
     (types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 0))),
-     "CuPy finds no NVIDIA GPU"),
+     "no NVIDIA GPU found"),
     (types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1 / 0))),
-     "CuPy finds no usable NVIDIA GPU (division by zero)"),
+     "no usable NVIDIA GPU: division by zero"),
 ], ids=["not installed", "no GPU", "no driver"])
 def test_the_gpu_probe_says_why_cupy_cannot_run(monkeypatch, cupy, reason):
     monkeypatch.setitem(sys.modules, "cupy", cupy)  # None: import cupy raises ImportError
