@@ -244,3 +244,10 @@ def test_backward_accepts_an_x_rewritten_with_the_same_values():
     dx = cupybn.batch_norm_backward(np.ones_like(x), saved)[0]
     x[...] = x.copy()
     np.testing.assert_array_equal(cupybn.batch_norm_backward(np.ones_like(x), saved)[0], dx)
+
+
+@pytest.mark.parametrize("name", ["small_values", "tiny_values"])
+@pytest.mark.parametrize("value", [-1, 1.5, True, "8"])
+def test_numpy_backend_route_limits_must_be_counts(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be an int >= 0 or None, got {re.escape(repr(value))}"):
+        cupybn.NumpyBackend(**{name: value})

@@ -93,6 +93,8 @@ def test_backends_pickle_as_their_settings_and_the_default_as_the_default():
     assert pickle.loads(pickle.dumps(NUMPY)) is NUMPY
     one = pickle.loads(pickle.dumps(NumpyBackend(threads=1, output_cache_bytes=123)))
     assert one is not NUMPY and one.threads == 1 and repr(one) == repr(NumpyBackend(1, 123))
+    routes = pickle.loads(pickle.dumps(NumpyBackend(threads=2, small_values=0, tiny_values=7)))
+    assert (routes.small_values, routes.tiny_values) == (0, 7)
     host = host_cupy_backend("address", threads=256, sm_count=3, values_per_thread=5, vector_loads=False)
     again = pickle.loads(pickle.dumps(host))
     assert (again.threads, again.sm_count(), again.values_per_thread, again.vector_loads, again.name) == (
