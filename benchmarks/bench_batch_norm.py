@@ -29,7 +29,8 @@ How the comparison is kept fair:
   the variable recovers that but slowed the 17 MB cases (a 2-core VM).
 * Threads: torch and cupybn both use ``cases.THREADS`` threads (the cores this
   process may use); textbook NumPy is single-threaded, as such code is.
-* Medians over ``ROUNDS`` rounds after ``WARMUP`` untimed rounds (thread pools
+* Medians over ``ROUNDS`` rounds after ``WARMUP`` untimed rounds (small
+  cases call the function many times per round; see ``_iterations``) (thread pools
   and scratch buffers are set up in the warm-up).  Set CUPYBN_BENCH_ROUNDS to
   change the number of rounds.
 """
@@ -117,7 +118,13 @@ def _info(benchmark, case: str, op: str, impl: str) -> None:
 def test_batch_norm(benchmark, case, op, impl):
     target = TARGETS[impl](op, data(case), CASES[case])
     _info(benchmark, case, op, impl)
-    benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=WARMUP)
+    benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=_iterations(case))
+
+
+def _iterations(case: str) -> int:
+    """Calls per round: small arrays are timed over about 2**20 values per round,
+    so that a round is long against the clock's and the scheduler's jitter."""
+    return max(1, (1 << 20) // data(case).x.size)
 
 
 @pytest.mark.parametrize("case", [
@@ -128,4 +135,4 @@ def test_copy(benchmark, case):
     x = data(case).x
     out = np.empty_like(x)
     _info(benchmark, case, "copy", "copy")
-    benchmark.pedantic(np.copyto, args=(out, x), rounds=ROUNDS, warmup_rounds=WARMUP)
+    benchmark.pedantic(np.copyto, args=(out, x), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=_iterations(case))

@@ -29,14 +29,20 @@ class Case:
     layout: str      # "nchw", "nhwc" (channels-last, axis=-1) or "2d"
     dtype: str
     offset: float = 0.0
+    shape: tuple[int, ...] | None = None  # NCHW (or 2-D) shape; None: NCHW or ROWS
 
     @property
     def axis(self) -> int:
         return -1 if self.layout == "nhwc" else 1
 
     @property
+    def base_shape(self) -> tuple[int, ...]:
+        """The shape in NCHW (or 2-D) order; nhwc cases store the same values channels-last."""
+        return self.shape or (ROWS if self.layout == "2d" else NCHW)
+
+    @property
     def channels(self) -> int:
-        return ROWS[1] if self.layout == "2d" else NCHW[1]
+        return self.base_shape[1]
 
 
 CASES = {c.name: c for c in [
@@ -48,6 +54,11 @@ CASES = {c.name: c for c in [
     Case("2d-f16", "2d", "float16"),
     # x = 1e4 + N(0, 1): data far from zero, where cheap statistics lose digits
     Case("nchw-f32-offset", "nchw", "float32", offset=1e4),
+    # small calls, where a call's fixed cost matters: an MLP's layers, a small CNN's
+    Case("2d-60x100-f32", "2d", "float32", shape=(60, 100)),
+    Case("2d-256x512-f32", "2d", "float32", shape=(256, 512)),
+    Case("nchw-32x64x8x8-f32", "nchw", "float32", shape=(32, 64, 8, 8)),
+    Case("nhwc-32x8x8x64-f32", "nhwc", "float32", shape=(32, 64, 8, 8)),
 ]}
 
 
@@ -66,17 +77,16 @@ class Data:
 
 
 @functools.cache
-def _base(layout: str) -> tuple[Any, Any]:
+def _base(shape: tuple[int, ...]) -> tuple[Any, Any]:
     """float32 standard-normal x and dy in NCHW (or 2-D) order."""
     rng = np.random.default_rng(SEED)
-    shape = ROWS if layout == "2d" else NCHW
     return rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32)
 
 
 @functools.cache
 def data(name: str) -> Data:
     case = CASES[name]
-    x, dy = _base("2d" if case.layout == "2d" else "nchw")
+    x, dy = _base(case.base_shape)
     if case.offset:
         x = x + np.float32(case.offset)
     if case.layout == "nhwc":

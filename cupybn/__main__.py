@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import statistics
 import sys
 import time
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import _demo_cli
+from . import _cli_args, _demo_cli
 from . import _textbook as textbook
 from .api import batch_norm, batch_norm_backward, param_dtype_name
 
@@ -80,11 +81,22 @@ def _torch(x, dy, gamma, beta, axis):
     return forward, backward
 
 
-def _compare(args: argparse.Namespace) -> int:
+def _check_compare(args: argparse.Namespace) -> tuple[tuple[int, ...], int]:
+    """The shape and repeat count, or an argparse error naming the argument."""
     shape = tuple(args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE))
-    repeat = args.repeat or (3 if args.quick else 10)
-    if len(shape) < 2 or min(shape) < 1 or repeat < 1:
-        args.error("--shape needs at least 2 positive dimensions (batch, channel, ...) and --repeat must be >= 1")
+    per_channel = math.prod(shape) // shape[1] if len(shape) >= 2 else 0
+    if per_channel < 2:  # sizes are >= 1 already (their type)
+        args.error(f"argument --shape: expected N C ... with at least 2 sizes and at least 2 values per channel "
+                   f"(the product of the sizes other than C), got {' '.join(map(str, shape))}")
+    largest = float(np.finfo(args.dtype).max)
+    if abs(args.offset) > largest / 2:  # x = offset + N(0, 1) must not overflow to inf
+        args.error(f"argument --offset: expected |offset| <= {largest / 2:g} for {args.dtype}, got {args.offset:g}")
+    repeat = args.repeat if args.repeat is not None else (3 if args.quick else 10)
+    return shape, repeat
+
+
+def _compare(args: argparse.Namespace) -> int:
+    shape, repeat = _check_compare(args)
     rng = np.random.default_rng(0)
     x = (args.offset + rng.standard_normal(shape)).astype(args.dtype)
     dy = rng.standard_normal(shape).astype(args.dtype)
@@ -130,17 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare", help="time and check cupybn against textbook NumPy and torch",
-        description="Training-mode forward and backward on one array: median times, and errors "
-                    "against a float64 computation.")
-    compare.add_argument("--shape", type=int, nargs="+", metavar="DIM",
-                         help=f"shape in N C ... order (default {' '.join(map(str, DEFAULT_SHAPE))})")
+        description="Training-mode forward and backward on one array with cupybn's NumPy backend, textbook "
+                    "NumPy and torch: median times, and errors against a float64 computation.")
+    compare.add_argument("--shape", type=_cli_args.int_at_least(1), nargs="+", metavar="DIM",
+                         help=f"shape in N C ... order: sizes >= 1, at least 2 of them, at least 2 values per "
+                              f"channel (default {' '.join(map(str, DEFAULT_SHAPE))})")
     compare.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw",
-                         help="memory layout: nhwc stores channels last (axis=-1)")
-    compare.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32")
-    compare.add_argument("--offset", type=float, default=0.0, help="x = offset + N(0, 1)")
-    compare.add_argument("--repeat", type=int, help="timed runs per measurement (default 10, 3 with --quick)")
+                         help="memory layout: nhwc stores channels last (axis=-1) (default nchw)")
+    compare.add_argument("--dtype", choices=("float32", "float16", "float64"), default="float32",
+                         help="dtype of x (default float32)")
+    compare.add_argument("--offset", type=_cli_args.finite_float, default=0.0,
+                         help="x = offset + N(0, 1); |offset| at most half the dtype's largest value (default 0)")
+    compare.add_argument("--repeat", type=_cli_args.int_at_least(1), metavar="N",
+                         help="timed runs per measurement, >= 1 (default 10, 3 with --quick)")
     compare.add_argument("--quick", action="store_true",
-                         help=f"small default shape {' '.join(map(str, QUICK_SHAPE))} and few runs")
+                         help=f"small default shape {' '.join(map(str, QUICK_SHAPE))} and 3 runs")
     compare.set_defaults(func=_compare, error=compare.error)
     _demo_cli.add_parser(commands)
     # listed for --help only: main() hands gpu-check its arguments before parsing (cupybn/_gpu_check.py)

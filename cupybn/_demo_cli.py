@@ -1,15 +1,26 @@
-"""``python -m cupybn demo``: the paper's Figure 1 experiment, with its outputs."""
+"""``python -m cupybn demo``: the paper's Figure 1 experiment, with its outputs.
+
+Every argument is checked before any training: the output folder must be
+writable, the backend usable and the numbers in range (argparse errors, exit
+status 2).
+"""
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from . import experiment
+from . import _cli_args, experiment
+from .backends import NUMPY, NumpyBackend
 
 DEFAULT_STEPS = 10_000
+OUTPUTS = ("curves.csv", "curves.json", "figure.png")
+# (colour, line style) of the 15th, 50th and 85th percentile lines
+PERCENTILE_STYLES = (("tab:orange", "--"), ("tab:blue", "-"), ("tab:purple", ":"))
 
 
 def add_parser(commands) -> None:
@@ -17,47 +28,161 @@ def add_parser(commands) -> None:
         "demo", help="reproduce the paper's MNIST experiment (Figure 1)",
         description="Train a 3x100 sigmoid network with and without Batch Normalization from the same "
                     "weights on the same batches; write the held-out accuracy and sigmoid-input curves "
-                    "as CSV, JSON and a PNG figure.")
-    demo.add_argument("--data", help="MNIST: a folder with the four IDX files (.gz or not) or an .npz with "
-                                     "x_train, y_train, x_test, y_test (default: scikit-learn's 8x8 digits)")
-    demo.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"SGD steps (default {DEFAULT_STEPS})")
-    demo.add_argument("--batch-size", type=int, default=60, help="minibatch size (default 60, as in the paper)")
-    demo.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (default 0.5)")
-    demo.add_argument("--seed", type=int, default=0)
+                    "as CSV, JSON and a PNG figure. Progress goes to stderr: one line redrawn on a "
+                    "terminal, about ten lines in a log or a pipe.")
+    demo.add_argument("--data", metavar="PATH",
+                      help="MNIST: a folder with the four IDX files (.gz or not) or an .npz with "
+                           "x_train, y_train, x_test, y_test (default: scikit-learn's 8x8 digits)")
+    demo.add_argument("--steps", type=_cli_args.int_at_least(1), default=DEFAULT_STEPS, metavar="N",
+                      help=f"SGD steps, >= 1 (default {DEFAULT_STEPS})")
+    demo.add_argument("--batch-size", type=_cli_args.int_at_least(2), default=60, metavar="N",
+                      help="minibatch size, from 2 to the number of training images (default 60, as in the "
+                           "paper)")
+    demo.add_argument("--lr", type=_cli_args.positive_float, default=0.5,
+                      help="SGD learning rate, a finite number > 0 (default 0.5)")
+    demo.add_argument("--seed", type=_cli_args.int_at_least(0), default=0, metavar="N",
+                      help="seed (>= 0) of the held-out split, the initial weights and the batches (default 0)")
     demo.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
-                      help="auto: the NumPy backend (the CuPy backend is not written yet)")
-    demo.add_argument("--out", default="cupybn-demo", help="output folder (default ./cupybn-demo)")
+                      help="cupy: the CuPy backend on an NVIDIA GPU (needs CuPy; an error at once if it cannot "
+                           "run); numpy: the NumPy backend; auto (default): cupy where it can run, else numpy")
+    demo.add_argument("--out", default="cupybn-demo", metavar="FOLDER",
+                      help=f"output folder, made if missing (default ./cupybn-demo): {', '.join(OUTPUTS)}")
     demo.set_defaults(func=run_demo, error=demo.error)
 
 
-class _Progress:
-    """A one-line progress bar on a terminal; silent otherwise."""
+class Progress:
+    """Training progress on ``stream`` (stderr by default): on a terminal one
+    line redrawn in place; elsewhere (a CI log, a pipe) ``lines`` lines over
+    the whole run, so that a log shows the run advancing without filling up."""
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream = total, stream
-        self.active = stream.isatty()
-        self.last = -1
+    def __init__(self, total: int, stream=None, lines: int = 10):
+        self.total, self.lines = total, lines
+        self.stream = sys.stderr if stream is None else stream
+        self.terminal = self.stream.isatty()
+        self.last = -1 if self.terminal else 0  # terminal: the percentage drawn last; log: lines written
+        self.start = time.perf_counter()
 
     def __call__(self, step: int) -> None:
         percent = 100 * step // self.total
-        if self.active and percent != self.last:
+        if self.terminal:
+            if percent == self.last:
+                return
             self.last = percent
             bar = "#" * (percent // 4)
             self.stream.write(f"\r  training [{bar:<25}] {percent:3d}%  step {step}/{self.total}")
             if step == self.total:
                 self.stream.write("\n")
-            self.stream.flush()
+        else:
+            due = step * self.lines // self.total
+            if due <= self.last:
+                return
+            self.last = due
+            elapsed = time.perf_counter() - self.start
+            left = f"about {elapsed * (self.total - step) / step:.0f} s left" if step < self.total else "done"
+            self.stream.write(f"  training: step {step}/{self.total} ({percent}%), {elapsed:.1f} s, {left}\n")
+        self.stream.flush()
 
 
-def _check_args(args) -> None:
-    if args.steps < 1:
-        args.error(f"--steps must be at least 1, got {args.steps}")
-    if args.batch_size < 2:
-        args.error(f"--batch-size must be at least 2 (Batch Normalization needs 2 values), got {args.batch_size}")
-    if not args.lr > 0:
-        args.error(f"--lr must be positive, got {args.lr}")
-    if args.backend == "cupy":
-        args.error("--backend cupy: the CuPy backend is not implemented yet; use numpy")
+# ---- checks made before any work -----------------------------------------------------
+
+class BackendUnavailable(Exception):
+    """The CuPy backend cannot run here; the message says why."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def gpu_backend():
+    """The CuPy backend, after one small call of it has run on the GPU (which
+    compiles its kernels); BackendUnavailable saying why when it cannot run."""
+    try:
+        import cupy  # noqa: PLC0415 - optional
+    except Exception as exc:  # ImportError, or CUDA libraries that fail to load
+        raise BackendUnavailable(f"CuPy cannot be imported ({_one_line(exc)}); install it with "
+                                 f"pip install 'cupybn[cuda12]' (or cuda13)") from exc
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, no device
+        raise BackendUnavailable(f"CuPy finds no usable NVIDIA GPU ({_one_line(exc)})") from exc
+    if count < 1:
+        raise BackendUnavailable("CuPy finds no NVIDIA GPU")
+    from .api import batch_norm  # noqa: PLC0415
+    from .backends.cupy_backend import default_cupy_backend  # noqa: PLC0415 - only with CuPy
+
+    try:
+        backend = default_cupy_backend()
+        batch_norm(cupy.arange(8, dtype=cupy.float32).reshape(4, 2), backend=backend)
+        cupy.cuda.Device().synchronize()
+    except Exception as exc:  # compiler, driver or launch failures
+        raise BackendUnavailable(f"the CuPy backend cannot run on this GPU ({type(exc).__name__}: "
+                                 f"{_one_line(exc)})") from exc
+    return backend
+
+
+def choose_backend(choice: str):
+    """The backend for ``--backend choice``; BackendUnavailable for ``cupy`` where it cannot run."""
+    if choice == "numpy":
+        return NUMPY
+    try:
+        return gpu_backend()
+    except BackendUnavailable:
+        if choice == "cupy":
+            raise
+        return NUMPY
+
+
+def describe_backend(backend) -> str:
+    if isinstance(backend, NumpyBackend):
+        return "NumPy backend"
+    name = getattr(backend, "name", "")
+    return "CuPy backend" if name == "cupy" else f"CuPy backend ({name})"
+
+
+def folder_problem(folder) -> str | None:
+    """Why the outputs cannot be written into ``folder`` (made when missing), or None."""
+    folder = Path(os.path.abspath(folder))
+    existing = folder
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        kind = "a file, not a folder" if existing.is_file() else "not a folder"
+        return f"{folder} is {kind}" if existing == folder else f"{existing} is {kind}, so {folder} cannot be made"
+    if existing == folder:
+        for name in OUTPUTS:
+            target = folder / name
+            if os.path.lexists(target) and not target.is_file():
+                return f"{target} is in the way (not a file)"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return f"cannot write in {existing} ({exc.strerror or _one_line(exc)})"
+    return None
+
+
+# ---- outputs --------------------------------------------------------------------------
+
+def make_figure(curves: experiment.Curves, title: str):
+    """The three panels as a matplotlib Figure (no pyplot: no window, no global state)."""
+    from matplotlib.figure import Figure  # noqa: PLC0415 - optional
+
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
+    axes[0].plot(curves.steps, curves.accuracy["plain"], label="Without BN", color="tab:gray")
+    axes[0].plot(curves.steps, curves.accuracy["bn"], label="With BN", color="tab:blue")
+    axes[0].set(title="(a) held-out accuracy", xlabel="training step", ylim=(0, 1))
+    axes[0].legend(loc="lower right")
+    for ax, name, label in ((axes[1], "plain", "(b) without BN"), (axes[2], "bn", "(c) with BN")):
+        for i, (p, (color, style)) in enumerate(zip(experiment.PERCENTILES, PERCENTILE_STYLES, strict=True)):
+            ax.plot(curves.steps, [v[i] for v in curves.percentiles[name]], color=color, linestyle=style,
+                    label=f"{p}th percentile")
+        ax.set(title=f"{label}: input to a last-layer sigmoid", xlabel="training step")
+    axes[1].legend(loc="best", fontsize=8)  # one legend: (c) draws the same lines
+    axes[2].sharey(axes[1])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def write_outputs(curves: experiment.Curves, out: Path, title: str) -> list[Path]:
@@ -71,7 +196,7 @@ def write_outputs(curves: experiment.Curves, out: Path, title: str) -> list[Path
             for p, v in zip(experiment.PERCENTILES, curves.percentiles[name][k], strict=True):
                 row[f"{name}_p{p}"] = v
         rows.append(row)
-    written = [out / "curves.csv", out / "curves.json"]
+    written = [out / name for name in OUTPUTS[:2]]
     with open(written[0], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -79,45 +204,36 @@ def write_outputs(curves: experiment.Curves, out: Path, title: str) -> list[Path
     with open(written[1], "w") as f:
         json.dump({"title": title, "percentiles": list(experiment.PERCENTILES), "rows": rows}, f, indent=1)
     try:
-        import matplotlib  # noqa: PLC0415
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        fig = make_figure(curves, title)
     except ImportError:
         print("matplotlib is not installed: no figure (pip install 'cupybn[demo]')", file=sys.stderr)
         return written
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(curves.steps, curves.accuracy["plain"], label="Without BN", color="tab:gray")
-    axes[0].plot(curves.steps, curves.accuracy["bn"], label="With BN", color="tab:blue")
-    axes[0].set(title="(a) held-out accuracy", xlabel="training step", ylim=(0, 1))
-    axes[0].legend(loc="lower right")
-    for ax, name, label in ((axes[1], "plain", "(b) without BN"), (axes[2], "bn", "(c) with BN")):
-        for i, p in enumerate(experiment.PERCENTILES):
-            ax.plot(curves.steps, [v[i] for v in curves.percentiles[name]], color="tab:blue" if p == 50 else "tab:gray",
-                    label=f"{p}th percentile")
-        ax.set(title=f"{label}: input to a last-layer sigmoid", xlabel="training step")
-    axes[2].sharey(axes[1])
-    axes[1].legend(loc="lower right", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    written.append(out / "figure.png")
+    written.append(out / OUTPUTS[2])
     fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
     return written
 
 
 def run_demo(args) -> int:
-    _check_args(args)
+    problem = folder_problem(args.out)
+    if problem:
+        args.error(f"argument --out: {problem}")
+    try:
+        backend = choose_backend(args.backend)
+    except BackendUnavailable as exc:
+        args.error(f"argument --backend: cupy: {exc}")
     try:
         data = experiment.load_mnist(args.data) if args.data else experiment.load_digits(args.seed)
     except experiment.DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.batch_size > len(data.x_train):
+        args.error(f"argument --batch-size: expected an integer from 2 to {len(data.x_train)} (the number of "
+                   f"training images), got {args.batch_size}")
     print(f"data: {data.name}: {len(data.x_train)} training and {len(data.x_test)} held-out images; "
-          f"{args.steps} steps of {args.batch_size}, lr {args.lr}, seed {args.seed}, NumPy backend")
+          f"{args.steps} steps of {args.batch_size}, lr {args.lr}, seed {args.seed}, {describe_backend(backend)}")
     start = time.perf_counter()
     curves = experiment.run(data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            progress=_Progress(args.steps))
+                            backend=backend, progress=Progress(args.steps))
     elapsed = time.perf_counter() - start
     print(f"{'network':<12}{'final held-out accuracy':>25}{'steps to 95% of it':>21}{'median drift':>15}")
     for name, label in (("plain", "without BN"), ("bn", "with BN")):

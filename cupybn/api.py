@@ -64,6 +64,8 @@ class BatchNormSaved:
       eps       the epsilon used
       layout    the (outer, C, inner) mapping of x
       backend   the backend object that ran the forward pass
+      x_sample  the bytes of a fixed sample of x (NumPy arrays), so that
+                backward can tell that x was changed in place; None for CuPy
 
     The parameter dtype is float32 for float16/bfloat16/float32 data and
     float64 for float64 data.
@@ -81,6 +83,7 @@ class BatchNormSaved:
     eps: float
     layout: Layout
     backend: Any
+    x_sample: bytes | None = None
 
     @property
     def shape(self):
@@ -163,6 +166,33 @@ def _check_writable(name, a):
         raise ValueError(f"{name} must be writeable: it is updated in place in training mode")
 
 
+# ---- x changed between forward and backward -------------------------------------
+SAMPLE_VALUES = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _sample_positions(shape) -> tuple:
+    """Index arrays of SAMPLE_VALUES positions spread evenly over an array of ``shape``."""
+    size = math.prod(shape)
+    flat = np.unique(np.linspace(0, size - 1, min(size, SAMPLE_VALUES)).astype(np.intp))
+    return np.unravel_index(flat, shape)
+
+
+def _x_sample(x) -> bytes | None:
+    """The bytes of a fixed sample of a NumPy x; None for other arrays (on a GPU the
+    comparison would cost a device-to-host copy in every backward call)."""
+    if type(x) is not np.ndarray:
+        return None
+    return x[_sample_positions(x.shape)].tobytes()
+
+
+def _check_x_unchanged(saved) -> None:
+    if saved.x_sample is not None and _x_sample(saved.x) != saved.x_sample:
+        raise RuntimeError("x was changed in place after the forward call (its values differ from those the "
+                           "forward pass saw): the gradients would be wrong; keep x unchanged until "
+                           "batch_norm_backward, or pass a copy to batch_norm")
+
+
 # ---- public functions ------------------------------------------------------
 def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
                training=True, momentum=0.1, eps=1e-5, axis=1, backend=None):
@@ -216,7 +246,7 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
         y3, mean_hi, mean_lo, var, inv_std = be.forward_infer(x3, gamma, beta, running_mean, running_var, eps)
     saved = BatchNormSaved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma,
                            beta=beta, training=training, axis=ax, eps=eps, layout=layout,
-                           backend=be)
+                           backend=be, x_sample=_x_sample(x))
     return layout.from3d(y3), saved
 
 
@@ -237,6 +267,7 @@ def batch_norm_backward(dy, saved, *, backend=None):
     _check_plain("dy", dy)
     if dy.dtype != saved.x.dtype:
         raise TypeError(f"dy must have the dtype of x, {saved.x.dtype}, got {dy.dtype}")
+    _check_x_unchanged(saved)
     layout = saved.layout
     # dgamma and dbeta come back in gamma's and beta's dtypes (None where absent).
     dx3, dgamma, dbeta = be.backward(layout.to3d(dy), layout.to3d(saved.x), saved.mean,

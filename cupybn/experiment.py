@@ -10,9 +10,12 @@ sigmoid of the last hidden layer over a fixed held-out batch.
 from __future__ import annotations
 
 import gzip
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,27 +119,36 @@ def load_mnist(path) -> Dataset:
 
 
 # ---- the networks ---------------------------------------------------------------
-def _sigmoid(u):
-    return 0.5 * (np.tanh(0.5 * u) + 1.0)  # no overflow for large |u|
+def _sigmoid(u, xp):
+    return 0.5 * (xp.tanh(0.5 * u) + 1.0)  # no overflow for large |u|
+
+
+def _to_numpy(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)  # CuPy arrays: one copy to the host
 
 
 @dataclass
 class Network:
-    """Fully connected: 3 sigmoid hidden layers, softmax output, optional BN."""
+    """Fully connected: 3 sigmoid hidden layers, softmax output, optional BN.
+
+    Its arrays belong to ``xp`` (NumPy, or CuPy for the CuPy backend on a GPU)."""
 
     weights: list
     biases: list
     norms: list = field(default_factory=list)  # one BatchNorm per hidden layer, or empty
+    xp: Any = np
 
     @classmethod
     def initial(cls, features: int, rng, with_bn: bool, backend=None) -> Network:
+        """Small random Gaussian weights (as in the paper) drawn from ``rng``, in
+        ``backend``'s array module (NumPy when None); BN layers on ``backend``."""
+        xp = np if backend is None else backend.xp
         sizes = (features, *HIDDEN, 10)
-        # small random Gaussian weights, as in the paper
-        weights = [rng.normal(0.0, 1.0 / np.sqrt(n_in), (n_in, n_out)).astype(np.float32)
+        weights = [xp.asarray(rng.normal(0.0, 1.0 / np.sqrt(n_in), (n_in, n_out)).astype(np.float32))
                    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
-        biases = [np.zeros(n, np.float32) for n in sizes[1:]]
-        norms = [BatchNorm(n, backend=backend) for n in HIDDEN] if with_bn else []
-        return cls(weights, biases, norms)
+        biases = [xp.zeros(n, np.float32) for n in sizes[1:]]
+        norms = [BatchNorm(n, xp=xp, backend=backend) for n in HIDDEN] if with_bn else []
+        return cls(weights, biases, norms, xp)
 
     def copy_weights_from(self, other: Network) -> None:
         self.weights = [w.copy() for w in other.weights]
@@ -154,20 +166,22 @@ class Network:
             u = h @ w + b
             if self.norms:
                 u = self.norms[k](u)
-            a = _sigmoid(u)
+            a = _sigmoid(u, self.xp)
             cache.append((h, u, a))
             h = a
         return h @ self.weights[-1] + self.biases[-1], cache
 
     def sgd_step(self, x, labels, lr: float) -> float:
+        xp = self.xp
         logits, cache = self.forward(x)
         logits = logits - logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
+        p = xp.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
         n = len(x)
-        loss = float(-np.log(p[np.arange(n), labels] + 1e-12).mean())
+        rows = xp.arange(n)
+        loss = float(-xp.log(p[rows, labels] + 1e-12).mean())
         g = p
-        g[np.arange(n), labels] -= 1.0
+        g[rows, labels] -= 1.0
         g /= n
         grads_w = [cache[-1][2].T @ g]
         grads_b = [g.sum(axis=0)]
@@ -198,7 +212,7 @@ class Network:
         finally:
             self.train(True)
         accuracy = float((logits.argmax(axis=1) == labels).mean())
-        return accuracy, np.percentile(cache[-1][1][:, 0], PERCENTILES)
+        return accuracy, np.percentile(_to_numpy(cache[-1][1][:, 0]), PERCENTILES)
 
 
 @dataclass
@@ -208,15 +222,41 @@ class Curves:
     percentiles: dict = field(default_factory=lambda: {"plain": [], "bn": []})
 
 
+def check_settings(data: Dataset, *, steps, batch_size, lr, seed) -> None:
+    """ValueError naming the first setting of :func:`run` that is out of its range."""
+    def integer(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+    n = len(data.x_train)
+    if not (integer(steps) and steps >= 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not (integer(batch_size) and 2 <= batch_size <= n):
+        raise ValueError(f"batch_size must be an integer from 2 (Batch Normalization needs two values) to "
+                         f"{n} (the training set's size), got {batch_size!r}")
+    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and float(lr) > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not (integer(seed) and seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+
+
 def run(data: Dataset, *, steps: int, batch_size: int = 60, lr: float = 0.5, seed: int = 0,
         eval_every: int | None = None, probe_size: int = 256, backend=None, progress=None) -> Curves:
-    """Train both networks side by side; ``progress(step)`` is called as it goes."""
+    """Train both networks side by side; ``progress(step)`` is called as it goes.
+
+    ``backend`` runs the BN network's layers (None: the NumPy backend); the
+    networks' arrays live in its array module (``backend.xp``), so that the
+    CuPy backend on a GPU trains on CuPy arrays.  The weights and batches come
+    from ``seed`` alone, whatever the backend."""
+    check_settings(data, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    xp = np if backend is None else backend.xp
     rng = np.random.default_rng(seed)
     features = data.x_train.shape[1]
-    plain = Network.initial(features, rng, with_bn=False)
+    plain = Network.initial(features, rng, with_bn=False, backend=backend)  # backend: only its array module
     bn = Network.initial(features, rng, with_bn=True, backend=backend)
     bn.copy_weights_from(plain)
-    probe = data.x_test[:probe_size]
+    x_train, y_train = xp.asarray(data.x_train), xp.asarray(data.y_train)
+    x_test, y_test = xp.asarray(data.x_test), xp.asarray(data.y_test)
+    probe = x_test[:probe_size]
     eval_every = eval_every or max(1, steps // 100)
     curves = Curves()
     order = np.empty(0, np.int64)
@@ -224,7 +264,7 @@ def run(data: Dataset, *, steps: int, batch_size: int = 60, lr: float = 0.5, see
         if step % eval_every == 0 or step == steps:
             curves.steps.append(step)
             for name, net in (("plain", plain), ("bn", bn)):
-                acc, pct = net.evaluate(data.x_test, data.y_test, probe)
+                acc, pct = net.evaluate(x_test, y_test, probe)
                 curves.accuracy[name].append(acc)
                 curves.percentiles[name].append([float(v) for v in pct])
         if step == steps:
@@ -232,7 +272,8 @@ def run(data: Dataset, *, steps: int, batch_size: int = 60, lr: float = 0.5, see
         if len(order) < batch_size:  # reshuffle each epoch; both networks see the same batches
             order = np.concatenate([order, rng.permutation(len(data.x_train))])
         idx, order = order[:batch_size], order[batch_size:]
-        x, y = data.x_train[idx], data.y_train[idx]
+        idx = xp.asarray(idx)
+        x, y = x_train[idx], y_train[idx]
         plain.sgd_step(x, y, lr)
         bn.sgd_step(x, y, lr)
         if progress is not None:

@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from . import _state
-from .api import _check_real, batch_norm, batch_norm_backward, param_dtype_name
+from .api import _check_real, _is_float_dtype, batch_norm, batch_norm_backward, param_dtype_name
 
 
 class BatchNorm:
@@ -18,6 +18,9 @@ class BatchNorm:
     statistics are float32 for float16/bfloat16/float32 data and float64 for
     float64 data.  ``momentum=None`` makes the running statistics a cumulative
     average over all batches seen.
+
+    ``dtype`` is the dtype of the data the layer takes (x and dy); another
+    dtype is refused rather than silently mixed with the parameters' precision.
 
     Calling the layer returns y; :meth:`backward` returns dx and sets
     ``grad_gamma``/``grad_beta`` to that call's gradients (they replace, not
@@ -85,6 +88,9 @@ class BatchNorm:
         if channels is not None and channels != self.num_features:
             raise ValueError(f"x has {channels} channels on axis {self.axis}, the layer was built for "
                              f"num_features={self.num_features}")
+        if _is_float_dtype(getattr(x, "dtype", self.dtype)) and x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype}, the layer takes {self.dtype.name} data (dtype={self.dtype.name}): "
+                            f"cast x, or build the layer with dtype={x.dtype}")
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
         momentum = self.momentum

@@ -31,8 +31,11 @@ settings.register_profile("thorough", max_examples=2000, deadline=None, print_bl
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-# Each entry builds one backend.  Results must not depend on the thread count, so
-# the NumPy backend runs with one thread and with two.  "cupy-host" is the CuPy
+# Each entry builds one backend.  The NumPy backend computes tiny arrays whole in
+# float64, small ones whole in float32 and large ones in blocks: "numpy-threads1"
+# takes its default route (tiny, for most arrays Hypothesis draws),
+# "numpy-small-threads1" the float32 whole-array route, "numpy-blocked-threads2"
+# the blocked route, on two threads.  "cupy-host" is the CuPy
 # backend's kernels run on the CPU by the host harness (cupybn.testing.hostcuda):
 # small blocks and a pretend 8-SM GPU, so that even small arrays are split over
 # several blocks per channel.
@@ -101,7 +104,8 @@ class GpuThroughNumpy:
 
 BACKENDS = [
     pytest.param(lambda: cupybn.NumpyBackend(threads=1), id="numpy-threads1"),
-    pytest.param(lambda: cupybn.NumpyBackend(threads=2), id="numpy-threads2"),
+    pytest.param(lambda: cupybn.NumpyBackend(threads=1, tiny_values=0), id="numpy-small-threads1"),
+    pytest.param(lambda: cupybn.NumpyBackend(threads=2, small_values=0, tiny_values=0), id="numpy-blocked-threads2"),
     pytest.param(_cupy_host, id="cupy-host"),
     pytest.param(GpuThroughNumpy, id="cupy-gpu", marks=needs_gpu),
 ]
@@ -132,7 +136,7 @@ def _tiny_blocks_context():
     fixed-size tests.  The knobs are module constants of the backend; if they are
     renamed this fails loudly rather than silently testing one block.
     """
-    knobs = {"BLOCK_VALUES": 4, "MAX_BLOCK_INNER": 16}
+    knobs = {"BLOCK_VALUES": 4, "MAX_BLOCK_INNER": 16, "SMALL_VALUES": 0, "TINY_VALUES": 0}
     missing = [k for k in knobs if not hasattr(numpy_backend, k)]
     if missing:
         pytest.fail(f"numpy_backend no longer has {missing}: update tests/conftest.py::tiny_blocks")

@@ -209,3 +209,38 @@ def test_numpy_scalars_are_taken_wherever_python_numbers_are():
     bn = cupybn.BatchNorm(np.int64(C), axis=np.int32(-2), eps=np.float64(1e-3), momentum=np.float32(0.5))
     assert (bn.num_features, bn.axis) == (C, -2) and type(bn.num_features) is int
     np.testing.assert_array_equal(bn(x), cupybn.batch_norm(x, eps=1e-3, axis=1)[0])
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda x: x.__iadd__(100), id="x += 100"),
+    pytest.param(lambda x: np.maximum(x, 0, out=x), id="relu in place"),
+    pytest.param(lambda x: x.__setitem__((-1, -1), x[-1, -1] + 1), id="the last row and channel"),
+])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_backward_refuses_an_x_changed_in_place_since_the_forward_call(change, layout):
+    x = np.random.default_rng(0).standard_normal((6, 3, 5, 4), dtype=np.float32)
+    axis = 1
+    if layout == "nhwc":
+        x, axis = np.ascontiguousarray(x.transpose(0, 2, 3, 1)), -1
+    _, saved = cupybn.batch_norm(x, axis=axis)
+    dy = np.ones_like(x)
+    x2 = x.copy()
+    dx_before = cupybn.batch_norm_backward(dy, saved)[0]
+    change(x)
+    with pytest.raises(RuntimeError, match="x was changed in place after the forward call"):
+        cupybn.batch_norm_backward(dy, saved)
+    bn = cupybn.BatchNorm(3, axis=axis)
+    bn(x2)
+    change(x2)
+    with pytest.raises(RuntimeError, match="x was changed in place"):
+        bn.backward(dy)
+    assert dx_before.shape == x.shape
+
+
+def test_backward_accepts_an_x_rewritten_with_the_same_values():
+    x = np.random.default_rng(0).standard_normal((6, 3), dtype=np.float32)
+    x[0, 0] = np.nan
+    _, saved = cupybn.batch_norm(x)
+    dx = cupybn.batch_norm_backward(np.ones_like(x), saved)[0]
+    x[...] = x.copy()
+    np.testing.assert_array_equal(cupybn.batch_norm_backward(np.ones_like(x), saved)[0], dx)

@@ -101,3 +101,32 @@ def test_more_than_2_to_the_31_elements():
     last = float(y[0, 1, -1])
     expected = ((inner - 1) % 7 * 2 + 100 - (2 * mean + 100)) / np.sqrt(4 * var + 1e-5)
     assert abs(last - expected) < 2e-2
+
+
+def test_the_demo_trains_on_cupy_arrays_like_the_numpy_backend():
+    pytest.importorskip("sklearn", reason="the demo's bundled data set comes with scikit-learn")
+    import cupy as cp
+
+    from cupybn import experiment
+    from cupybn.backends.cupy_backend import default_cupy_backend
+
+    data = experiment.load_digits(0)
+    net = experiment.Network.initial(data.x_train.shape[1], np.random.default_rng(0), with_bn=True,
+                                     backend=default_cupy_backend())
+    assert all(isinstance(a, cp.ndarray) for a in (*net.weights, *net.biases, net.norms[0].gamma))
+    on_gpu = experiment.run(data, steps=30, backend=default_cupy_backend())
+    on_cpu = experiment.run(data, steps=30)
+    # cuBLAS and NumPy round the matrix products differently: close, not identical
+    for name in ("plain", "bn"):
+        np.testing.assert_allclose(on_gpu.accuracy[name], on_cpu.accuracy[name], atol=0.02)
+        np.testing.assert_allclose(on_gpu.percentiles[name], on_cpu.percentiles[name], atol=0.02)
+
+
+def test_demo_backend_auto_and_cupy_run_on_the_gpu(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the demo's bundled data set comes with scikit-learn")
+    from cupybn.__main__ import main
+
+    for choice in ("auto", "cupy"):
+        assert main(["demo", "--backend", choice, "--steps", "5", "--out", str(tmp_path / choice)]) == 0
+        assert "CuPy backend" in capsys.readouterr().out
+        assert (tmp_path / choice / "curves.json").is_file()

@@ -61,3 +61,20 @@ def test_thread_count_does_not_change_bits_at_realistic_sizes(shape, layout):
 def test_default_backend_and_explicit_backend_agree():
     x = make_x((8, 5, 33), np.float32, 10.0, 1.0, np.random.default_rng(1))
     assert all_outputs(x, None) == all_outputs(x, cupybn.NumpyBackend(threads=1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_dots_are_one_blas_dot_per_run_on_numpy_1_and_2(dtype):
+    # NumPy 1.x has no np.vecdot; its fallback must give the same bits, so a
+    # result does not depend on which NumPy computed it.
+    from cupybn.backends import _dots
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((2, 3, 4, 256)).astype(dtype) + dtype(1e3)
+    b = rng.standard_normal((2, 3, 4, 256)).astype(dtype)
+    ones = np.ones(256, dtype)
+    per_row = np.array([np.dot(r, s) for r, s in zip(a.reshape(-1, 256), b.reshape(-1, 256), strict=True)])
+    per_row_sum = np.array([np.dot(r, ones) for r in a.reshape(-1, 256)])
+    for vecdot in {_dots._vecdot, _dots._matmul_vecdot}:
+        assert np.array_equal(vecdot(a, b).reshape(-1), per_row)
+        assert np.array_equal(vecdot(a, ones).reshape(-1), per_row_sum)

@@ -123,3 +123,15 @@ def test_second_backward_uses_the_latest_forward(backend):
     dx = bn.backward(dy)
     _, saved = cupybn.batch_norm(x, bn.gamma, bn.beta, backend=backend)
     np.testing.assert_array_equal(dx, cupybn.batch_norm_backward(dy, saved)[0])
+
+
+@pytest.mark.parametrize("layer_dtype, x_dtype", [(np.float32, np.float64), (np.float64, np.float32),
+                                                  (np.float32, np.float16)])
+def test_layer_refuses_data_of_another_dtype_and_changes_nothing(layer_dtype, x_dtype):
+    bn = cupybn.BatchNorm(4, dtype=layer_dtype)
+    before = {k: np.copy(v) for k, v in bn.state_dict().items()}
+    with pytest.raises(TypeError, match=rf"x has dtype {np.dtype(x_dtype).name}, the layer takes "
+                                        rf"{np.dtype(layer_dtype).name} data"):
+        bn(data(dtype=x_dtype))
+    assert all(np.array_equal(before[k], v) for k, v in bn.state_dict().items())
+    assert bn.num_batches_tracked == 0

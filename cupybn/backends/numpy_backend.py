@@ -34,6 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import _numpy_small as _small
+from . import _numpy_tiny as _tiny
+from ._dots import GROUP, column_dots, row_dots
 from ._float16 import narrow_to_half, widen_half
 from ._running import update_running
 
@@ -44,11 +47,6 @@ BLOCK_VALUES = 1 << 18
 MIN_PLANAR_INNER = 64
 # Planar blocks span at most this many values of a row (sums still run over RUN).
 MAX_BLOCK_INNER = BLOCK_VALUES
-# float32 partial sums run over at most RUN values of a row (planar) or
-# GROUP rows of a column (rows layout) before they are added up in float64.
-# Longer float32 runs lose up to 1e-6 relative on quantised data (large offsets).
-RUN = 256
-GROUP = 64
 # Elementwise work meets per-channel coefficients tiled to at least about this
 # many values where it can: NumPy loops that broadcast a short operand over
 # many rows are up to 3x slower than loops over long rows.
@@ -56,6 +54,11 @@ MIN_LOOP = 1 << 15
 SAMPLE_PER_AXIS = 32
 # Memory-bound loops stop scaling after a few cores.
 MAX_DEFAULT_THREADS = 8
+# Narrow arrays of at most this many values are computed whole, in float64
+# (_numpy_small): below it a call costs its NumPy calls, not its bytes.
+SMALL_VALUES = 1 << 17
+# ... and of at most this many in float64 arithmetic, with the fewest NumPy calls (_numpy_tiny).
+TINY_VALUES = 1 << 14
 # |mean * scale| up to which x is scaled before it is centred (see _offset_is_small).
 FUSE_LIMIT = 1.0
 
@@ -141,53 +144,13 @@ class _Plan:
     def dots(self, a, b=None, products=None):
         """float64 per-channel ``sum(a * b)`` (``sum(a)`` if b is None) of a block;
         the rows family needs a scratch array ``products`` shaped like ``a``."""
-        return _row_dots(a, b) if self.planar else _column_dots(a, b, products)
+        return row_dots(a, b) if self.planar else column_dots(a, b, products)
 
 
 @functools.lru_cache(maxsize=64)
 def _plan(shape3) -> _Plan:
     """Plans are pure functions of the shape; training loops repeat shapes."""
     return _Plan(shape3)
-
-
-def _row_dots(a, b):
-    """float64 per-channel ``sum(a * b)`` of (ko, kc, ki) blocks, over rows.
-
-    ``b=None`` sums ``a``.  float32 products are summed over runs of RUN values
-    (BLAS dot), the runs in float64.
-    """
-    ko, kc, ki = a.shape
-    full = ki - ki % RUN
-    total = np.zeros(kc)
-    for lo, hi, run in ((0, full, RUN), (full, ki, ki - full)):
-        if hi == lo:
-            continue
-        ar = a[..., lo:hi].reshape(ko, kc, -1, run)
-        br = np.ones(run, a.dtype) if b is None else b[..., lo:hi].reshape(ko, kc, -1, run)
-        total += np.vecdot(ar, br).sum(axis=(0, 2), dtype=np.float64)
-    return total
-
-
-def _column_dots(a, b, products):
-    """float64 per-channel ``sum(a * b)`` of (ko, kc, inner) blocks, down columns.
-
-    ``b=None`` sums ``a``; otherwise the products go to the scratch array
-    ``products`` first.  Each GROUP rows are summed by a BLAS matrix-vector
-    product with a vector of ones (several float32 accumulators per column:
-    faster and closer than a row-by-row sum), the groups in float64.
-    """
-    ko, kc, inner = a.shape
-    a2 = a.reshape(ko, kc * inner)
-    if b is not None:
-        a2 = np.multiply(a2, b.reshape(a2.shape), out=products.reshape(a2.shape))
-    full = ko - ko % GROUP
-    total = np.zeros(kc * inner)
-    if full:
-        total += np.matmul(np.ones(GROUP, a2.dtype), a2[:full].reshape(-1, GROUP, a2.shape[1])).sum(
-            axis=0, dtype=np.float64)
-    if full < ko:
-        total += np.matmul(np.ones(ko - full, a2.dtype), a2[full:])
-    return total.reshape(kc, inner).sum(axis=1)
 
 
 class _OutputCache:
@@ -254,8 +217,9 @@ def _default_backend():
     return NUMPY
 
 
-def _restore_numpy_backend(threads: int, output_cache_bytes: int, default: bool) -> NumpyBackend:
-    return _default_backend() if default else NumpyBackend(threads, output_cache_bytes)
+def _restore_numpy_backend(threads: int, output_cache_bytes: int, default: bool,
+                           small_values: int | None = None, tiny_values: int | None = None) -> NumpyBackend:
+    return _default_backend() if default else NumpyBackend(threads, output_cache_bytes, small_values, tiny_values)
 
 
 class NumpyBackend:
@@ -265,24 +229,34 @@ class NumpyBackend:
     process may use, at most 8).  Results are bit-identical for any number of
     threads.  ``output_cache_bytes`` bounds the idle memory kept to recycle
     large outputs (see :class:`_OutputCache`); 0 turns recycling off, and
-    :meth:`clear_cache` releases what is kept.
+    :meth:`clear_cache` releases what is kept.  float16, bfloat16 and float32
+    arrays of at most ``small_values`` values (default ``SMALL_VALUES``) are
+    computed whole in float64 (see ``_numpy_small``); 0 sends every array
+    through the blocked path.
     """
 
     name = "numpy"
     xp = np
     supported_dtypes = frozenset({"float16", "bfloat16", "float32", "float64"})
 
-    def __init__(self, threads: int | None = None, output_cache_bytes: int = 1 << 30):
+    def __init__(self, threads: int | None = None, output_cache_bytes: int = 1 << 30,
+                 small_values: int | None = None, tiny_values: int | None = None):
         if threads is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             threads = min(cores, MAX_DEFAULT_THREADS)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
+        for name, limit in (("small_values", small_values), ("tiny_values", tiny_values)):
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+                raise ValueError(f"{name} must be an int >= 0 or None, got {limit!r}")
         self.threads = threads
+        self.small_values = small_values
+        self.tiny_values = tiny_values
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._local = threading.local()
         self._outputs = _OutputCache(output_cache_bytes)
+        self._whole = _small.Small(self._scratch, MIN_PLANAR_INNER)
         _LIVE_BACKENDS.add(self)
 
     def _forget_pool(self) -> None:
@@ -290,13 +264,27 @@ class NumpyBackend:
         self._pool_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"NumpyBackend(threads={self.threads}, output_cache_bytes={self._outputs.limit})"
+        limits = "".join(f", {name}={value}" for name, value in (("small_values", self.small_values),
+                                                                  ("tiny_values", self.tiny_values))
+                         if value is not None)
+        return f"NumpyBackend(threads={self.threads}, output_cache_bytes={self._outputs.limit}{limits})"
+
+    def _route(self, x3):
+        """The module that computes ``x3`` whole (_numpy_tiny or _numpy_small), or None for
+        the blocked path.  The module's limits are read at each call, so that tests can move them."""
+        if _tiny.takes(x3, TINY_VALUES if self.tiny_values is None else self.tiny_values):
+            return _tiny
+        if _small.takes(x3, SMALL_VALUES if self.small_values is None else self.small_values):
+            return _small
+        return None
+
 
     # A backend is its settings; its thread pool and recycled buffers are made
     # again on first use.  Copies share it (it holds no data of its own), and
     # the process default unpickles as the process default.
     def __reduce__(self):
-        return _restore_numpy_backend, (self.threads, self._outputs.limit, self is _default_backend())
+        return _restore_numpy_backend, (self.threads, self._outputs.limit, self is _default_backend(),
+                                        self.small_values, self.tiny_values)
 
     def __copy__(self) -> NumpyBackend:
         return self
@@ -495,6 +483,12 @@ class NumpyBackend:
         Returns ``y3, mean_hi, mean_lo, var, inv_std`` (var biased), the
         per-channel arrays in the compute dtype.
         """
+        route = self._route(x3)
+        if route is _tiny:
+            return _tiny.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum)
+        if route is _small:
+            return self._whole.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum,
+                                             _offset_is_small)
         mean_hi, mean_lo, var = self.batch_stats(x3)
         inv_std = 1.0 / np.sqrt(var + eps)
         y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=bool(np.all(var > 0)))
@@ -511,6 +505,11 @@ class NumpyBackend:
         Returns ``y3, mean_hi, mean_lo, var, inv_std``: the running mean as a
         hi/lo pair, the running variance, in the compute dtype.
         """
+        route = self._route(x3)
+        if route is _tiny:
+            return _tiny.forward_infer(x3, gamma, beta, running_mean, running_var, eps)
+        if route is _small:
+            return self._whole.forward_infer(x3, gamma, beta, running_mean, running_var, eps, _offset_is_small)
         cdt = compute_dtype(x3.dtype)
         var = np.asarray(running_var, np.float64)
         inv_std = 1.0 / np.sqrt(var + eps)
@@ -529,6 +528,13 @@ class NumpyBackend:
         training mode dx also flows through the batch statistics:
         ``dx = a*dy + b*(x - mean) + c`` per channel.
         """
+        route = self._route(x3)
+        if route is not None:
+            if route is _tiny:
+                dx3, dgamma, dbeta = _tiny.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training)
+            else:
+                dx3, dgamma, dbeta = self._whole.backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training)
+            return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
         cdt = compute_dtype(x3.dtype)
         plan = _plan(x3.shape)
         C = x3.shape[1]
