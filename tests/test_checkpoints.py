@@ -201,7 +201,8 @@ def test_keras_weights_become_a_state_dict():
     bn = cupybn.BatchNorm(3, eps=1e-3)
     bn.load_state_dict(state)  # no batch count in Keras: the layer keeps its own
     bn.eval()
-    np.testing.assert_allclose(bn(X), 2.0 * (X - 1.0) / np.sqrt(4.0 + 1e-3) + 0.5, rtol=1e-6, atol=1e-5)
+    expected = 2.0 * (X.astype(np.float64) - 1.0) / np.sqrt(4.0 + 1e-3) + 0.5  # float64 under any NumPy
+    np.testing.assert_allclose(bn(X), expected, rtol=1e-6, atol=1e-5)
     unbiased = cupybn.keras_state_dict([mean, var], center=False, scale=False, batch_size=5)
     np.testing.assert_allclose(unbiased["running_var"], 4.0 * 5 / 4)
     with pytest.raises(ValueError, match="weights must be 4 arrays"):

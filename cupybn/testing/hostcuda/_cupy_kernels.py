@@ -231,8 +231,14 @@ def _cast_scalar(value: Any, dtype: np.dtype) -> Any:
     """``value`` as a ``dtype`` scalar, cast as assigning it into a ``dtype`` array casts.
 
     CuPy stores scalar arguments with NumPy's assignment logic, which rejects
-    out-of-range Python integers and NaN to integer.
+    out-of-range Python integers and NaN to integer.  NumPy 1.x only warns about an
+    out-of-range Python integer and wraps it, so the range is checked here.
     """
+    dtype = np.dtype(dtype)
+    if isinstance(value, int) and not isinstance(value, bool) and dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            raise OverflowError(f"Python integer {value} out of bounds for {dtype}")
     holder = np.empty((), dtype=dtype)
     holder[()] = value
     return holder[()]
