@@ -23,7 +23,6 @@ import functools
 import numpy as np
 
 from ._dots import column_dots, row_dots
-from ._float16 import narrow_to_half, widen_half
 from ._running import update_running
 
 _F32 = np.dtype(np.float32)
@@ -39,18 +38,12 @@ MIN_ROW = 1 << 13
 SAMPLE_AXIS = 16
 
 
-def takes(x3, limit: int) -> bool:
-    """Whether this path computes ``x3``: float16/bfloat16/float32 data of at most ``limit`` values."""
-    return x3.size <= limit and x3.dtype != _F64
-
-
 class _Shape:
     """How the (outer, C, inner) arrays of one shape are seen, and per-channel
     vectors laid over them."""
 
     def __init__(self, shape3, min_planar_inner):
         outer, channels, self.inner = shape3
-        self.shape3 = shape3
         self.count = outer * self.inner
         # sums along rows (BLAS dots) or down columns (BLAS matrix-vector), as the blocked path
         self.planar = self.inner >= min_planar_inner
@@ -99,25 +92,21 @@ def shape_of(x3) -> _Shape:
 class Small:
     """The three operations on whole arrays.
 
-    ``scratch(slot, shape, dtype)`` gives reusable buffers (the backend's own
-    per-thread ones).
+    ``backend`` is the NumPy backend whose per-thread scratch buffers, float16
+    and bfloat16 widening and rounding back (``_scratch``, ``_widen``,
+    ``_store``) this path shares.
     """
 
-    def __init__(self, scratch, min_planar_inner: int):
-        self._scratch = scratch
+    def __init__(self, backend, min_planar_inner: int):
+        self._scratch = backend._scratch
+        self._widen = backend._widen
+        self._store = backend._store
         self._min_planar_inner = min_planar_inner
 
     # ---- plumbing ---------------------------------------------------------
     def _widened(self, slot, a3):
         """float32 values of a float16/bfloat16/float32 array (the array itself if float32)."""
-        if a3.dtype == _F32:
-            return a3
-        out = self._scratch(slot, a3.shape, _F32)
-        if a3.dtype == np.float16:
-            widen_half(a3, out)
-        else:  # bfloat16: its bits are the top half of a float32's
-            np.left_shift(a3.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
-        return out
+        return self._widen(slot, a3, _F32)
 
     def _output(self, shape3):
         """A new float32 array to compute an output in (narrowed to its dtype by :meth:`_narrowed`)."""
@@ -128,10 +117,7 @@ class Small:
         if dtype == _F32:
             return res
         out = np.empty(res.shape, dtype)
-        if dtype == np.float16:
-            narrow_to_half(res, out, self._scratch(5, res.shape, np.uint32), self._scratch(6, res.shape, np.uint32))
-        else:
-            np.copyto(out, res, casting="unsafe")
+        self._store(out, res)
         return out
 
     def _dots(self, g, a, b=None):

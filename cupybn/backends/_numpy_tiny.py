@@ -15,16 +15,12 @@ import numpy as np
 
 from ._dots import ones, vecdot
 from ._numpy_small import shape_of
+from ._running import update_running
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 # x3 and dy3 may be strided views: their float64 copies are made C-contiguous, so
 # that the 2-D views of shape_of() are views, and work done through them sticks.
-
-
-def takes(x3, limit: int) -> bool:
-    """Whether this path computes ``x3``: float16/bfloat16/float32 data of at most ``limit`` values."""
-    return x3.size <= limit and x3.dtype != _F64
 
 
 def _sum(a):
@@ -73,10 +69,7 @@ def forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum):
     inv_std = 1.0 / np.sqrt(var + eps)
     y3 = _affine(g, d, inv_std, gamma, beta, x3.dtype)
     if running_mean is not None:
-        # new = (1 - momentum) * old + momentum * batch, the unbiased variance, rounded once
-        keep = 1.0 - momentum
-        running_mean[...] = keep * running_mean.astype(_F64) + momentum * mean
-        running_var[...] = keep * running_var.astype(_F64) + (momentum * count / (count - 1)) * var
+        update_running(np, running_mean, running_var, mean, 0.0, var, momentum, count)
     return _outputs(y3, mean, var, inv_std)
 
 

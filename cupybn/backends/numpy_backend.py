@@ -256,7 +256,7 @@ class NumpyBackend:
         self._pool_lock = threading.Lock()
         self._local = threading.local()
         self._outputs = _OutputCache(output_cache_bytes)
-        self._whole = _small.Small(self._scratch, MIN_PLANAR_INNER)
+        self._whole = _small.Small(self, MIN_PLANAR_INNER)
         _LIVE_BACKENDS.add(self)
 
     def _forget_pool(self) -> None:
@@ -272,9 +272,11 @@ class NumpyBackend:
     def _route(self, x3):
         """The module that computes ``x3`` whole (_numpy_tiny or _numpy_small), or None for
         the blocked path.  The module's limits are read at each call, so that tests can move them."""
-        if _tiny.takes(x3, TINY_VALUES if self.tiny_values is None else self.tiny_values):
+        if x3.dtype == np.float64:  # the whole-array paths carry no double-double mean
+            return None
+        if x3.size <= (TINY_VALUES if self.tiny_values is None else self.tiny_values):
             return _tiny
-        if _small.takes(x3, SMALL_VALUES if self.small_values is None else self.small_values):
+        if x3.size <= (SMALL_VALUES if self.small_values is None else self.small_values):
             return _small
         return None
 
