@@ -20,7 +20,7 @@ import pytest
 from hypothesis import settings
 
 import cupybn
-from cupybn.backends import numpy_backend
+from cupybn.backends import _numpy_compiled, numpy_backend
 from cupybn.testing import strategies
 
 # No deadline in any profile: the first call of a host-harness kernel compiles its
@@ -31,11 +31,14 @@ settings.register_profile("thorough", max_examples=2000, deadline=None, print_bl
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-# Each entry builds one backend.  The NumPy backend computes tiny arrays whole in
-# float64, small ones whole in float32 and large ones in blocks: "numpy-threads1"
-# takes its default route (tiny, for most arrays Hypothesis draws),
-# "numpy-small-threads1" the float32 whole-array route, "numpy-blocked-threads2"
-# the blocked route, on two threads.  "cupy-host" is the CuPy
+# Each entry builds one backend.  The NumPy backend sends float32 arrays to its
+# compiled kernels (when they were built: CI requires them, see
+# _require_compiled_kernels) and computes other tiny arrays whole in float64,
+# small ones whole in float32 and large ones in blocks: "numpy-threads1" takes
+# its default route (compiled for float32, tiny for the other dtypes of most
+# arrays Hypothesis draws), "numpy-tiny-threads1" the float64 whole-array route
+# for float32 too, "numpy-small-threads1" the float32 whole-array route,
+# "numpy-blocked-threads2" the blocked route, on two threads.  "cupy-host" is the CuPy
 # backend's kernels run on the CPU by the host harness (cupybn.testing.hostcuda):
 # small blocks and a pretend 8-SM GPU, so that even small arrays are split over
 # several blocks per channel.
@@ -57,6 +60,17 @@ def gpu_available() -> bool:
             raise RuntimeError(f"CUPYBN_REQUIRE_GPU=1 but CuPy cannot use a GPU: {e}") from e
         return False
 
+
+def _require_compiled_kernels() -> None:
+    """With CUPYBN_REQUIRE_COMPILED=1 (.ci/run sets it) the NumPy backend's compiled
+    kernels must have been built: otherwise every float32 test would quietly run
+    the NumPy paths instead."""
+    if os.environ.get("CUPYBN_REQUIRE_COMPILED") == "1" and not _numpy_compiled.AVAILABLE:
+        raise RuntimeError("CUPYBN_REQUIRE_COMPILED=1 but cupybn._batch_norm_cpu was not built "
+                           "(pip install -e . builds it with the C compiler)")
+
+
+_require_compiled_kernels()
 
 needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs CuPy and an NVIDIA GPU")
 
@@ -104,8 +118,10 @@ class GpuThroughNumpy:
 
 BACKENDS = [
     pytest.param(lambda: cupybn.NumpyBackend(threads=1), id="numpy-threads1"),
-    pytest.param(lambda: cupybn.NumpyBackend(threads=1, tiny_values=0), id="numpy-small-threads1"),
-    pytest.param(lambda: cupybn.NumpyBackend(threads=2, small_values=0, tiny_values=0), id="numpy-blocked-threads2"),
+    pytest.param(lambda: cupybn.NumpyBackend(threads=1, compiled_values=0), id="numpy-tiny-threads1"),
+    pytest.param(lambda: cupybn.NumpyBackend(threads=1, compiled_values=0, tiny_values=0), id="numpy-small-threads1"),
+    pytest.param(lambda: cupybn.NumpyBackend(threads=2, compiled_values=0, small_values=0, tiny_values=0),
+                 id="numpy-blocked-threads2"),
     pytest.param(_cupy_host, id="cupy-host"),
     pytest.param(GpuThroughNumpy, id="cupy-gpu", marks=needs_gpu),
 ]
@@ -136,19 +152,22 @@ def _tiny_blocks_context():
     fixed-size tests.  The knobs are module constants of the backend; if they are
     renamed this fails loudly rather than silently testing one block.
     """
-    knobs = {"BLOCK_VALUES": 4, "MAX_BLOCK_INNER": 16, "SMALL_VALUES": 0, "TINY_VALUES": 0}
-    missing = [k for k in knobs if not hasattr(numpy_backend, k)]
+    knobs = {(numpy_backend, "BLOCK_VALUES"): 4, (numpy_backend, "MAX_BLOCK_INNER"): 16,
+             (numpy_backend, "SMALL_VALUES"): 0, (numpy_backend, "TINY_VALUES"): 0,
+             # compiled kernels: blocks of one row or a few values, every array shared among threads
+             (_numpy_compiled, "BLOCK_VALUES"): 4, (_numpy_compiled, "PARALLEL_VALUES"): 0}
+    missing = [f"{m.__name__}.{k}" for m, k in knobs if not hasattr(m, k)]
     if missing:
-        pytest.fail(f"numpy_backend no longer has {missing}: update tests/conftest.py::tiny_blocks")
-    saved = {k: getattr(numpy_backend, k) for k in knobs}
-    for k, v in knobs.items():
-        setattr(numpy_backend, k, v)
+        pytest.fail(f"{missing} no longer exist: update tests/conftest.py::tiny_blocks")
+    saved = {(m, k): getattr(m, k) for m, k in knobs}
+    for (m, k), v in knobs.items():
+        setattr(m, k, v)
     _clear_plan_caches()
     try:
         yield
     finally:
-        for k, v in saved.items():
-            setattr(numpy_backend, k, v)
+        for (m, k), v in saved.items():
+            setattr(m, k, v)
         _clear_plan_caches()
 
 

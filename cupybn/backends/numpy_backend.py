@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import _numpy_compiled as _compiled
 from . import _numpy_small as _small
 from . import _numpy_tiny as _tiny
 from ._dots import GROUP, column_dots, row_dots
@@ -59,6 +60,8 @@ MAX_DEFAULT_THREADS = 8
 SMALL_VALUES = 1 << 17
 # ... and of at most this many in float64 arithmetic, with the fewest NumPy calls (_numpy_tiny).
 TINY_VALUES = 1 << 14
+# float32 arrays of at most this many values take the compiled kernels, when they were built.
+COMPILED_VALUES = 1 << 62
 # |mean * scale| up to which x is scaled before it is centred (see _offset_is_small).
 FUSE_LIMIT = 1.0
 
@@ -218,8 +221,11 @@ def _default_backend():
 
 
 def _restore_numpy_backend(threads: int, output_cache_bytes: int, default: bool,
-                           small_values: int | None = None, tiny_values: int | None = None) -> NumpyBackend:
-    return _default_backend() if default else NumpyBackend(threads, output_cache_bytes, small_values, tiny_values)
+                           small_values: int | None = None, tiny_values: int | None = None,
+                           compiled_values: int | None = None) -> NumpyBackend:
+    if default:
+        return _default_backend()
+    return NumpyBackend(threads, output_cache_bytes, small_values, tiny_values, compiled_values)
 
 
 class NumpyBackend:
@@ -240,18 +246,21 @@ class NumpyBackend:
     supported_dtypes = frozenset({"float16", "bfloat16", "float32", "float64"})
 
     def __init__(self, threads: int | None = None, output_cache_bytes: int = 1 << 30,
-                 small_values: int | None = None, tiny_values: int | None = None):
+                 small_values: int | None = None, tiny_values: int | None = None,
+                 compiled_values: int | None = None):
         if threads is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             threads = min(cores, MAX_DEFAULT_THREADS)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
-        for name, limit in (("small_values", small_values), ("tiny_values", tiny_values)):
+        for name, limit in (("small_values", small_values), ("tiny_values", tiny_values),
+                            ("compiled_values", compiled_values)):
             if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
                 raise ValueError(f"{name} must be an int >= 0 or None, got {limit!r}")
         self.threads = threads
         self.small_values = small_values
         self.tiny_values = tiny_values
+        self.compiled_values = compiled_values
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._local = threading.local()
@@ -265,9 +274,14 @@ class NumpyBackend:
 
     def __repr__(self) -> str:
         limits = "".join(f", {name}={value}" for name, value in (("small_values", self.small_values),
-                                                                  ("tiny_values", self.tiny_values))
+                                                                  ("tiny_values", self.tiny_values),
+                                                                  ("compiled_values", self.compiled_values))
                          if value is not None)
         return f"NumpyBackend(threads={self.threads}, output_cache_bytes={self._outputs.limit}{limits})"
+
+    def _compiled_takes(self, x3, *vectors) -> bool:
+        limit = COMPILED_VALUES if self.compiled_values is None else self.compiled_values
+        return x3.size <= limit and _compiled.takes(x3, *vectors)
 
     def _route(self, x3):
         """The module that computes ``x3`` whole (_numpy_tiny or _numpy_small), or None for
@@ -286,7 +300,7 @@ class NumpyBackend:
     # the process default unpickles as the process default.
     def __reduce__(self):
         return _restore_numpy_backend, (self.threads, self._outputs.limit, self is _default_backend(),
-                                        self.small_values, self.tiny_values)
+                                        self.small_values, self.tiny_values, self.compiled_values)
 
     def __copy__(self) -> NumpyBackend:
         return self
@@ -485,6 +499,9 @@ class NumpyBackend:
         Returns ``y3, mean_hi, mean_lo, var, inv_std`` (var biased), the
         per-channel arrays in the compute dtype.
         """
+        if self._compiled_takes(x3, gamma, beta, running_mean, running_var):
+            return _compiled.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, self.threads,
+                                           self._outputs.empty)
         route = self._route(x3)
         if route is _tiny:
             return _tiny.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum)
@@ -507,6 +524,9 @@ class NumpyBackend:
         Returns ``y3, mean_hi, mean_lo, var, inv_std``: the running mean as a
         hi/lo pair, the running variance, in the compute dtype.
         """
+        if self._compiled_takes(x3, gamma, beta, running_mean, running_var):
+            return _compiled.forward_infer(x3, gamma, beta, running_mean, running_var, eps, self.threads,
+                                           self._outputs.empty)
         route = self._route(x3)
         if route is _tiny:
             return _tiny.forward_infer(x3, gamma, beta, running_mean, running_var, eps)
@@ -530,9 +550,12 @@ class NumpyBackend:
         training mode dx also flows through the batch statistics:
         ``dx = a*dy + b*(x - mean) + c`` per channel.
         """
-        route = self._route(x3)
+        route = _compiled if self._compiled_takes(x3, mean_hi, mean_lo, inv_std, gamma) else self._route(x3)
         if route is not None:
-            if route is _tiny:
+            if route is _compiled:
+                dx3, dgamma, dbeta = _compiled.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training,
+                                                        self.threads, self._outputs.empty)
+            elif route is _tiny:
                 dx3, dgamma, dbeta = _tiny.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training)
             else:
                 dx3, dgamma, dbeta = self._whole.backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training)

@@ -1,0 +1,79 @@
+"""float32 arrays on the NumPy backend through its compiled kernels.
+
+``cupybn._batch_norm_cpu`` (cupybn/kernels/batch_norm_cpu.c) is built at
+install when a C compiler is at hand; without it, :data:`AVAILABLE` is False
+and the backend keeps to its NumPy paths.  Each call here is one call into C:
+statistics, y and the running-statistics update in the forward pass, both
+per-channel sums and dx in the backward pass, all in float64 arithmetic over
+float32 data, rounded once (see the C source for the numerics).
+
+The functions take and return what the ``_numpy_tiny`` ones do.  An array
+whose (outer, C, inner) view is neither NCHW-like nor rows of contiguous
+values is copied to C order first.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from .. import _batch_norm_cpu as _c
+except ImportError:  # built without a C compiler
+    _c = None
+
+AVAILABLE = _c is not None
+# Work items (blocks of rows) of about this many values: partial sums are combined
+# in block order, so the block size, not the number of threads, fixes the bits.
+BLOCK_VALUES = 1 << 15
+# Arrays of at least this many values are shared out among the backend's threads
+# (starting threads costs tens of microseconds).
+PARALLEL_VALUES = 1 << 18
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+def takes(x3, *vectors) -> bool:
+    """Whether the compiled kernels take these arrays: native float32 data, and
+    per-channel vectors of native float32 or float64 (or None)."""
+    if not AVAILABLE or x3.dtype != _F32 or not x3.flags.aligned:
+        return False
+    return all(v is None or (v.dtype == _F32 or v.dtype == _F64) and v.flags.aligned for v in vectors)
+
+
+def _contiguous(a3):
+    return np.ascontiguousarray(a3)
+
+
+def _work(x3, threads):
+    """The threads and block size of a call (read at each call, so tests can move them)."""
+    return (threads if x3.size >= PARALLEL_VALUES else 1), BLOCK_VALUES
+
+
+def forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, threads=1, empty=np.empty):
+    """As ``_numpy_tiny.forward_train``; ``threads`` share out large arrays, ``empty``
+    allocates y (the backend's recycling allocator)."""
+    work = _work(x3, threads)
+    y3 = empty(x3.shape, _F32)
+    stats = np.empty((4, x3.shape[1]), _F32)
+    if _c.forward_train(x3, y3, stats, gamma, beta, running_mean, running_var, eps, momentum, *work) is None:
+        _c.forward_train(_contiguous(x3), y3, stats, gamma, beta, running_mean, running_var, eps, momentum, *work)
+    return y3, stats[0], stats[1], stats[2], stats[3]
+
+
+def forward_infer(x3, gamma, beta, running_mean, running_var, eps, threads=1, empty=np.empty):
+    work = _work(x3, threads)
+    y3 = empty(x3.shape, _F32)
+    stats = np.empty((4, x3.shape[1]), _F32)
+    if _c.forward_infer(x3, y3, stats, gamma, beta, running_mean, running_var, eps, *work) is None:
+        _c.forward_infer(_contiguous(x3), y3, stats, gamma, beta, running_mean, running_var, eps, *work)
+    return y3, stats[0], stats[1], stats[2], stats[3]
+
+
+def backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training, threads=1, empty=np.empty):
+    """``dx3`` and float64 ``(dgamma, dbeta)``."""
+    work = _work(x3, threads)
+    dx3 = empty(x3.shape, _F32)
+    grads = np.empty((2, x3.shape[1]), _F64)
+    if _c.backward(dy3, x3, dx3, grads, mean_hi, mean_lo, inv_std, gamma, training, *work) is None:
+        _c.backward(_contiguous(dy3), _contiguous(x3), dx3, grads, mean_hi, mean_lo, inv_std, gamma, training,
+                    *work)
+    return dx3, grads[0], grads[1]

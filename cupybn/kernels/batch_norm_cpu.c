@@ -1,0 +1,1002 @@
+/* The NumPy backend's compiled kernels: float32 Batch Normalization on the CPU.
+ *
+ * A Python extension module (cupybn._batch_norm_cpu), built at install when a C
+ * compiler is at hand and optional otherwise: cupybn/backends/_numpy_compiled.py
+ * calls it, and the NumPy backend sends float32 arrays here when it was built.
+ * Each entry point is one whole operation (statistics, y and the running
+ * statistics; or both gradient sums and dx), so a call costs its passes over
+ * memory, not a chain of NumPy calls.
+ *
+ * Arrays arrive as the backend's canonical (outer, C, inner) views through the
+ * buffer protocol, in one of two families:
+ *   planar  runs of inner >= PLANAR_INNER contiguous values, any outer and
+ *           channel strides (NCHW and its batch slices): sums stay in vector
+ *           registers along a channel's runs;
+ *   rows    rows of C*inner contiguous values, any outer stride (channels-last,
+ *           2-D, NCHW with small images): sums go to one accumulator per
+ *           position of a row and are folded per channel at the end of a block.
+ * Anything else is refused (the function returns None) and the caller makes a
+ * contiguous copy.  Outputs (y, dx) are C-contiguous.
+ *
+ * Numerics are those of the NumPy backend's blocked path (numpy_backend.py):
+ *   - statistics are sums of d = x - k in float32, k a float32 guess of the
+ *     channel's mean (the mean of a sample); float32 partial sums of at most
+ *     FLUSH values per lane are added up in double, in a fixed order that depends
+ *     on the shape and block size only (never on the number of threads);
+ *     var = E[d^2] - E[d]^2 is exact to a few float32 ulps while E[d]^2 <= var,
+ *     and where the guess was further off the sums are taken again about the mean;
+ *   - the mean is returned as a float32 pair hi + lo; y = (x - hi) * s + h with
+ *     s and h = shift - lo * s computed in double and rounded once, so that the
+ *     offset of x costs nothing (x - hi is exact near the mean);
+ *   - dx = dy * a + ((x - hi) * b + (c - lo * b)) alike.
+ * Build without -ffast-math and with -ffp-contract=off: contracting into fused
+ * multiply-adds would make results depend on the machine the module was built for.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#ifndef _WIN32
+#include <pthread.h>
+#endif
+
+#define PLANAR_INNER 32
+#define LANES 8
+/* Positions of a rows-family accumulator: consecutive rows are taken together
+   until a block row is at least this long, so the adds of one row overlap. */
+#define MIN_ROW 64
+#define MAX_THREADS 64
+
+typedef struct {
+    const char *base;
+    Py_ssize_t outer, channels, inner;
+    Py_ssize_t s_outer, s_channel, s_inner; /* bytes */
+} Arr3;
+
+enum { PLANAR, ROWS };
+
+/* The loops are compiled twice on x86-64 with glibc, for AVX2 (four doubles per
+   instruction rather than two) and for the baseline, and the loader picks one. */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && defined(__GLIBC__)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
+/* ---- arguments ----------------------------------------------------------- */
+static int is_kind(const Py_buffer *b, char kind, Py_ssize_t itemsize)
+{
+    const char *f = b->format ? b->format : "B";
+    size_t n = strlen(f);
+    if (n == 0 || f[n - 1] != kind || b->itemsize != itemsize)
+        return 0;
+    return n == 1 || (n == 2 && (f[0] == '=' || f[0] == '@' ||
+#if PY_LITTLE_ENDIAN
+                                 f[0] == '<'
+#else
+                                 f[0] == '>'
+#endif
+                                 ));
+}
+
+static int get_arr3(PyObject *o, Py_buffer *b, Arr3 *a, int writable, const char *name)
+{
+    if (PyObject_GetBuffer(o, b, writable ? PyBUF_RECORDS : PyBUF_RECORDS_RO) < 0)
+        return -1;
+    if (b->ndim != 3 || !is_kind(b, 'f', 4)) {
+        PyBuffer_Release(b);
+        PyErr_Format(PyExc_TypeError, "%s must be a 3-D float32 array", name);
+        return -1;
+    }
+    a->base = (const char *)b->buf;
+    a->outer = b->shape[0];
+    a->channels = b->shape[1];
+    a->inner = b->shape[2];
+    a->s_outer = b->strides[0];
+    a->s_channel = b->strides[1];
+    a->s_inner = b->strides[2];
+    return 0;
+}
+
+/* A per-channel vector of float32 or float64 (any stride), or None. */
+typedef struct {
+    Py_buffer b;
+    int present, is_double;
+} Vec;
+
+static int get_vec(PyObject *o, Vec *v, Py_ssize_t channels, int writable, const char *name)
+{
+    v->present = 0;
+    if (o == Py_None)
+        return 0;
+    if (PyObject_GetBuffer(o, &v->b, writable ? PyBUF_RECORDS : PyBUF_RECORDS_RO) < 0)
+        return -1;
+    v->is_double = is_kind(&v->b, 'd', 8);
+    if (v->b.ndim != 1 || v->b.shape[0] != channels || !(v->is_double || is_kind(&v->b, 'f', 4))) {
+        PyBuffer_Release(&v->b);
+        PyErr_Format(PyExc_TypeError, "%s must be a float32 or float64 vector of %zd values", name, channels);
+        return -1;
+    }
+    v->present = 1;
+    return 0;
+}
+
+static void release_vec(Vec *v)
+{
+    if (v->present)
+        PyBuffer_Release(&v->b);
+    v->present = 0;
+}
+
+static double vec_get(const Vec *v, Py_ssize_t i)
+{
+    const char *p = (const char *)v->b.buf + i * v->b.strides[0];
+    return v->is_double ? *(const double *)p : (double)*(const float *)p;
+}
+
+static void vec_set(Vec *v, Py_ssize_t i, double value)
+{
+    char *p = (char *)v->b.buf + i * v->b.strides[0];
+    if (v->is_double)
+        *(double *)p = value;
+    else
+        *(float *)p = (float)value;
+}
+
+/* The family both arrays can be walked in, or -1. */
+static int family(const Arr3 *a, const Arr3 *b)
+{
+    const Arr3 *arrs[2] = {a, b};
+    int planar = a->inner >= PLANAR_INNER, rows = 1;
+    for (int k = 0; k < 2; k++) {
+        const Arr3 *x = arrs[k];
+        if (x == NULL)
+            continue;
+        int inner_contiguous = x->inner == 1 || x->s_inner == 4;
+        planar = planar && inner_contiguous;
+        rows = rows && inner_contiguous && (x->channels == 1 || x->s_channel == 4 * x->inner);
+    }
+    return planar ? PLANAR : rows ? ROWS : -1;
+}
+
+/* Rows taken together per block row: consecutive rows must be adjacent in memory. */
+static Py_ssize_t rows_per_group(const Arr3 *a, const Arr3 *b)
+{
+    Py_ssize_t width = a->channels * a->inner;
+    if (a->s_outer != 4 * width || (b && b->s_outer != 4 * width))
+        return 1;
+    Py_ssize_t g = (MIN_ROW + width - 1) / width;
+    return g < a->outer ? g : a->outer;
+}
+
+static const float *row_of(const Arr3 *a, Py_ssize_t o, Py_ssize_t c)
+{
+    return (const float *)(a->base + o * a->s_outer + c * a->s_channel);
+}
+
+/* ---- threads ---------------------------------------------------------------
+ * parallel() runs fn over items [0, n) cut into `threads` contiguous ranges.
+ * Work is cut into items by shape alone and partial results are combined in
+ * item order, so results do not depend on the number of threads.
+ */
+typedef void (*RangeFn)(void *arg, Py_ssize_t lo, Py_ssize_t hi);
+
+#ifndef _WIN32
+typedef struct {
+    RangeFn fn;
+    void *arg;
+    Py_ssize_t lo, hi;
+} Task;
+
+static void *task_main(void *p)
+{
+    Task *t = p;
+    t->fn(t->arg, t->lo, t->hi);
+    return NULL;
+}
+#endif
+
+static void parallel(long threads, Py_ssize_t n, RangeFn fn, void *arg)
+{
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > n)
+        threads = (int)n;
+#ifndef _WIN32
+    if (threads > 1) {
+        Task tasks[MAX_THREADS];
+        pthread_t ids[MAX_THREADS];
+        int started[MAX_THREADS];
+        for (long k = 1; k < threads; k++) {
+            tasks[k] = (Task){fn, arg, n * k / threads, n * (k + 1) / threads};
+            started[k] = pthread_create(&ids[k], NULL, task_main, &tasks[k]) == 0;
+        }
+        fn(arg, 0, n / threads);
+        for (long k = 1; k < threads; k++) {
+            if (started[k])
+                pthread_join(ids[k], NULL);
+            else /* no thread to be had: run its range here */
+                fn(arg, tasks[k].lo, tasks[k].hi);
+        }
+        return;
+    }
+#endif
+    fn(arg, 0, n);
+}
+
+static void set_failed(int *flag)
+{
+    __atomic_store_n(flag, 1, __ATOMIC_RELAXED);
+}
+
+/* ---- per-channel sums ------------------------------------------------------
+ * With b NULL: s1[c] = sum(d), s2[c] = sum(d*d) for d = a - k[c];
+ * with b:      s1[c] = sum(b), s2[c] = sum(b*d).
+ * d and the products are float32; float32 partial sums of at most FLUSH values
+ * per lane are added up in double.
+ */
+typedef float v8f __attribute__((vector_size(32)));
+#define FLUSH 16
+
+static inline __attribute__((always_inline)) v8f load8(const float *p)
+{
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) double total8(v8f v)
+{
+    double t = 0.0;
+    for (int j = 0; j < 8; j++)
+        t += (double)v[j];
+    return t;
+}
+
+typedef struct {
+    const Arr3 *a, *b;
+    const float *k;
+    double *s1, *s2;
+    Py_ssize_t block; /* values per item of work (at least one row) */
+} Sums;
+
+/* Planar family: per channel, float32 lanes over 16 values at a time, flushed
+   to double lanes every FLUSH steps (runs continue across rows). */
+typedef struct {
+    v8f a0, a1, b0, b1;
+    double da[8], db[8];
+    int steps;
+} Lanes;
+
+static inline __attribute__((always_inline)) void lanes_flush(Lanes *l)
+{
+    v8f a = l->a0 + l->a1, b = l->b0 + l->b1;
+    for (int j = 0; j < 8; j++) {
+        l->da[j] += (double)a[j];
+        l->db[j] += (double)b[j];
+    }
+    l->a0 = l->a1 = l->b0 = l->b1 = (v8f){0};
+    l->steps = 0;
+}
+
+HOT static void run_sums(Lanes *l, const float *restrict p, const float *restrict q, Py_ssize_t n, float k)
+{
+    const v8f kv = {k, k, k, k, k, k, k, k};
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        v8f d0 = load8(p + i) - kv, d1 = load8(p + i + 8) - kv;
+        if (q) {
+            v8f g0 = load8(q + i), g1 = load8(q + i + 8);
+            l->a0 += g0;
+            l->a1 += g1;
+            l->b0 += g0 * d0;
+            l->b1 += g1 * d1;
+        } else {
+            l->a0 += d0;
+            l->a1 += d1;
+            l->b0 += d0 * d0;
+            l->b1 += d1 * d1;
+        }
+        if (++l->steps == FLUSH)
+            lanes_flush(l);
+    }
+    for (; i < n; i++) { /* the tail of a run, in double */
+        float d = p[i] - k, g = q ? q[i] : d;
+        l->da[i % 8] += (double)g;
+        l->db[i % 8] += (double)(g * d);
+    }
+}
+
+/* Planar family: items are (channel, piece of rows); each gives its two sums. */
+typedef struct {
+    const Sums *t;
+    Py_ssize_t pieces, rows;
+    double *part;
+} PlanarSums;
+
+HOT static void planar_sums_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
+{
+    const PlanarSums *w = arg;
+    const Arr3 *a = w->t->a, *b = w->t->b;
+    for (Py_ssize_t it = lo; it < hi; it++) {
+        Py_ssize_t c = it / w->pieces, o0 = it % w->pieces * w->rows;
+        Py_ssize_t o1 = o0 + w->rows < a->outer ? o0 + w->rows : a->outer;
+        Lanes l = {0};
+        for (Py_ssize_t o = o0; o < o1; o++)
+            run_sums(&l, row_of(a, o, c), b ? row_of(b, o, c) : NULL, a->inner, w->t->k[c]);
+        lanes_flush(&l);
+        double s1 = 0.0, s2 = 0.0;
+        for (int j = 0; j < 8; j++) {
+            s1 += l.da[j];
+            s2 += l.db[j];
+        }
+        w->part[2 * it] = s1;
+        w->part[2 * it + 1] = s2;
+    }
+}
+
+static int sums_planar(const Sums *t, long threads)
+{
+    const Arr3 *a = t->a;
+    Py_ssize_t rows = t->block / a->inner > 0 ? t->block / a->inner : 1;
+    PlanarSums w = {t, (a->outer + rows - 1) / rows, rows, NULL};
+    w.part = malloc(sizeof(double) * 2 * (size_t)(w.pieces * a->channels));
+    if (!w.part)
+        return -1;
+    parallel(threads, w.pieces * a->channels, planar_sums_range, &w);
+    for (Py_ssize_t c = 0; c < a->channels; c++) {
+        double s1 = 0.0, s2 = 0.0;
+        for (Py_ssize_t k = 0; k < w.pieces; k++) {
+            s1 += w.part[2 * (c * w.pieces + k)];
+            s2 += w.part[2 * (c * w.pieces + k) + 1];
+        }
+        t->s1[c] = s1;
+        t->s2[c] = s2;
+    }
+    free(w.part);
+    return 0;
+}
+
+/* Four block rows into float32 per-position accumulators (rows family). */
+HOT static void rows4(const float *const *p, const float *const *q, const float *restrict kk, float *restrict fa,
+                      float *restrict fb, Py_ssize_t m)
+{
+    const float *restrict p0 = p[0], *restrict p1 = p[1], *restrict p2 = p[2], *restrict p3 = p[3];
+    if (q) {
+        const float *restrict q0 = q[0], *restrict q1 = q[1], *restrict q2 = q[2], *restrict q3 = q[3];
+        for (Py_ssize_t j = 0; j < m; j++) {
+            float k = kk[j];
+            float d0 = p0[j] - k, d1 = p1[j] - k, d2 = p2[j] - k, d3 = p3[j] - k;
+            float g0 = q0[j], g1 = q1[j], g2 = q2[j], g3 = q3[j];
+            fa[j] += (g0 + g1) + (g2 + g3);
+            fb[j] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3);
+        }
+    } else {
+        for (Py_ssize_t j = 0; j < m; j++) {
+            float k = kk[j];
+            float d0 = p0[j] - k, d1 = p1[j] - k, d2 = p2[j] - k, d3 = p3[j] - k;
+            fa[j] += (d0 + d1) + (d2 + d3);
+            fb[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        }
+    }
+}
+
+HOT static void row1(const float *restrict p, const float *restrict q, const float *restrict kk, float *restrict fa,
+                     float *restrict fb, Py_ssize_t m)
+{
+    if (q) {
+        for (Py_ssize_t j = 0; j < m; j++) {
+            float d = p[j] - kk[j];
+            fa[j] += q[j];
+            fb[j] += q[j] * d;
+        }
+    } else {
+        for (Py_ssize_t j = 0; j < m; j++) {
+            float d = p[j] - kk[j];
+            fa[j] += d;
+            fb[j] += d * d;
+        }
+    }
+}
+
+HOT static void flush(float *restrict fa, float *restrict fb, double *restrict da, double *restrict db, Py_ssize_t m)
+{
+    for (Py_ssize_t j = 0; j < m; j++) {
+        da[j] += (double)fa[j];
+        db[j] += (double)fb[j];
+        fa[j] = 0.0f;
+        fb[j] = 0.0f;
+    }
+}
+
+/* Rows family: block rows of `group` adjacent rows; per-position float32 sums
+   of FLUSH block rows go to double per-position sums, which are folded per
+   channel at the end of each block of rows.  Items are blocks. */
+typedef struct {
+    const Sums *t;
+    Py_ssize_t group, len, block_rows;
+    double *part; /* per block: s1 then s2, C values each */
+    int failed;
+} RowsSums;
+
+static void rows_sums_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
+{
+    RowsSums *w = arg;
+    const Arr3 *a = w->t->a, *b = w->t->b;
+    Py_ssize_t width = a->channels * a->inner, inner = a->inner, channels = a->channels;
+    Py_ssize_t group = w->group, len = w->len;
+    char *work = malloc((sizeof(double) * 2 + sizeof(float) * 3) * (size_t)len);
+    if (!work) {
+        set_failed(&w->failed);
+        return;
+    }
+    double *da = (double *)work, *db = da + len;
+    float *kk = (float *)(db + len), *fa = kk + len, *fb = fa + len;
+    for (Py_ssize_t j = 0; j < len; j++)
+        kk[j] = w->t->k[(j % width) / inner];
+    memset(fa, 0, sizeof(float) * 2 * (size_t)len);
+    for (Py_ssize_t blk = lo; blk < hi; blk++) {
+        Py_ssize_t o0 = blk * w->block_rows;
+        Py_ssize_t o_end = o0 + w->block_rows < a->outer ? o0 + w->block_rows : a->outer;
+        memset(da, 0, sizeof(double) * 2 * (size_t)len);
+        Py_ssize_t since_flush = 0;
+        for (Py_ssize_t o = o0; o < o_end;) {
+            if (o + 4 * group <= o_end) {
+                const float *p[4], *q[4];
+                for (int r = 0; r < 4; r++) {
+                    p[r] = row_of(a, o + r * group, 0);
+                    q[r] = b ? row_of(b, o + r * group, 0) : NULL;
+                }
+                rows4(p, b ? q : NULL, kk, fa, fb, len);
+                o += 4 * group;
+                since_flush += 4;
+            } else {
+                Py_ssize_t m = (o_end - o < group ? o_end - o : group) * width;
+                row1(row_of(a, o, 0), b ? row_of(b, o, 0) : NULL, kk, fa, fb, m);
+                o += group;
+                since_flush += 1;
+            }
+            if (since_flush >= FLUSH) {
+                flush(fa, fb, da, db, len);
+                since_flush = 0;
+            }
+        }
+        flush(fa, fb, da, db, len);
+        double *s1 = w->part + 2 * channels * blk, *s2 = s1 + channels;
+        for (Py_ssize_t c = 0; c < channels; c++) {
+            double f1 = 0.0, f2 = 0.0;
+            for (Py_ssize_t r = 0; r < group; r++)
+                for (Py_ssize_t i = 0; i < inner; i++) {
+                    f1 += da[r * width + c * inner + i];
+                    f2 += db[r * width + c * inner + i];
+                }
+            s1[c] = f1;
+            s2[c] = f2;
+        }
+    }
+    free(work);
+}
+
+static int sums_rows(const Sums *t, long threads)
+{
+    const Arr3 *a = t->a;
+    Py_ssize_t channels = a->channels, group = rows_per_group(a, t->b), len = group * channels * a->inner;
+    Py_ssize_t block_groups = t->block / len > 0 ? t->block / len : 1;
+    RowsSums w = {t, group, len, block_groups * group, NULL, 0};
+    Py_ssize_t blocks = (a->outer + w.block_rows - 1) / w.block_rows;
+    w.part = malloc(sizeof(double) * 2 * (size_t)(channels * blocks));
+    if (!w.part)
+        return -1;
+    parallel(threads, blocks, rows_sums_range, &w);
+    for (Py_ssize_t c = 0; c < channels && !w.failed; c++) {
+        double s1 = 0.0, s2 = 0.0;
+        for (Py_ssize_t blk = 0; blk < blocks; blk++) {
+            s1 += w.part[2 * channels * blk + c];
+            s2 += w.part[2 * channels * blk + channels + c];
+        }
+        t->s1[c] = s1;
+        t->s2[c] = s2;
+    }
+    free(w.part);
+    return w.failed ? -1 : 0;
+}
+
+static int sums(int fam, const Sums *t, long threads)
+{
+    return fam == PLANAR ? sums_planar(t, threads) : sums_rows(t, threads);
+}
+
+/* ---- elementwise ----------------------------------------------------------
+ * out = (a - centre[c]) * scale[c] + shift[c], or with b:
+ * out = b * bscale[c] + ((a - centre[c]) * scale[c] + shift[c]), in float32.
+ */
+typedef struct {
+    const Arr3 *a, *b;
+    float *out;
+    const float *centre, *scale, *shift, *bscale;
+} Affine;
+
+HOT static void affine_run(const float *restrict p, const float *restrict q, float *restrict y, Py_ssize_t n,
+                           float m, float s, float h, float bs)
+{
+    if (q) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            y[i] = q[i] * bs + ((p[i] - m) * s + h);
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++)
+            y[i] = (p[i] - m) * s + h;
+    }
+}
+
+/* Planar family: items are runs (o, c). */
+static void affine_planar_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
+{
+    const Affine *t = arg;
+    const Arr3 *a = t->a;
+    Py_ssize_t n = a->inner;
+    for (Py_ssize_t it = lo; it < hi; it++) {
+        Py_ssize_t o = it / a->channels, c = it % a->channels;
+        affine_run(row_of(a, o, c), t->b ? row_of(t->b, o, c) : NULL, t->out + it * n, n, t->centre[c],
+                   t->scale[c], t->shift[c], t->bscale ? t->bscale[c] : 0.0f);
+    }
+}
+
+HOT static void affine_row(const float *restrict p, const float *restrict q, float *restrict y, Py_ssize_t n,
+                           const float *restrict m, const float *restrict s, const float *restrict h,
+                           const float *restrict bs)
+{
+    if (q) {
+        for (Py_ssize_t j = 0; j < n; j++)
+            y[j] = q[j] * bs[j] + ((p[j] - m[j]) * s[j] + h[j]);
+    } else {
+        for (Py_ssize_t j = 0; j < n; j++)
+            y[j] = (p[j] - m[j]) * s[j] + h[j];
+    }
+}
+
+/* Rows family: items are block rows, with the coefficients laid out along one. */
+typedef struct {
+    const Affine *t;
+    Py_ssize_t group, len;
+    int failed;
+} RowsAffine;
+
+static void affine_rows_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
+{
+    RowsAffine *w = arg;
+    const Affine *t = w->t;
+    const Arr3 *a = t->a, *b = t->b;
+    Py_ssize_t width = a->channels * a->inner, inner = a->inner, group = w->group, len = w->len;
+    float *work = malloc(sizeof(float) * 4 * (size_t)len);
+    if (!work) {
+        set_failed(&w->failed);
+        return;
+    }
+    float *m = work, *s = work + len, *h = work + 2 * len, *bs = work + 3 * len;
+    for (Py_ssize_t j = 0; j < len; j++) {
+        Py_ssize_t c = (j % width) / inner;
+        m[j] = t->centre[c];
+        s[j] = t->scale[c];
+        h[j] = t->shift[c];
+        bs[j] = t->bscale ? t->bscale[c] : 0.0f;
+    }
+    for (Py_ssize_t it = lo; it < hi; it++) {
+        Py_ssize_t o = it * group, n = (a->outer - o < group ? a->outer - o : group) * width;
+        affine_row(row_of(a, o, 0), b ? row_of(b, o, 0) : NULL, t->out + o * width, n, m, s, h, bs);
+    }
+    free(work);
+}
+
+static int affine(int fam, const Affine *t, long threads)
+{
+    const Arr3 *a = t->a;
+    if (fam == PLANAR) {
+        parallel(threads, a->outer * a->channels, affine_planar_range, (void *)t);
+        return 0;
+    }
+    Py_ssize_t group = rows_per_group(a, t->b);
+    RowsAffine w = {t, group, group * a->channels * a->inner, 0};
+    parallel(threads, (a->outer + group - 1) / group, affine_rows_range, &w);
+    return w.failed ? -1 : 0;
+}
+
+/* ---- the entry points ------------------------------------------------------ */
+typedef struct {
+    double *s1, *s2, *mean, *var, *inv, *scale;
+    float *k, *centre, *fscale, *shift, *bscale;
+} Scratch;
+
+static int scratch_alloc(Scratch *w, Py_ssize_t channels)
+{
+    size_t n = (size_t)channels;
+    char *all = PyMem_Malloc((sizeof(double) * 6 + sizeof(float) * 5) * n);
+    if (!all) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    double *d = (double *)all;
+    float *f = (float *)(d + 6 * n);
+    w->s1 = d;
+    w->s2 = d + n;
+    w->mean = d + 2 * n;
+    w->var = d + 3 * n;
+    w->inv = d + 4 * n;
+    w->scale = d + 5 * n;
+    w->k = f;
+    w->centre = f + n;
+    w->fscale = f + 2 * n;
+    w->shift = f + 3 * n;
+    w->bscale = f + 4 * n;
+    return 0;
+}
+
+static void scratch_free(Scratch *w)
+{
+    PyMem_Free(w->s1);
+}
+
+/* The elementwise coefficients of y = (x - hi) * scale + (shift - lo * scale),
+   hi + lo = mean, for y = (x - mean) * scale + shift. */
+static void set_affine(Scratch *w, Py_ssize_t c, double mean, double scale, double shift)
+{
+    float hi = (float)mean;
+    double lo = mean - (double)hi;
+    w->centre[c] = hi;
+    w->fscale[c] = (float)scale;
+    w->shift[c] = (float)(shift - lo * scale);
+}
+
+/* A float32 guess of each channel's mean, to shift by: the mean of up to 16 x 8
+   values spread over outer and inner.  It is within a standard deviation of the
+   mean unless the data are far from random (the sums are then taken again). */
+static void sample_means(const Arr3 *x, float *k, double *t)
+{
+    Py_ssize_t si = x->inner < 8 ? x->inner : 8, so = x->outer < 16 ? x->outer : 16;
+    memset(t, 0, sizeof(double) * (size_t)x->channels);
+    for (Py_ssize_t a = 0; a < so; a++) /* row by row: channels-last rows are contiguous */
+        for (Py_ssize_t c = 0; c < x->channels; c++) {
+            const char *row = (const char *)row_of(x, a * x->outer / so, c);
+            for (Py_ssize_t b = 0; b < si; b++)
+                t[c] += (double)*(const float *)(row + (b * x->inner / si) * x->s_inner);
+        }
+    for (Py_ssize_t c = 0; c < x->channels; c++)
+        k[c] = (float)(t[c] / (double)(so * si));
+}
+
+static int check_out(const Arr3 *y, const Arr3 *x, const char *name)
+{
+    if (y->outer != x->outer || y->channels != x->channels || y->inner != x->inner || y->s_inner != 4 ||
+        y->s_channel != 4 * y->inner || y->s_outer != 4 * y->inner * y->channels) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and shaped like x", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* (float)value for each output row: mean_hi, mean_lo, var, inv_std. */
+static void write_stats(float *out, Py_ssize_t channels, Py_ssize_t c, double mean, double var, double inv)
+{
+    float hi = (float)mean;
+    out[c] = hi;
+    out[channels + c] = (float)(mean - (double)hi);
+    out[2 * channels + c] = (float)var;
+    out[3 * channels + c] = (float)inv;
+}
+
+/* forward_train(x3, y3, stats, gamma, beta, running_mean, running_var, eps, momentum)
+   y3: float32 output (C-contiguous, shaped like x3); stats: float32 (4, C) output
+   (mean_hi, mean_lo, biased var, inv_std).  Returns True, or None if x3's layout
+   is not one of the two families (nothing written). */
+static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "forward_train takes 11 arguments");
+        return NULL;
+    }
+    double eps = PyFloat_AsDouble(args[7]), momentum = PyFloat_AsDouble(args[8]);
+    long threads = PyLong_AsLong(args[9]);
+    Py_ssize_t block = PyLong_AsSsize_t(args[10]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer bx, by, bs;
+    Arr3 x, y;
+    Vec g = {0}, be = {0}, rm = {0}, rv = {0};
+    PyObject *result = NULL;
+    if (get_arr3(args[0], &bx, &x, 0, "x3") < 0)
+        return NULL;
+    if (get_arr3(args[1], &by, &y, 1, "y3") < 0)
+        goto release_x;
+    if (PyObject_GetBuffer(args[2], &bs, PyBUF_RECORDS) < 0)
+        goto release_y;
+    Py_ssize_t C = x.channels;
+    if (bs.ndim != 2 || bs.shape[0] != 4 || bs.shape[1] != C || !is_kind(&bs, 'f', 4) ||
+        !PyBuffer_IsContiguous(&bs, 'C')) {
+        PyErr_SetString(PyExc_ValueError, "stats must be a C-contiguous float32 array of shape (4, C)");
+        goto release_s;
+    }
+    if (check_out(&y, &x, "y3") < 0 || get_vec(args[3], &g, C, 0, "gamma") < 0 ||
+        get_vec(args[4], &be, C, 0, "beta") < 0 || get_vec(args[5], &rm, C, 1, "running_mean") < 0 ||
+        get_vec(args[6], &rv, C, 1, "running_var") < 0)
+        goto release_vecs;
+    if (rm.present != rv.present) {
+        PyErr_SetString(PyExc_ValueError, "running_mean and running_var go together");
+        goto release_vecs;
+    }
+    int fam = family(&x, NULL);
+    if (fam < 0) {
+        result = Py_NewRef(Py_None);
+        goto release_vecs;
+    }
+    if (threads < 1 || block < 1) {
+        PyErr_SetString(PyExc_ValueError, "threads and block_values must be positive");
+        goto release_vecs;
+    }
+    Scratch w;
+    if (scratch_alloc(&w, C) < 0)
+        goto release_vecs;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double count = (double)(x.outer * x.inner);
+    sample_means(&x, w.k, w.s1);
+    Sums s = {&x, NULL, w.k, w.s1, w.s2, block};
+    failed = sums(fam, &s, threads) < 0;
+    /* Sums about a shift more than a standard deviation from the mean lose bits
+       to cancellation: take them again about the mean (once). */
+    int retry = 0;
+    for (Py_ssize_t c = 0; c < C && !failed; c++) {
+        double m1 = w.s1[c] / count;
+        if (m1 * m1 > w.s2[c] / count - m1 * m1) {
+            retry = 1;
+            w.k[c] = (float)((double)w.k[c] + m1);
+        }
+    }
+    if (retry && !failed)
+        failed = sums(fam, &s, threads) < 0;
+    for (Py_ssize_t c = 0; c < C && !failed; c++) {
+        double m1 = w.s1[c] / count, var = w.s2[c] / count - m1 * m1;
+        w.mean[c] = (double)w.k[c] + m1;
+        w.var[c] = var < 0.0 ? 0.0 : var;
+        w.inv[c] = 1.0 / sqrt(w.var[c] + eps);
+        double scale = g.present ? w.inv[c] * vec_get(&g, c) : w.inv[c];
+        set_affine(&w, c, w.mean[c], scale, be.present ? vec_get(&be, c) : 0.0);
+    }
+    if (!failed) {
+        Affine t = {&x, NULL, (float *)by.buf, w.centre, w.fscale, w.shift, NULL};
+        failed = affine(fam, &t, threads) < 0;
+    }
+    /* Written only once nothing can fail. */
+    for (Py_ssize_t c = 0; c < C && !failed; c++) {
+        write_stats((float *)bs.buf, C, c, w.mean[c], w.var[c], w.inv[c]);
+        if (rm.present) {
+            double keep = 1.0 - momentum, unbiased = w.var[c] * (count / (count - 1.0));
+            vec_set(&rm, c, keep * vec_get(&rm, c) + momentum * w.mean[c]);
+            vec_set(&rv, c, keep * vec_get(&rv, c) + momentum * unbiased);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    scratch_free(&w);
+    if (failed)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(Py_True);
+release_vecs:
+    release_vec(&g);
+    release_vec(&be);
+    release_vec(&rm);
+    release_vec(&rv);
+release_s:
+    PyBuffer_Release(&bs);
+release_y:
+    PyBuffer_Release(&by);
+release_x:
+    PyBuffer_Release(&bx);
+    return result;
+}
+
+/* forward_infer(x3, y3, stats, gamma, beta, running_mean, running_var, eps): as
+   forward_train, with the running statistics as the mean and variance. */
+static PyObject *forward_infer(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "forward_infer takes 10 arguments");
+        return NULL;
+    }
+    double eps = PyFloat_AsDouble(args[7]);
+    long threads = PyLong_AsLong(args[8]);
+    Py_ssize_t block = PyLong_AsSsize_t(args[9]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer bx, by, bs;
+    Arr3 x, y;
+    Vec g = {0}, be = {0}, rm = {0}, rv = {0};
+    PyObject *result = NULL;
+    if (get_arr3(args[0], &bx, &x, 0, "x3") < 0)
+        return NULL;
+    if (get_arr3(args[1], &by, &y, 1, "y3") < 0)
+        goto release_x;
+    if (PyObject_GetBuffer(args[2], &bs, PyBUF_RECORDS) < 0)
+        goto release_y;
+    Py_ssize_t C = x.channels;
+    if (bs.ndim != 2 || bs.shape[0] != 4 || bs.shape[1] != C || !is_kind(&bs, 'f', 4) ||
+        !PyBuffer_IsContiguous(&bs, 'C')) {
+        PyErr_SetString(PyExc_ValueError, "stats must be a C-contiguous float32 array of shape (4, C)");
+        goto release_s;
+    }
+    if (check_out(&y, &x, "y3") < 0 || get_vec(args[3], &g, C, 0, "gamma") < 0 ||
+        get_vec(args[4], &be, C, 0, "beta") < 0 || get_vec(args[5], &rm, C, 0, "running_mean") < 0 ||
+        get_vec(args[6], &rv, C, 0, "running_var") < 0)
+        goto release_vecs;
+    if (!rm.present || !rv.present) {
+        PyErr_SetString(PyExc_ValueError, "inference needs running_mean and running_var");
+        goto release_vecs;
+    }
+    int fam = family(&x, NULL);
+    if (fam < 0) {
+        result = Py_NewRef(Py_None);
+        goto release_vecs;
+    }
+    if (threads < 1 || block < 1) {
+        PyErr_SetString(PyExc_ValueError, "threads and block_values must be positive");
+        goto release_vecs;
+    }
+    Scratch w;
+    if (scratch_alloc(&w, C) < 0)
+        goto release_vecs;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t c = 0; c < C; c++) {
+        double mean = vec_get(&rm, c), var = vec_get(&rv, c), inv = 1.0 / sqrt(var + eps);
+        write_stats((float *)bs.buf, C, c, mean, var, inv);
+        set_affine(&w, c, mean, g.present ? inv * vec_get(&g, c) : inv, be.present ? vec_get(&be, c) : 0.0);
+    }
+    Affine t = {&x, NULL, (float *)by.buf, w.centre, w.fscale, w.shift, NULL};
+    failed = affine(fam, &t, threads) < 0;
+    Py_END_ALLOW_THREADS
+    scratch_free(&w);
+    if (failed)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(Py_True);
+release_vecs:
+    release_vec(&g);
+    release_vec(&be);
+    release_vec(&rm);
+    release_vec(&rv);
+release_s:
+    PyBuffer_Release(&bs);
+release_y:
+    PyBuffer_Release(&by);
+release_x:
+    PyBuffer_Release(&bx);
+    return result;
+}
+
+/* backward(dy3, x3, dx3, grads, mean_hi, mean_lo, inv_std, gamma, training)
+   dx3: float32 output (C-contiguous); grads: float64 (2, C) output (dgamma,
+   dbeta).  dx = a*dy + b*(x - mean) + c per channel in training, a*dy in
+   inference.  Returns True, or None if dy3 and x3 share no family. */
+static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "backward takes 11 arguments");
+        return NULL;
+    }
+    int training = PyObject_IsTrue(args[8]);
+    long threads = PyLong_AsLong(args[9]);
+    Py_ssize_t block = PyLong_AsSsize_t(args[10]);
+    if (training < 0 || PyErr_Occurred())
+        return NULL;
+    Py_buffer bdy, bx, bdx, bg;
+    Arr3 dy, x, dx;
+    Vec hi = {0}, lo = {0}, is = {0}, g = {0};
+    PyObject *result = NULL;
+    if (get_arr3(args[0], &bdy, &dy, 0, "dy3") < 0)
+        return NULL;
+    if (get_arr3(args[1], &bx, &x, 0, "x3") < 0)
+        goto release_dy;
+    if (get_arr3(args[2], &bdx, &dx, 1, "dx3") < 0)
+        goto release_x;
+    if (PyObject_GetBuffer(args[3], &bg, PyBUF_RECORDS) < 0)
+        goto release_dx;
+    Py_ssize_t C = x.channels;
+    if (bg.ndim != 2 || bg.shape[0] != 2 || bg.shape[1] != C || !is_kind(&bg, 'd', 8) ||
+        !PyBuffer_IsContiguous(&bg, 'C')) {
+        PyErr_SetString(PyExc_ValueError, "grads must be a C-contiguous float64 array of shape (2, C)");
+        goto release_g;
+    }
+    if (dy.outer != x.outer || dy.channels != C || dy.inner != x.inner) {
+        PyErr_SetString(PyExc_ValueError, "dy3 must be shaped like x3");
+        goto release_g;
+    }
+    if (check_out(&dx, &x, "dx3") < 0 || get_vec(args[4], &hi, C, 0, "mean_hi") < 0 ||
+        get_vec(args[5], &lo, C, 0, "mean_lo") < 0 || get_vec(args[6], &is, C, 0, "inv_std") < 0 ||
+        get_vec(args[7], &g, C, 0, "gamma") < 0)
+        goto release_vecs;
+    if (!hi.present || !lo.present || !is.present) {
+        PyErr_SetString(PyExc_ValueError, "mean_hi, mean_lo and inv_std are required");
+        goto release_vecs;
+    }
+    int fam = family(&x, &dy);
+    if (fam < 0) {
+        result = Py_NewRef(Py_None);
+        goto release_vecs;
+    }
+    if (threads < 1 || block < 1) {
+        PyErr_SetString(PyExc_ValueError, "threads and block_values must be positive");
+        goto release_vecs;
+    }
+    Scratch w;
+    if (scratch_alloc(&w, C) < 0)
+        goto release_vecs;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double count = (double)(x.outer * x.inner);
+    /* Sums about mean_hi: sum(dy * (x - mean)) = sum(dy * (x - hi)) - lo * sum(dy). */
+    for (Py_ssize_t c = 0; c < C; c++)
+        w.k[c] = (float)vec_get(&hi, c);
+    Sums s = {&x, &dy, w.k, w.s1, w.s2, block};
+    failed = sums(fam, &s, threads) < 0;
+    double *grads = (double *)bg.buf;
+    for (Py_ssize_t c = 0; c < C && !failed; c++) {
+        double inv = vec_get(&is, c), lo_c = vec_get(&lo, c);
+        double dbeta = w.s1[c], dgamma = (w.s2[c] - lo_c * dbeta) * inv;
+        double a = g.present ? inv * vec_get(&g, c) : inv;
+        double b = a * inv * dgamma / -count, c0 = a * dbeta / -count;
+        grads[c] = dgamma;
+        grads[C + c] = dbeta;
+        if (training) { /* dx = dy * a + ((x - hi) * b + (c0 - lo * b)) */
+            w.centre[c] = w.k[c];
+            w.bscale[c] = (float)a;
+            w.fscale[c] = (float)b;
+            w.shift[c] = (float)(c0 - lo_c * b);
+        } else { /* dx = (dy - 0) * a + 0 */
+            w.centre[c] = 0.0f;
+            w.fscale[c] = (float)a;
+            w.shift[c] = 0.0f;
+        }
+    }
+    if (!failed) {
+        Affine t = training ? (Affine){&x, &dy, (float *)bdx.buf, w.centre, w.fscale, w.shift, w.bscale}
+                            : (Affine){&dy, NULL, (float *)bdx.buf, w.centre, w.fscale, w.shift, NULL};
+        failed = affine(training ? fam : family(&dy, NULL), &t, threads) < 0;
+    }
+    Py_END_ALLOW_THREADS
+    scratch_free(&w);
+    if (failed)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(Py_True);
+release_vecs:
+    release_vec(&hi);
+    release_vec(&lo);
+    release_vec(&is);
+    release_vec(&g);
+release_g:
+    PyBuffer_Release(&bg);
+release_dx:
+    PyBuffer_Release(&bdx);
+release_x:
+    PyBuffer_Release(&bx);
+release_dy:
+    PyBuffer_Release(&bdy);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"forward_train", (PyCFunction)(void (*)(void))forward_train, METH_FASTCALL, NULL},
+    {"forward_infer", (PyCFunction)(void (*)(void))forward_infer, METH_FASTCALL, NULL},
+    {"backward", (PyCFunction)(void (*)(void))backward, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_batch_norm_cpu",
+    "float32 Batch Normalization kernels of cupybn's NumPy backend (see batch_norm_cpu.c).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__batch_norm_cpu(void)
+{
+    return PyModule_Create(&module);
+}
