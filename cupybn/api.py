@@ -94,6 +94,15 @@ class BatchNormSaved:
         return self.x.dtype
 
 
+def _new_saved(**fields) -> BatchNormSaved:
+    """A BatchNormSaved of these fields (all of them), made without the frozen
+    dataclass's __init__, which sets each field through object.__setattr__ (a few
+    microseconds a call)."""
+    saved = object.__new__(BatchNormSaved)
+    saved.__dict__.update(fields)
+    return saved
+
+
 # ---- argument checks -------------------------------------------------------
 def _check_plain(name, a):
     """np.matrix and masked arrays look like arrays but do not behave like them here."""
@@ -172,10 +181,11 @@ SAMPLE_VALUES = 64
 
 @functools.lru_cache(maxsize=256)
 def _sample_positions(shape) -> tuple:
-    """Index arrays of SAMPLE_VALUES positions spread evenly over an array of ``shape``."""
+    """SAMPLE_VALUES positions spread evenly over an array of ``shape``: as flat
+    (C-order) indices and as index arrays."""
     size = math.prod(shape)
     flat = np.unique(np.linspace(0, size - 1, min(size, SAMPLE_VALUES)).astype(np.intp))
-    return np.unravel_index(flat, shape)
+    return flat, np.unravel_index(flat, shape)
 
 
 def _x_sample(x) -> bytes | None:
@@ -183,7 +193,9 @@ def _x_sample(x) -> bytes | None:
     comparison would cost a device-to-host copy in every backward call)."""
     if type(x) is not np.ndarray:
         return None
-    return x[_sample_positions(x.shape)].tobytes()
+    flat, index = _sample_positions(x.shape)
+    # take() is the cheaper gather, but copies a non-contiguous array first
+    return (x.take(flat) if x.flags.c_contiguous else x[index]).tobytes()
 
 
 def _check_x_unchanged(saved) -> None:
@@ -244,9 +256,8 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
                                                               momentum)
     else:
         y3, mean_hi, mean_lo, var, inv_std = be.forward_infer(x3, gamma, beta, running_mean, running_var, eps)
-    saved = BatchNormSaved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma,
-                           beta=beta, training=training, axis=ax, eps=eps, layout=layout,
-                           backend=be, x_sample=_x_sample(x))
+    saved = _new_saved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma, beta=beta,
+                       training=training, axis=ax, eps=eps, layout=layout, backend=be, x_sample=_x_sample(x))
     return layout.from3d(y3), saved
 
 

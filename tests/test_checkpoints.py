@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import numpy as np
@@ -87,6 +88,15 @@ def test_saved_forward_passes_pickle_and_give_the_same_backward(kind):
     for got, want in zip(cupybn.batch_norm_backward(DY, restored), cupybn.batch_norm_backward(DY, saved),
                          strict=True):
         assert same_bits(got, want)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_saved_forward_pass_has_every_field_and_stays_frozen(kind):
+    # batch_norm builds BatchNormSaved without the dataclass's __init__ (for speed)
+    _, saved = cupybn.batch_norm(X, backend=BACKENDS[kind]())
+    assert set(vars(saved)) == {f.name for f in dataclasses.fields(cupybn.BatchNormSaved)}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        saved.eps = 1.0
 
 
 def test_backends_pickle_as_their_settings_and_the_default_as_the_default():

@@ -9,6 +9,8 @@ import cupybn
 from cupybn.testing.strategies import FLOAT_DTYPES, batch_norm_inputs, channels_last, make_params, make_x
 
 THREAD_COUNTS = (1, 2, 3)
+# float32 goes to the compiled kernels by default; the NumPy paths are checked too.
+ROUTES = {"default": {}, "numpy-paths": {"compiled_values": 0}}
 
 
 def all_outputs(inputs_or_x, backend, gamma=None, beta=None, axis=1, eps=1e-5, dy=None):
@@ -34,11 +36,12 @@ def test_same_call_twice_gives_identical_bits(backend, inputs):
     assert _call(inputs, backend) == _call(inputs, backend)
 
 
-@given(batch_norm_inputs(dtype_names=FLOAT_DTYPES))
-def test_thread_count_does_not_change_bits_with_many_blocks(tiny_blocks, inputs):
+@pytest.mark.parametrize("route", ROUTES)
+@given(inputs=batch_norm_inputs(dtype_names=FLOAT_DTYPES))
+def test_thread_count_does_not_change_bits_with_many_blocks(tiny_blocks, route, inputs):
     # tiny blocks: even these small arrays are cut into many blocks, shared among threads
     with tiny_blocks():
-        results = [_call(inputs, cupybn.NumpyBackend(threads=n)) for n in THREAD_COUNTS]
+        results = [_call(inputs, cupybn.NumpyBackend(threads=n, **ROUTES[route])) for n in THREAD_COUNTS]
     assert all(r == results[0] for r in results[1:])
 
 
@@ -48,13 +51,14 @@ def test_thread_count_does_not_change_bits_with_many_blocks(tiny_blocks, inputs)
     ((16, 8, 64, 64), "channels-last"),   # rows family, several blocks
     ((70000, 4), "nchw"),                 # 2-D, several blocks
 ])
-def test_thread_count_does_not_change_bits_at_realistic_sizes(shape, layout):
+@pytest.mark.parametrize("route", ROUTES)
+def test_thread_count_does_not_change_bits_at_realistic_sizes(shape, layout, route):
     rng = np.random.default_rng(0)
     x = make_x(shape, np.float32, 1e3, 1.0, rng)
     if layout == "channels-last":
         x = channels_last(x, 1)
     gamma, beta = make_params(shape[1], np.float32, rng)
-    results = [all_outputs(x, cupybn.NumpyBackend(threads=n), gamma, beta) for n in THREAD_COUNTS]
+    results = [all_outputs(x, cupybn.NumpyBackend(threads=n, **ROUTES[route]), gamma, beta) for n in THREAD_COUNTS]
     assert all(r == results[0] for r in results[1:])
 
 

@@ -181,3 +181,22 @@ def test_variance_of_coarsely_quantized_float16_data_is_exact(backend):
     _, saved = cupybn.batch_norm(x, axis=2, backend=backend)
     errors = {"var": rel_error(saved.var, reference_forward(x, axis=2).var)}
     assert_exact(errors, np.float16, "float16 at 500 std")
+
+
+# ---- a mean guess far from the mean ---------------------------------------------------------
+@pytest.mark.parametrize("layout", ["nchw", "channels-last", "2-d"])
+def test_a_far_off_mean_guess_costs_no_accuracy(backend, layout):
+    # The float32 paths shift x by a guess of the mean taken from a sparse sample
+    # (every outer/16-th row of the (outer, C, inner) view) before summing; here
+    # every row of that sample is an outlier, 30 standard deviations of the whole
+    # from its mean, so sums about the guess cancel by a factor of ~1000 and must
+    # be taken again about the mean.
+    rng = np.random.default_rng(7)
+    shape = (16000, 3) if layout == "2-d" else (16000, 3, 2, 2)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[::1000] = 1e3
+    if layout == "channels-last":
+        x = channels_last(x, 1)
+    gamma, beta = make_params(3, np.float32, rng)
+    errors = errors_of(x, gamma, beta, axis=1, eps=1e-5, backend=backend, rng=np.random.default_rng(1))
+    assert_exact(errors, x.dtype, layout)

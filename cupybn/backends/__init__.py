@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 from .numpy_backend import NumpyBackend
+
+_ndarray = np.ndarray
 
 NUMPY = NumpyBackend()  # the default for NumPy arrays
 
@@ -26,6 +30,12 @@ def backend_for(named_arrays, backend=None):
     """
     if backend is not None and backend_accepts(backend, named_arrays):
         return backend  # the common case, decided without classifying every array
+    if backend is None:
+        for a in named_arrays.values():  # plain NumPy arrays, the commonest call: no classifying either
+            if a is not None and type(a) is not _ndarray:
+                break
+        else:
+            return NUMPY
     kinds: dict[str, list[str]] = {}
     for name, a in named_arrays.items():
         if a is None:

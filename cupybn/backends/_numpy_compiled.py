@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 try:
-    from .. import _batch_norm_cpu as _c
+    from .. import _batch_norm_cpu as _c  # type: ignore[attr-defined]  # a C extension, no stubs
 except ImportError:  # built without a C compiler
     _c = None
 
@@ -31,12 +31,16 @@ _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 
 
-def takes(x3, *vectors) -> bool:
-    """Whether the compiled kernels take these arrays: native float32 data, and
-    per-channel vectors of native float32 or float64 (or None)."""
+def takes(x3, vectors) -> bool:
+    """Whether the compiled kernels take these arrays: aligned native float32 data,
+    and per-channel vectors of native float32 or float64 (or None; the kernels read
+    and write vectors whatever their alignment)."""
     if not AVAILABLE or x3.dtype != _F32 or not x3.flags.aligned:
         return False
-    return all(v is None or (v.dtype == _F32 or v.dtype == _F64) and v.flags.aligned for v in vectors)
+    for v in vectors:  # a loop, not all(genexpr): this runs on every call
+        if v is not None and v.dtype != _F32 and v.dtype != _F64:
+            return False
+    return True
 
 
 def _contiguous(a3):

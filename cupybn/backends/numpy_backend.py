@@ -279,9 +279,9 @@ class NumpyBackend:
                          if value is not None)
         return f"NumpyBackend(threads={self.threads}, output_cache_bytes={self._outputs.limit}{limits})"
 
-    def _compiled_takes(self, x3, *vectors) -> bool:
+    def _compiled_takes(self, x3, vectors) -> bool:
         limit = COMPILED_VALUES if self.compiled_values is None else self.compiled_values
-        return x3.size <= limit and _compiled.takes(x3, *vectors)
+        return x3.size <= limit and _compiled.takes(x3, vectors)
 
     def _route(self, x3):
         """The module that computes ``x3`` whole (_numpy_tiny or _numpy_small), or None for
@@ -492,16 +492,21 @@ class NumpyBackend:
         return self.affine(x3, mean_hi, scale, shift - np.asarray(mean_lo, np.float64) * scale, x3.dtype)
 
     # ---- the three operations -------------------------------------------------
-    @quiet
+    # Each goes to the compiled kernels when they take the arrays (C raises no
+    # floating-point warnings, so no np.errstate is needed), else to the NumPy paths.
     def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1):
         """Training forward pass; updates the running statistics (if given) in place.
 
         Returns ``y3, mean_hi, mean_lo, var, inv_std`` (var biased), the
         per-channel arrays in the compute dtype.
         """
-        if self._compiled_takes(x3, gamma, beta, running_mean, running_var):
+        if self._compiled_takes(x3, (gamma, beta, running_mean, running_var)):
             return _compiled.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, self.threads,
                                            self._outputs.empty)
+        return self._numpy_forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum)
+
+    @quiet
+    def _numpy_forward_train(self, x3, gamma, beta, eps, running_mean, running_var, momentum):
         route = self._route(x3)
         if route is _tiny:
             return _tiny.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum)
@@ -517,16 +522,19 @@ class NumpyBackend:
         cdt = mean_hi.dtype
         return y3, mean_hi, mean_lo, var.astype(cdt), inv_std.astype(cdt)
 
-    @quiet
     def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
         """Inference forward pass with the running statistics.
 
         Returns ``y3, mean_hi, mean_lo, var, inv_std``: the running mean as a
         hi/lo pair, the running variance, in the compute dtype.
         """
-        if self._compiled_takes(x3, gamma, beta, running_mean, running_var):
+        if self._compiled_takes(x3, (gamma, beta, running_mean, running_var)):
             return _compiled.forward_infer(x3, gamma, beta, running_mean, running_var, eps, self.threads,
                                            self._outputs.empty)
+        return self._numpy_forward_infer(x3, gamma, beta, running_mean, running_var, eps)
+
+    @quiet
+    def _numpy_forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
         route = self._route(x3)
         if route is _tiny:
             return _tiny.forward_infer(x3, gamma, beta, running_mean, running_var, eps)
@@ -541,7 +549,6 @@ class NumpyBackend:
         y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta)
         return y3, mean_hi, mean_lo.astype(cdt), var.astype(cdt), inv_std.astype(cdt)
 
-    @quiet
     def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training):
         """Gradients for the (outer, C, inner) view; returns ``dx3, dgamma, dbeta``.
 
@@ -550,12 +557,17 @@ class NumpyBackend:
         training mode dx also flows through the batch statistics:
         ``dx = a*dy + b*(x - mean) + c`` per channel.
         """
-        route = _compiled if self._compiled_takes(x3, mean_hi, mean_lo, inv_std, gamma) else self._route(x3)
+        if dy3.dtype == x3.dtype and dy3.flags.aligned and self._compiled_takes(x3, (mean_hi, mean_lo, inv_std, gamma)):
+            dx3, dgamma, dbeta = _compiled.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training,
+                                                    self.threads, self._outputs.empty)
+            return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
+        return self._numpy_backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training)
+
+    @quiet
+    def _numpy_backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training):
+        route = self._route(x3)
         if route is not None:
-            if route is _compiled:
-                dx3, dgamma, dbeta = _compiled.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training,
-                                                        self.threads, self._outputs.empty)
-            elif route is _tiny:
+            if route is _tiny:
                 dx3, dgamma, dbeta = _tiny.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training)
             else:
                 dx3, dgamma, dbeta = self._whole.backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training)

@@ -130,19 +130,29 @@ static void release_vec(Vec *v)
     v->present = 0;
 }
 
+/* Vectors may be unaligned (any NumPy array the API accepts): copied bytewise. */
 static double vec_get(const Vec *v, Py_ssize_t i)
 {
     const char *p = (const char *)v->b.buf + i * v->b.strides[0];
-    return v->is_double ? *(const double *)p : (double)*(const float *)p;
+    if (v->is_double) {
+        double d;
+        memcpy(&d, p, sizeof d);
+        return d;
+    }
+    float f;
+    memcpy(&f, p, sizeof f);
+    return (double)f;
 }
 
 static void vec_set(Vec *v, Py_ssize_t i, double value)
 {
     char *p = (char *)v->b.buf + i * v->b.strides[0];
-    if (v->is_double)
-        *(double *)p = value;
-    else
-        *(float *)p = (float)value;
+    if (v->is_double) {
+        memcpy(p, &value, sizeof value);
+    } else {
+        float f = (float)value;
+        memcpy(p, &f, sizeof f);
+    }
 }
 
 /* The family both arrays can be walked in, or -1. */
