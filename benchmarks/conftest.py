@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import platform
 
 import numpy as np
@@ -22,6 +23,16 @@ from cases import THREADS
 
 # the run's neighbours skew timings, multi-threaded ones most: keep the load at the start
 LOADAVG_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _commit() -> str | None:
+    """The checked-out commit of the code measured (None outside a git clone)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def pytest_collect_file(file_path, parent):
@@ -89,6 +100,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "numpy": np.__version__,
         "torch": torch_version,
         "cupybn": cupybn.__version__,
+        "cupybn_commit": _commit(),
+        # float32 calls ran the compiled kernels (else the NumPy paths)
+        "cupybn_compiled_float32": cupybn.backends.numpy_backend._compiled.AVAILABLE,
         "torch_thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "loadavg_at_start": LOADAVG_AT_START,
     }

@@ -78,7 +78,12 @@ def markdown(machine: dict, medians: dict, nbytes: dict) -> str:
 
 def save(machine: dict, medians: dict, nbytes: dict) -> Path:
     today = date.today().isoformat()
-    path = RESULTS / f"cpu-{machine.get('cores', 'N')}core-{today}.json"
+    stem = f"cpu-{machine.get('cores', 'N')}core-{today}"
+    path = RESULTS / f"{stem}.json"
+    run = 1
+    while path.exists():  # a second run on the same day keeps the first
+        run += 1
+        path = RESULTS / f"{stem}-run{run}.json"
     RESULTS.mkdir(exist_ok=True)
     doc = {"machine": machine, "date": today, "x_bytes": nbytes, "medians_ms": medians}
     path.write_text(json.dumps(doc, indent=2) + "\n")
