@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import platform
+import subprocess
 
 import numpy as np
 import pytest
