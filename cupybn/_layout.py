@@ -34,13 +34,15 @@ class Layout:
         """Number of values per channel (the m of the paper)."""
         return self.outer * self.inner
 
-    @property
+    @functools.cached_property
     def shape3(self) -> tuple[int, int, int]:
         return (self.outer, self.channels, self.inner)
 
     def to3d(self, a):
         """View ``a`` (shaped like x) as (outer, C, inner); copies only if it must.
         Array methods: the same on NumPy and CuPy, and cheaper than module functions."""
+        if self._in_order:
+            return a.reshape(self.shape3)
         return a.transpose(self.perm).reshape(self.shape3)
 
     def from3d(self, a3):
@@ -49,7 +51,14 @@ class Layout:
         The result has the same memory order as the input the layout was made
         from, so y and dx keep x's layout (channels-last stays channels-last).
         """
+        if self._in_order:
+            return a3.reshape(self.shape)
         return a3.reshape(self._permuted_shape).transpose(self._inverse)
+
+    @functools.cached_property
+    def _in_order(self) -> bool:
+        """The axis order is the array's own (NCHW, 2-D): no transposes needed."""
+        return self.perm == tuple(range(len(self.perm)))
 
     @functools.cached_property
     def _permuted_shape(self) -> tuple[int, ...]:

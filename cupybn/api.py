@@ -114,7 +114,13 @@ def _check_plain(name, a):
                             f"first ({name}.filled(...) or {name}.compressed())")
 
 
+# dtypes of plain NumPy arrays that need no further checking (the fast path of the checks)
+_NUMPY_FLOATS = frozenset(np.dtype(d) for d in ("float16", "float32", "float64"))
+
+
 def _check_x(x):
+    if type(x) is np.ndarray and x.dtype in _NUMPY_FLOATS and x.ndim >= 2 and x.size:
+        return
     dtype = getattr(x, "dtype", None)
     if dtype is None or not hasattr(x, "shape"):
         raise TypeError(f"x must be a NumPy or CuPy array, got {type(x).__name__}")
@@ -140,7 +146,7 @@ def _check_backend_dtype(be, dtype):
 
 
 def _check_vector(name, a, channels):
-    if a is None:
+    if a is None or type(a) is np.ndarray and a.dtype in _NUMPY_FLOATS and a.shape == (channels,):
         return
     dtype = getattr(a, "dtype", None)
     if dtype is None or not hasattr(a, "shape"):
