@@ -47,6 +47,7 @@ def test_thread_count_does_not_change_bits_with_many_blocks(tiny_blocks, route, 
 
 @pytest.mark.parametrize("shape, layout", [
     ((32, 16, 32, 32), "nchw"),           # two planar blocks
+    ((64, 64, 32, 32), "nchw"),           # compiled kernels: from PARALLEL_VALUES on, threads share the work
     ((2, 3, 80, 80), "nchw"),             # rows longer than one block
     ((16, 8, 64, 64), "channels-last"),   # rows family, several blocks
     ((70000, 4), "nchw"),                 # 2-D, several blocks

@@ -24,9 +24,10 @@ AVAILABLE = _c is not None
 # Work items (blocks of rows) of about this many values: partial sums are combined
 # in block order, so the block size, not the number of threads, fixes the bits.
 BLOCK_VALUES = 1 << 15
-# Arrays of at least this many values are shared out among the backend's threads
-# (starting threads costs tens of microseconds).
-PARALLEL_VALUES = 1 << 18
+# Arrays of at least this many values are shared out among the backend's threads.
+# The kernels start their threads on each call, which costs 0.1-0.2 ms on the
+# development VM: below about 4 Mi values two threads were slower than one there.
+PARALLEL_VALUES = 1 << 22
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 

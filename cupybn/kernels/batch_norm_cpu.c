@@ -661,16 +661,29 @@ static void set_affine(Scratch *w, Py_ssize_t c, double mean, double scale, doub
 /* A float32 guess of each channel's mean, to shift by: the mean of up to 16 x 8
    values spread over outer and inner.  It is within a standard deviation of the
    mean unless the data are far from random (the sums are then taken again). */
+HOT static void sample_row(double *restrict t, const float *restrict row, Py_ssize_t n)
+{
+    for (Py_ssize_t c = 0; c < n; c++)
+        t[c] += (double)row[c];
+}
+
 static void sample_means(const Arr3 *x, float *k, double *t)
 {
     Py_ssize_t si = x->inner < 8 ? x->inner : 8, so = x->outer < 16 ? x->outer : 16;
+    Py_ssize_t offsets[8];
+    for (Py_ssize_t b = 0; b < si; b++)
+        offsets[b] = (b * x->inner / si) * x->s_inner;
     memset(t, 0, sizeof(double) * (size_t)x->channels);
-    for (Py_ssize_t a = 0; a < so; a++) /* row by row: channels-last rows are contiguous */
-        for (Py_ssize_t c = 0; c < x->channels; c++) {
-            const char *row = (const char *)row_of(x, a * x->outer / so, c);
-            for (Py_ssize_t b = 0; b < si; b++)
-                t[c] += (double)*(const float *)(row + (b * x->inner / si) * x->s_inner);
+    for (Py_ssize_t a = 0; a < so; a++) { /* row by row: channels-last rows are contiguous */
+        const char *row = (const char *)row_of(x, a * x->outer / so, 0);
+        if (x->inner == 1 && x->s_channel == 4) {
+            sample_row(t, (const float *)row, x->channels);
+            continue;
         }
+        for (Py_ssize_t c = 0; c < x->channels; c++, row += x->s_channel)
+            for (Py_ssize_t b = 0; b < si; b++)
+                t[c] += (double)*(const float *)(row + offsets[b]);
+    }
     for (Py_ssize_t c = 0; c < x->channels; c++)
         k[c] = (float)(t[c] / (double)(so * si));
 }
