@@ -14,9 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import _cli_args, experiment
+from . import _cli_args
 from ._cuda_probe import cupy_with_gpu, one_line
 from .backends import NUMPY, NumpyBackend
+from .experiments import data as experiment_data
+from .experiments import figure1 as experiment
 
 DEFAULT_STEPS = 10_000
 OUTPUTS = ("curves.csv", "curves.json", "figure.png")
@@ -211,8 +213,8 @@ def run_demo(args) -> int:
     except BackendUnavailable as exc:
         args.error(f"argument --backend: cupy: {exc}")
     try:
-        data = experiment.load_mnist(args.data) if args.data else experiment.load_digits(args.seed)
-    except experiment.DataError as exc:
+        data = experiment_data.load_mnist(args.data) if args.data else experiment_data.load_digits(args.seed)
+    except experiment_data.DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.batch_size > len(data.x_train):

@@ -17,8 +17,10 @@ import pytest
 pytest.importorskip("sklearn", reason="the bundled digits data set comes with scikit-learn (the demo extra)")
 
 import cupybn.__main__ as cli  # noqa: E402
-from cupybn import _demo_cli, experiment  # noqa: E402
+from cupybn import _demo_cli  # noqa: E402
 from cupybn.backends import NUMPY  # noqa: E402
+from cupybn.experiments import data as experiment_data  # noqa: E402
+from cupybn.experiments import figure1 as experiment  # noqa: E402
 from cupybn.testing.hostcuda import host_cupy_backend  # noqa: E402
 
 
@@ -123,7 +125,7 @@ def test_a_batch_of_one_value_per_channel_is_the_smallest_shape_refused(capsys):
 
 
 def test_settings_out_of_range_are_refused_by_the_experiment_too():
-    data = experiment.load_digits(0)
+    data = experiment_data.load_digits(0)
     for settings, name in [({"steps": 0}, "steps"), ({"batch_size": 1}, "batch_size"),
                            ({"batch_size": len(data.x_train) + 1}, "batch_size"), ({"lr": float("nan")}, "lr"),
                            ({"lr": 0.0}, "lr"), ({"seed": -1}, "seed"), ({"steps": True}, "steps")]:
@@ -206,7 +208,7 @@ def test_backend_cupy_trains_the_batch_norm_network_on_the_cupy_backend(harness_
 
 def test_the_cupy_backend_trains_the_same_networks_as_the_numpy_backend(harness_demo):
     rows = json.loads((harness_demo[2] / "curves.json").read_text())["rows"]
-    data = experiment.load_digits(HARNESS_RUN["seed"])
+    data = experiment_data.load_digits(HARNESS_RUN["seed"])
     curves = experiment.run(data, **HARNESS_RUN)
     for name in ("plain", "bn"):
         assert [r[f"{name}_accuracy"] for r in rows] == curves.accuracy[name]

@@ -59,21 +59,72 @@ def test_a_float32_forward_or_backward_is_one_call_into_c(monkeypatch, shape, ax
 
 
 @needs_compiled
-@pytest.mark.parametrize("view", ["every other channel", "reversed batch", "every other column"])
+@pytest.mark.parametrize("view", ["every other channel", "reversed batch", "every other column",
+                                  "2-d reversed batch", "2-d every other row", "channels-last reversed batch"])
 def test_a_strided_view_gives_the_bits_of_its_contiguous_copy(view):
-    # Views C cannot walk (every other column) are copied first; the others are walked as they are.
+    # Views C cannot walk (every other column) are copied first; the others are walked as
+    # they are, in the order of their contiguous copies in the same axis order (the rows family groups rows by
+    # their logical position, whether or not they are adjacent in memory).
     rng = np.random.default_rng(1)
     base = rng.standard_normal((6, 10, 5, 7)).astype(np.float32) + np.float32(100)
+    flat = rng.standard_normal((300, 7)).astype(np.float32) + np.float32(100)
     x = {"every other channel": base[:, ::2], "reversed batch": base[::-1],
-         "every other column": base[..., ::2]}[view]
+         "every other column": base[..., ::2], "2-d reversed batch": flat[::-1], "2-d every other row": flat[::2],
+         "channels-last reversed batch": np.ascontiguousarray(base.transpose(0, 2, 3, 1))[::-1].transpose(0, 3, 1, 2),
+         }[view]
     dy = rng.standard_normal(x.shape).astype(np.float32)
     results = []
-    for a, g in ((x, dy), (np.ascontiguousarray(x), np.ascontiguousarray(dy))):
+    # the copy keeps the view's axis order (order="K"): channels-last stays channels-last
+    for a, g in ((x, dy), (x.copy(order="K"), dy.copy(order="K"))):
         y, saved = cupybn.batch_norm(a, backend=cupybn.NumpyBackend(threads=1))
         dx, _, _ = cupybn.batch_norm_backward(g, saved)
         results.append((y, dx, saved.mean, saved.var))
     for got, want in zip(*results, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@needs_compiled
+def test_sums_that_are_not_finite_go_to_the_numpy_route_and_agree_with_it():
+    # Inf at a position the mean guess samples (row 0), and values whose float32 squares
+    # overflow (|x - mean| > 2**64): the kernels write nothing and the NumPy route answers.
+    rng = np.random.default_rng(2)
+    with_inf = rng.standard_normal((64, 3)).astype(np.float32)
+    with_inf[0, 1] = np.inf
+    huge = (rng.standard_normal((50, 4)) * 1e19).astype(np.float32)
+    for x in (with_inf, huge):
+        c = x.shape[1]
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        results = []
+        for backend in (cupybn.NumpyBackend(threads=1), cupybn.NumpyBackend(threads=1, compiled_values=0)):
+            rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+            y, saved = cupybn.batch_norm(x, running_mean=rm, running_var=rv, backend=backend)
+            results.append((y, saved.mean, rm, rv, cupybn.batch_norm_backward(dy, saved)[0]))
+        for got, want in zip(results[0][:4], results[1][:4], strict=True):  # the forward pass: the same route
+            np.testing.assert_array_equal(got, want)
+        # the backward sums are finite for the huge values (dy is small): compiled, to rounding
+        dx, dx_numpy = results[0][4], results[1][4]
+        np.testing.assert_allclose(dx, dx_numpy, rtol=0, atol=1e-6 * np.nanmax(np.abs(dx_numpy)))
+    reference = (huge - huge.astype(np.float64).mean(0)) / np.sqrt(huge.astype(np.float64).var(0) + 1e-5)
+    np.testing.assert_allclose(cupybn.batch_norm(huge)[0], reference, atol=1e-6)
+
+
+@needs_compiled
+def test_inference_backward_keeps_the_sign_of_zero():
+    x = np.random.default_rng(3).standard_normal((8, 3)).astype(np.float32)
+    _, saved = cupybn.batch_norm(x, running_mean=np.zeros(3, np.float32), running_var=np.ones(3, np.float32),
+                                 training=False)
+    dx, _, _ = cupybn.batch_norm_backward(np.full_like(x, -0.0), saved)
+    assert np.signbit(dx).all()
+
+
+@needs_compiled
+def test_the_kernels_refuse_empty_arrays_rather_than_divide_by_zero():
+    # the API refuses empty x first; the backend methods are public too
+    from cupybn.backends import NUMPY
+
+    for shape in ((0, 4, 1), (3, 0, 2), (3, 4, 0)):
+        with pytest.raises(ValueError, match="must not be empty"):
+            NUMPY.forward_train(np.empty(shape, np.float32), None, None, 1e-5)
 
 
 # Run in a child process: the sanitizer runtimes must be loaded before Python.

@@ -107,10 +107,11 @@ def test_the_demo_trains_on_cupy_arrays_like_the_numpy_backend():
     pytest.importorskip("sklearn", reason="the demo's bundled data set comes with scikit-learn")
     import cupy as cp
 
-    from cupybn import experiment
     from cupybn.backends.cupy_backend import default_cupy_backend
+    from cupybn.experiments import data as experiment_data
+    from cupybn.experiments import figure1 as experiment
 
-    data = experiment.load_digits(0)
+    data = experiment_data.load_digits(0)
     net = experiment.Network.initial(data.x_train.shape[1], np.random.default_rng(0), with_bn=True,
                                      backend=default_cupy_backend())
     assert all(isinstance(a, cp.ndarray) for a in (*net.weights, *net.biases, net.norms[0].gamma))

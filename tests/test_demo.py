@@ -8,8 +8,9 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the bundled digits data set comes with scikit-learn (the demo extra)")
 
-from cupybn import experiment  # noqa: E402
 from cupybn.__main__ import main  # noqa: E402
+from cupybn.experiments import data as experiment_data  # noqa: E402
+from cupybn.experiments import figure1 as experiment  # noqa: E402
 
 STEPS = 400
 
@@ -44,14 +45,14 @@ def test_batch_norm_network_ends_more_accurate(demo_run):
 
 
 def test_runs_are_deterministic_for_a_seed():
-    data = experiment.load_digits(1)
+    data = experiment_data.load_digits(1)
     first = experiment.run(data, steps=50, seed=1)
     second = experiment.run(data, steps=50, seed=1)
     assert first.accuracy == second.accuracy and first.percentiles == second.percentiles
 
 
 def test_evaluation_uses_running_statistics():
-    data = experiment.load_digits(0)
+    data = experiment_data.load_digits(0)
     net = experiment.Network.initial(data.x_train.shape[1], np.random.default_rng(0), with_bn=True)
     net.sgd_step(data.x_train[:60], data.y_train[:60], 0.5)
     before = net.evaluate(data.x_test, data.y_test, data.x_test[:64])
@@ -81,12 +82,12 @@ def _mnist_folder(tmp_path, n=120):
 
 
 def test_idx_folder_and_npz_load(tmp_path):
-    data = experiment.load_mnist(_mnist_folder(tmp_path))
+    data = experiment_data.load_mnist(_mnist_folder(tmp_path))
     assert data.x_train.shape == (120, 784) and data.x_test.shape == (60, 784)
     assert data.x_train.dtype == np.float32 and 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
     npz = tmp_path / "mnist.npz"
     np.savez(npz, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test)
-    again = experiment.load_mnist(npz)
+    again = experiment_data.load_mnist(npz)
     assert np.array_equal(again.y_test, data.y_test)
 
 

@@ -53,32 +53,44 @@ def _work(x3, threads):
     return (threads if x3.size >= PARALLEL_VALUES else 1), BLOCK_VALUES
 
 
+def _call(kernel, inputs, out, rest):
+    """Run ``kernel(*inputs, out, *rest)``; when it cannot walk an input's layout
+    (it returns None, having written nothing), again on C-contiguous copies.
+    Returns False when sums were not finite."""
+    done = kernel(*inputs, out, *rest)
+    if done is None:
+        done = kernel(*(_contiguous(a) for a in inputs), out, *rest)
+        if done is None:
+            raise AssertionError("the compiled kernels refused C-contiguous arrays")
+    return done
+
+
 def forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, threads=1, empty=np.empty):
     """As ``_numpy_tiny.forward_train``; ``threads`` share out large arrays, ``empty``
-    allocates y (the backend's recycling allocator)."""
-    work = _work(x3, threads)
+    allocates y (the backend's recycling allocator).  None (nothing written) when
+    the statistics are not finite: Inf or NaN in x, or values whose float32
+    squares overflow; the NumPy routes take those."""
     y3 = empty(x3.shape, _F32)
     stats = np.empty((4, x3.shape[1]), _F32)
-    if _c.forward_train(x3, y3, stats, gamma, beta, running_mean, running_var, eps, momentum, *work) is None:
-        _c.forward_train(_contiguous(x3), y3, stats, gamma, beta, running_mean, running_var, eps, momentum, *work)
+    rest = (stats, gamma, beta, running_mean, running_var, eps, momentum, *_work(x3, threads))
+    if not _call(_c.forward_train, (x3,), y3, rest):
+        return None
     return y3, stats[0], stats[1], stats[2], stats[3]
 
 
 def forward_infer(x3, gamma, beta, running_mean, running_var, eps, threads=1, empty=np.empty):
-    work = _work(x3, threads)
     y3 = empty(x3.shape, _F32)
     stats = np.empty((4, x3.shape[1]), _F32)
-    if _c.forward_infer(x3, y3, stats, gamma, beta, running_mean, running_var, eps, *work) is None:
-        _c.forward_infer(_contiguous(x3), y3, stats, gamma, beta, running_mean, running_var, eps, *work)
+    _call(_c.forward_infer, (x3,), y3, (stats, gamma, beta, running_mean, running_var, eps, *_work(x3, threads)))
     return y3, stats[0], stats[1], stats[2], stats[3]
 
 
 def backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training, threads=1, empty=np.empty):
-    """``dx3`` and float64 ``(dgamma, dbeta)``."""
-    work = _work(x3, threads)
+    """``dx3`` and float64 ``(dgamma, dbeta)``; None (nothing written) when the
+    gradient sums are not finite, as for :func:`forward_train`."""
     dx3 = empty(x3.shape, _F32)
     grads = np.empty((2, x3.shape[1]), _F64)
-    if _c.backward(dy3, x3, dx3, grads, mean_hi, mean_lo, inv_std, gamma, training, *work) is None:
-        _c.backward(_contiguous(dy3), _contiguous(x3), dx3, grads, mean_hi, mean_lo, inv_std, gamma, training,
-                    *work)
+    rest = (grads, mean_hi, mean_lo, inv_std, gamma, training, *_work(x3, threads))
+    if not _call(_c.backward, (dy3, x3), dx3, rest):
+        return None
     return dx3, grads[0], grads[1]

@@ -501,8 +501,10 @@ class NumpyBackend:
         per-channel arrays in the compute dtype.
         """
         if self._compiled_takes(x3, (gamma, beta, running_mean, running_var)):
-            return _compiled.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, self.threads,
+            done = _compiled.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, self.threads,
                                            self._outputs.empty)
+            if done is not None:  # None: statistics not finite, for the NumPy route
+                return done
         return self._numpy_forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum)
 
     @quiet
@@ -558,9 +560,11 @@ class NumpyBackend:
         ``dx = a*dy + b*(x - mean) + c`` per channel.
         """
         if dy3.dtype == x3.dtype and dy3.flags.aligned and self._compiled_takes(x3, (mean_hi, mean_lo, inv_std, gamma)):
-            dx3, dgamma, dbeta = _compiled.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training,
-                                                    self.threads, self._outputs.empty)
-            return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
+            done = _compiled.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training, self.threads,
+                                      self._outputs.empty)
+            if done is not None:  # None: gradient sums not finite, for the NumPy route
+                dx3, dgamma, dbeta = done
+                return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
         return self._numpy_backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training)
 
     @quiet

@@ -34,6 +34,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -47,7 +48,20 @@
 /* Positions of a rows-family accumulator: consecutive rows are taken together
    until a block row is at least this long, so the adds of one row overlap. */
 #define MIN_ROW 64
+#if defined(__FAST_MATH__)
+#error "batch_norm_cpu.c must not be built with -ffast-math: it relies on IEEE rounding and NaN/Inf"
+#endif
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0
+#error "batch_norm_cpu.c needs float arithmetic evaluated in float (SSE2, not x87): build with -msse2 -mfpmath=sse"
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
+/* The vector type of the lane sums never crosses a call boundary (its helpers are
+   inlined), so GCC's note that its ABI differs with and without AVX is moot. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 #define MAX_THREADS 64
+/* Rows-family reductions are cut into at most this many blocks of rows. */
+#define MAX_BLOCKS 256
 
 typedef struct {
     const char *base;
@@ -171,14 +185,21 @@ static int family(const Arr3 *a, const Arr3 *b)
     return planar ? PLANAR : rows ? ROWS : -1;
 }
 
-/* Rows taken together per block row: consecutive rows must be adjacent in memory. */
-static Py_ssize_t rows_per_group(const Arr3 *a, const Arr3 *b)
+/* Rows taken together per block row (a function of the shape alone, so that a
+   strided view sums in the order of its contiguous copy). */
+static Py_ssize_t rows_per_group(const Arr3 *a)
 {
     Py_ssize_t width = a->channels * a->inner;
-    if (a->s_outer != 4 * width || (b && b->s_outer != 4 * width))
-        return 1;
     Py_ssize_t g = (MIN_ROW + width - 1) / width;
     return g < a->outer ? g : a->outer;
+}
+
+/* Whether the rows of a (and b) follow each other in memory, so that a block
+   row of `group` rows is one contiguous run. */
+static int rows_adjacent(const Arr3 *a, const Arr3 *b)
+{
+    Py_ssize_t width = a->channels * a->inner;
+    return a->s_outer == 4 * width && (!b || b->s_outer == 4 * width);
 }
 
 static const float *row_of(const Arr3 *a, Py_ssize_t o, Py_ssize_t c)
@@ -257,14 +278,6 @@ static inline __attribute__((always_inline)) v8f load8(const float *p)
     return v;
 }
 
-static inline __attribute__((always_inline)) double total8(v8f v)
-{
-    double t = 0.0;
-    for (int j = 0; j < 8; j++)
-        t += (double)v[j];
-    return t;
-}
-
 typedef struct {
     const Arr3 *a, *b;
     const float *k;
@@ -282,10 +295,11 @@ typedef struct {
 
 static inline __attribute__((always_inline)) void lanes_flush(Lanes *l)
 {
-    v8f a = l->a0 + l->a1, b = l->b0 + l->b1;
     for (int j = 0; j < 8; j++) {
-        l->da[j] += (double)a[j];
-        l->db[j] += (double)b[j];
+        l->da[j] += (double)l->a0[j];
+        l->da[j] += (double)l->a1[j];
+        l->db[j] += (double)l->b0[j];
+        l->db[j] += (double)l->b1[j];
     }
     l->a0 = l->a1 = l->b0 = l->b1 = (v8f){0};
     l->steps = 0;
@@ -447,27 +461,32 @@ static void rows_sums_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
     for (Py_ssize_t j = 0; j < len; j++)
         kk[j] = w->t->k[(j % width) / inner];
     memset(fa, 0, sizeof(float) * 2 * (size_t)len);
+    int adjacent = rows_adjacent(a, b);
     for (Py_ssize_t blk = lo; blk < hi; blk++) {
         Py_ssize_t o0 = blk * w->block_rows;
         Py_ssize_t o_end = o0 + w->block_rows < a->outer ? o0 + w->block_rows : a->outer;
         memset(da, 0, sizeof(double) * 2 * (size_t)len);
         Py_ssize_t since_flush = 0;
         for (Py_ssize_t o = o0; o < o_end;) {
-            if (o + 4 * group <= o_end) {
-                const float *p[4], *q[4];
-                for (int r = 0; r < 4; r++) {
-                    p[r] = row_of(a, o + r * group, 0);
-                    q[r] = b ? row_of(b, o + r * group, 0) : NULL;
+            /* Block rows o, o + group, ...; row r of a block row sums into positions
+               r*width... (one run of `group` rows when they are adjacent). */
+            int four = o + 4 * group <= o_end;
+            Py_ssize_t rows = four ? group : (o_end - o < group ? o_end - o : group);
+            for (Py_ssize_t r = 0; r < (adjacent ? 1 : rows); r++) {
+                Py_ssize_t m = adjacent ? rows * width : width, at = adjacent ? 0 : r * width;
+                if (four) {
+                    const float *p[4], *q[4];
+                    for (int k = 0; k < 4; k++) {
+                        p[k] = row_of(a, o + k * group + r, 0);
+                        q[k] = b ? row_of(b, o + k * group + r, 0) : NULL;
+                    }
+                    rows4(p, b ? q : NULL, kk + at, fa + at, fb + at, m);
+                } else {
+                    row1(row_of(a, o + r, 0), b ? row_of(b, o + r, 0) : NULL, kk + at, fa + at, fb + at, m);
                 }
-                rows4(p, b ? q : NULL, kk, fa, fb, len);
-                o += 4 * group;
-                since_flush += 4;
-            } else {
-                Py_ssize_t m = (o_end - o < group ? o_end - o : group) * width;
-                row1(row_of(a, o, 0), b ? row_of(b, o, 0) : NULL, kk, fa, fb, m);
-                o += group;
-                since_flush += 1;
             }
+            o += four ? 4 * group : group;
+            since_flush += four ? 4 : 1;
             if (since_flush >= FLUSH) {
                 flush(fa, fb, da, db, len);
                 since_flush = 0;
@@ -492,22 +511,27 @@ static void rows_sums_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
 static int sums_rows(const Sums *t, long threads)
 {
     const Arr3 *a = t->a;
-    Py_ssize_t channels = a->channels, group = rows_per_group(a, t->b), len = group * channels * a->inner;
+    Py_ssize_t channels = a->channels, group = rows_per_group(a), len = group * channels * a->inner;
     Py_ssize_t block_groups = t->block / len > 0 ? t->block / len : 1;
+    /* Wide rows make many small blocks: at most MAX_BLOCKS of them, so that their
+       partial sums (2*C doubles each) stay small against x. */
+    Py_ssize_t groups = (a->outer + group - 1) / group, fewest = (groups + MAX_BLOCKS - 1) / MAX_BLOCKS;
+    if (block_groups < fewest)
+        block_groups = fewest;
     RowsSums w = {t, group, len, block_groups * group, NULL, 0};
     Py_ssize_t blocks = (a->outer + w.block_rows - 1) / w.block_rows;
     w.part = malloc(sizeof(double) * 2 * (size_t)(channels * blocks));
     if (!w.part)
         return -1;
     parallel(threads, blocks, rows_sums_range, &w);
-    for (Py_ssize_t c = 0; c < channels && !w.failed; c++) {
-        double s1 = 0.0, s2 = 0.0;
-        for (Py_ssize_t blk = 0; blk < blocks; blk++) {
-            s1 += w.part[2 * channels * blk + c];
-            s2 += w.part[2 * channels * blk + channels + c];
-        }
-        t->s1[c] = s1;
-        t->s2[c] = s2;
+    if (!w.failed) { /* each channel's blocks in block order */
+        memset(t->s1, 0, sizeof(double) * (size_t)channels);
+        memset(t->s2, 0, sizeof(double) * (size_t)channels);
+        for (Py_ssize_t blk = 0; blk < blocks; blk++)
+            for (Py_ssize_t c = 0; c < channels; c++) {
+                t->s1[c] += w.part[2 * channels * blk + c];
+                t->s2[c] += w.part[2 * channels * blk + channels + c];
+            }
     }
     free(w.part);
     return w.failed ? -1 : 0;
@@ -606,13 +630,27 @@ static int affine(int fam, const Affine *t, long threads)
         parallel(threads, a->outer * a->channels, affine_planar_range, (void *)t);
         return 0;
     }
-    Py_ssize_t group = rows_per_group(a, t->b);
+    Py_ssize_t group = rows_adjacent(a, t->b) ? rows_per_group(a) : 1;
     RowsAffine w = {t, group, group * a->channels * a->inner, 0};
     parallel(threads, (a->outer + group - 1) / group, affine_rows_range, &w);
     return w.failed ? -1 : 0;
 }
 
-/* ---- the entry points ------------------------------------------------------ */
+/* ---- the entry points ------------------------------------------------------
+ * Each returns True when done; None when an array's layout is not one of the two
+ * families (nothing written: the caller copies it and calls again); False when
+ * a per-channel sum is not finite (Inf or NaN in the data, or float32 squares
+ * beyond float32's range: nothing written, the caller takes the NumPy route,
+ * whose float64 or blocked arithmetic gives those cases their proper values).
+ */
+static int all_finite(const double *a, const double *b, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!isfinite(a[i]) || !isfinite(b[i]))
+            return 0;
+    return 1;
+}
+
 typedef struct {
     double *s1, *s2, *mean, *var, *inv, *scale;
     float *k, *centre, *fscale, *shift, *bscale;
@@ -684,8 +722,11 @@ static void sample_means(const Arr3 *x, float *k, double *t)
             for (Py_ssize_t b = 0; b < si; b++)
                 t[c] += (double)*(const float *)(row + offsets[b]);
     }
-    for (Py_ssize_t c = 0; c < x->channels; c++)
+    for (Py_ssize_t c = 0; c < x->channels; c++) {
         k[c] = (float)(t[c] / (double)(so * si));
+        if (!isfinite(k[c])) /* an Inf or NaN in the sample: any finite shift does */
+            k[c] = 0.0f;
+    }
 }
 
 static int check_out(const Arr3 *y, const Arr3 *x, const char *name)
@@ -718,10 +759,16 @@ static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_TypeError, "forward_train takes 11 arguments");
         return NULL;
     }
-    double eps = PyFloat_AsDouble(args[7]), momentum = PyFloat_AsDouble(args[8]);
-    long threads = PyLong_AsLong(args[9]);
-    Py_ssize_t block = PyLong_AsSsize_t(args[10]);
-    if (PyErr_Occurred())
+    double eps, momentum;
+    long threads;
+    Py_ssize_t block;
+    if ((eps = PyFloat_AsDouble(args[7])) == -1.0 && PyErr_Occurred())
+        return NULL;
+    if ((momentum = PyFloat_AsDouble(args[8])) == -1.0 && PyErr_Occurred())
+        return NULL;
+    if ((threads = PyLong_AsLong(args[9])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((block = PyLong_AsSsize_t(args[10])) == -1 && PyErr_Occurred())
         return NULL;
     Py_buffer bx, by, bs;
     Arr3 x, y;
@@ -756,10 +803,14 @@ static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_ValueError, "threads and block_values must be positive");
         goto release_vecs;
     }
+    if (x.outer == 0 || C == 0 || x.inner == 0) {
+        PyErr_SetString(PyExc_ValueError, "x3 must not be empty");
+        goto release_vecs;
+    }
     Scratch w;
     if (scratch_alloc(&w, C) < 0)
         goto release_vecs;
-    int failed = 0;
+    int failed = 0, nonfinite = 0;
     Py_BEGIN_ALLOW_THREADS
     double count = (double)(x.outer * x.inner);
     sample_means(&x, w.k, w.s1);
@@ -777,7 +828,8 @@ static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t
     }
     if (retry && !failed)
         failed = sums(fam, &s, threads) < 0;
-    for (Py_ssize_t c = 0; c < C && !failed; c++) {
+    nonfinite = !failed && !all_finite(w.s1, w.s2, C);
+    for (Py_ssize_t c = 0; c < C && !failed && !nonfinite; c++) {
         double m1 = w.s1[c] / count, var = w.s2[c] / count - m1 * m1;
         w.mean[c] = (double)w.k[c] + m1;
         w.var[c] = var < 0.0 ? 0.0 : var;
@@ -785,12 +837,12 @@ static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t
         double scale = g.present ? w.inv[c] * vec_get(&g, c) : w.inv[c];
         set_affine(&w, c, w.mean[c], scale, be.present ? vec_get(&be, c) : 0.0);
     }
-    if (!failed) {
+    if (!failed && !nonfinite) {
         Affine t = {&x, NULL, (float *)by.buf, w.centre, w.fscale, w.shift, NULL};
         failed = affine(fam, &t, threads) < 0;
     }
     /* Written only once nothing can fail. */
-    for (Py_ssize_t c = 0; c < C && !failed; c++) {
+    for (Py_ssize_t c = 0; c < C && !failed && !nonfinite; c++) {
         write_stats((float *)bs.buf, C, c, w.mean[c], w.var[c], w.inv[c]);
         if (rm.present) {
             double keep = 1.0 - momentum, unbiased = w.var[c] * (count / (count - 1.0));
@@ -803,7 +855,7 @@ static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t
     if (failed)
         PyErr_NoMemory();
     else
-        result = Py_NewRef(Py_True);
+        result = Py_NewRef(nonfinite ? Py_False : Py_True);
 release_vecs:
     release_vec(&g);
     release_vec(&be);
@@ -826,10 +878,14 @@ static PyObject *forward_infer(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_TypeError, "forward_infer takes 10 arguments");
         return NULL;
     }
-    double eps = PyFloat_AsDouble(args[7]);
-    long threads = PyLong_AsLong(args[8]);
-    Py_ssize_t block = PyLong_AsSsize_t(args[9]);
-    if (PyErr_Occurred())
+    double eps;
+    long threads;
+    Py_ssize_t block;
+    if ((eps = PyFloat_AsDouble(args[7])) == -1.0 && PyErr_Occurred())
+        return NULL;
+    if ((threads = PyLong_AsLong(args[8])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((block = PyLong_AsSsize_t(args[9])) == -1 && PyErr_Occurred())
         return NULL;
     Py_buffer bx, by, bs;
     Arr3 x, y;
@@ -862,6 +918,10 @@ static PyObject *forward_infer(PyObject *self, PyObject *const *args, Py_ssize_t
     }
     if (threads < 1 || block < 1) {
         PyErr_SetString(PyExc_ValueError, "threads and block_values must be positive");
+        goto release_vecs;
+    }
+    if (x.outer == 0 || C == 0 || x.inner == 0) {
+        PyErr_SetString(PyExc_ValueError, "x3 must not be empty");
         goto release_vecs;
     }
     Scratch w;
@@ -906,10 +966,14 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_TypeError, "backward takes 11 arguments");
         return NULL;
     }
-    int training = PyObject_IsTrue(args[8]);
-    long threads = PyLong_AsLong(args[9]);
-    Py_ssize_t block = PyLong_AsSsize_t(args[10]);
-    if (training < 0 || PyErr_Occurred())
+    int training;
+    long threads;
+    Py_ssize_t block;
+    if ((training = PyObject_IsTrue(args[8])) < 0)
+        return NULL;
+    if ((threads = PyLong_AsLong(args[9])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((block = PyLong_AsSsize_t(args[10])) == -1 && PyErr_Occurred())
         return NULL;
     Py_buffer bdy, bx, bdx, bg;
     Arr3 dy, x, dx;
@@ -950,10 +1014,14 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_ValueError, "threads and block_values must be positive");
         goto release_vecs;
     }
+    if (x.outer == 0 || C == 0 || x.inner == 0) {
+        PyErr_SetString(PyExc_ValueError, "x3 must not be empty");
+        goto release_vecs;
+    }
     Scratch w;
     if (scratch_alloc(&w, C) < 0)
         goto release_vecs;
-    int failed = 0;
+    int failed = 0, nonfinite = 0;
     Py_BEGIN_ALLOW_THREADS
     double count = (double)(x.outer * x.inner);
     /* Sums about mean_hi: sum(dy * (x - mean)) = sum(dy * (x - hi)) - lo * sum(dy). */
@@ -961,8 +1029,9 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
         w.k[c] = (float)vec_get(&hi, c);
     Sums s = {&x, &dy, w.k, w.s1, w.s2, block};
     failed = sums(fam, &s, threads) < 0;
+    nonfinite = !failed && !all_finite(w.s1, w.s2, C);
     double *grads = (double *)bg.buf;
-    for (Py_ssize_t c = 0; c < C && !failed; c++) {
+    for (Py_ssize_t c = 0; c < C && !failed && !nonfinite; c++) {
         double inv = vec_get(&is, c), lo_c = vec_get(&lo, c);
         double dbeta = w.s1[c], dgamma = (w.s2[c] - lo_c * dbeta) * inv;
         double a = g.present ? inv * vec_get(&g, c) : inv;
@@ -974,13 +1043,13 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
             w.bscale[c] = (float)a;
             w.fscale[c] = (float)b;
             w.shift[c] = (float)(c0 - lo_c * b);
-        } else { /* dx = (dy - 0) * a + 0 */
+        } else { /* dx = (dy - 0) * a + (-0): both exact, signed zeros kept */
             w.centre[c] = 0.0f;
             w.fscale[c] = (float)a;
-            w.shift[c] = 0.0f;
+            w.shift[c] = -0.0f;
         }
     }
-    if (!failed) {
+    if (!failed && !nonfinite) {
         Affine t = training ? (Affine){&x, &dy, (float *)bdx.buf, w.centre, w.fscale, w.shift, w.bscale}
                             : (Affine){&dy, NULL, (float *)bdx.buf, w.centre, w.fscale, w.shift, NULL};
         failed = affine(training ? fam : family(&dy, NULL), &t, threads) < 0;
@@ -990,7 +1059,7 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
     if (failed)
         PyErr_NoMemory();
     else
-        result = Py_NewRef(Py_True);
+        result = Py_NewRef(nonfinite ? Py_False : Py_True);
 release_vecs:
     release_vec(&hi);
     release_vec(&lo);
