@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import _cli_args, _demo_cli
+from . import _cli_args, _convnet_cli, _demo_cli
 from . import _textbook as textbook
 from .api import batch_norm, batch_norm_backward, param_dtype_name
 
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"small default shape {' '.join(map(str, QUICK_SHAPE))} and 3 runs")
     compare.set_defaults(func=_compare, error=compare.error)
     _demo_cli.add_parser(commands)
+    _convnet_cli.add_parser(commands)
     # listed for --help only: main() hands gpu-check its arguments before parsing (cupybn/_gpu_check.py)
     commands.add_parser("gpu-check", add_help=False,
                         help="on an NVIDIA GPU: tests, copy roofline and benchmarks in one go (needs CuPy)")

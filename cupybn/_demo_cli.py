@@ -130,8 +130,8 @@ def describe_backend(backend) -> str:
     return "CuPy backend" if name == "cupy" else f"CuPy backend ({name})"
 
 
-def folder_problem(folder) -> str | None:
-    """Why the outputs cannot be written into ``folder`` (made when missing), or None."""
+def folder_problem(folder, outputs=OUTPUTS) -> str | None:
+    """Why the files ``outputs`` cannot be written into ``folder`` (made when missing), or None."""
     folder = Path(os.path.abspath(folder))
     existing = folder
     while not os.path.lexists(existing):
@@ -140,7 +140,7 @@ def folder_problem(folder) -> str | None:
         kind = "a file, not a folder" if existing.is_file() else "not a folder"
         return f"{folder} is {kind}" if existing == folder else f"{existing} is {kind}, so {folder} cannot be made"
     if existing == folder:
-        for name in OUTPUTS:
+        for name in outputs:
             target = folder / name
             if os.path.lexists(target) and not target.is_file():
                 return f"{target} is in the way (not a file)"

@@ -9,8 +9,6 @@ sigmoid of the last hidden layer over a fixed held-out batch.
 """
 from __future__ import annotations
 
-import math
-import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..layer import BatchNorm
+from .common import BatchOrder, check_settings, sigmoid, softmax_cross_entropy, to_numpy
 from .data import Dataset
 
 HIDDEN = (100, 100, 100)
@@ -25,14 +24,6 @@ PERCENTILES = (15, 50, 85)
 
 
 # ---- the networks ---------------------------------------------------------------
-def _sigmoid(u, xp):
-    return 0.5 * (xp.tanh(0.5 * u) + 1.0)  # no overflow for large |u|
-
-
-def _to_numpy(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") else np.asarray(a)  # CuPy arrays: one copy to the host
-
-
 @dataclass
 class Network:
     """Fully connected: 3 sigmoid hidden layers, softmax output, optional BN.
@@ -72,7 +63,7 @@ class Network:
             u = h @ w + b
             if self.norms:
                 u = self.norms[k](u)
-            a = _sigmoid(u, self.xp)
+            a = sigmoid(u, self.xp)
             cache.append((h, u, a))
             h = a
         return h @ self.weights[-1] + self.biases[-1], cache
@@ -80,15 +71,7 @@ class Network:
     def sgd_step(self, x, labels, lr: float) -> float:
         xp = self.xp
         logits, cache = self.forward(x)
-        logits = logits - logits.max(axis=1, keepdims=True)
-        p = xp.exp(logits)
-        p /= p.sum(axis=1, keepdims=True)
-        n = len(x)
-        rows = xp.arange(n)
-        loss = float(-xp.log(p[rows, labels] + 1e-12).mean())
-        g = p
-        g[rows, labels] -= 1.0
-        g /= n
+        loss, g = softmax_cross_entropy(logits, labels, xp)
         grads_w = [cache[-1][2].T @ g]
         grads_b = [g.sum(axis=0)]
         g = g @ self.weights[-1].T
@@ -118,7 +101,7 @@ class Network:
         finally:
             self.train(True)
         accuracy = float((logits.argmax(axis=1) == labels).mean())
-        return accuracy, np.percentile(_to_numpy(cache[-1][1][:, 0]), PERCENTILES)
+        return accuracy, np.percentile(to_numpy(cache[-1][1][:, 0]), PERCENTILES)
 
 
 @dataclass
@@ -126,23 +109,6 @@ class Curves:
     steps: list = field(default_factory=list)
     accuracy: dict = field(default_factory=lambda: {"plain": [], "bn": []})
     percentiles: dict = field(default_factory=lambda: {"plain": [], "bn": []})
-
-
-def check_settings(data: Dataset, *, steps, batch_size, lr, seed) -> None:
-    """ValueError naming the first setting of :func:`run` that is out of its range."""
-    def integer(v) -> bool:
-        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-    n = len(data.x_train)
-    if not (integer(steps) and steps >= 1):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not (integer(batch_size) and 2 <= batch_size <= n):
-        raise ValueError(f"batch_size must be an integer from 2 (Batch Normalization needs two values) to "
-                         f"{n} (the training set's size), got {batch_size!r}")
-    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and float(lr) > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if not (integer(seed) and seed >= 0):
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
 
 
 def run(data: Dataset, *, steps: int, batch_size: int = 60, lr: float = 0.5, seed: int = 0,
@@ -165,7 +131,7 @@ def run(data: Dataset, *, steps: int, batch_size: int = 60, lr: float = 0.5, see
     probe = x_test[:probe_size]
     eval_every = eval_every or max(1, steps // 100)
     curves = Curves()
-    order = np.empty(0, np.int64)
+    batches = BatchOrder(len(data.x_train), batch_size, rng)
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
             curves.steps.append(step)
@@ -175,10 +141,7 @@ def run(data: Dataset, *, steps: int, batch_size: int = 60, lr: float = 0.5, see
                 curves.percentiles[name].append([float(v) for v in pct])
         if step == steps:
             break
-        if len(order) < batch_size:  # reshuffle each epoch; both networks see the same batches
-            order = np.concatenate([order, rng.permutation(len(data.x_train))])
-        idx, order = order[:batch_size], order[batch_size:]
-        idx = xp.asarray(idx)
+        idx = xp.asarray(batches.next())  # both networks see the same batches
         x, y = x_train[idx], y_train[idx]
         plain.sgd_step(x, y, lr)
         bn.sgd_step(x, y, lr)
