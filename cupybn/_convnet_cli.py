@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 from . import _cli_args
-from ._demo_cli import BackendUnavailable, Progress, choose_backend, describe_backend, folder_problem
+from ._demo_cli import Progress, describe_backend, prepare
 from .experiments import convnet
-from .experiments import data as experiment_data
 
 DEFAULT_STEPS = 1500
 DEFAULT_BATCH = 32
@@ -108,21 +107,7 @@ def write_outputs(results: convnet.Results, out: Path, title: str) -> list[Path]
 
 
 def run_convnet(args) -> int:
-    problem = folder_problem(args.out, OUTPUTS)
-    if problem:
-        args.error(f"argument --out: {problem}")
-    try:
-        backend = choose_backend(args.backend)
-    except BackendUnavailable as exc:
-        args.error(f"argument --backend: cupy: {exc}")
-    try:
-        data = experiment_data.load_mnist(args.data) if args.data else experiment_data.load_digits(args.seed)
-    except experiment_data.DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.batch_size > len(data.x_train):
-        args.error(f"argument --batch-size: expected an integer from 2 to {len(data.x_train)} (the number of "
-                   f"training images), got {args.batch_size}")
+    backend, data = prepare(args, OUTPUTS)
     rates = f"base lr {args.lr}" if args.lr is not None else f"base lr: best of {list(convnet.SWEEP)}"
     print(f"data: {data.name}: {len(data.x_train)} training and {len(data.x_test)} held-out images; "
           f"{args.steps} steps of {args.batch_size} per run, {rates}, seed {args.seed}, {describe_backend(backend)}")

@@ -204,8 +204,11 @@ def write_outputs(curves: experiment.Curves, out: Path, title: str) -> list[Path
     return written
 
 
-def run_demo(args) -> int:
-    problem = folder_problem(args.out)
+def prepare(args, outputs):
+    """The checks every experiment command makes before any training: the output
+    folder, the backend, the data and the batch size against it.  Returns
+    ``(backend, data)``; argparse errors exit (status 2), and so does bad data."""
+    problem = folder_problem(args.out, outputs)
     if problem:
         args.error(f"argument --out: {problem}")
     try:
@@ -216,10 +219,15 @@ def run_demo(args) -> int:
         data = experiment_data.load_mnist(args.data) if args.data else experiment_data.load_digits(args.seed)
     except experiment_data.DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from exc
     if args.batch_size > len(data.x_train):
         args.error(f"argument --batch-size: expected an integer from 2 to {len(data.x_train)} (the number of "
                    f"training images), got {args.batch_size}")
+    return backend, data
+
+
+def run_demo(args) -> int:
+    backend, data = prepare(args, OUTPUTS)
     print(f"data: {data.name}: {len(data.x_train)} training and {len(data.x_test)} held-out images; "
           f"{args.steps} steps of {args.batch_size}, lr {args.lr}, seed {args.seed}, {describe_backend(backend)}")
     start = time.perf_counter()

@@ -132,6 +132,21 @@ def test_the_claims_of_the_default_run_hold_in_a_short_one(digits):
     assert runs["BN-x5-Sigmoid"].best > 0.5
 
 
+def test_the_cupy_backend_on_the_host_harness_trains_the_same_bn_network(digits):
+    # convnet --backend cupy runs BN through the CuPy backend's kernels; here those kernels run on
+    # the host harness (NumPy arrays), so the arrays and the rest of the network are the same
+    from cupybn.testing.hostcuda import host_cupy_backend
+
+    variant = convnet.VARIANTS[2]  # BN-x5
+    kwargs = {"steps": 2, "batch_size": 8, "seed": 5, "eval_every": 1}
+    small = experiment_data.Dataset(digits.x_train[:64], digits.y_train[:64], digits.x_test[:40],
+                                    digits.y_test[:40], digits.name, digits.image_shape)
+    harness = convnet.train(small, variant, 0.1, backend=host_cupy_backend(), **kwargs)
+    numpy = convnet.train(small, variant, 0.1, **kwargs)
+    assert harness.steps == numpy.steps == [0, 1, 2]
+    assert np.allclose(harness.accuracy, numpy.accuracy, atol=1 / 40 + 1e-9)  # rounding may flip one image
+
+
 # ---- the command line ----------------------------------------------------------------------
 def test_the_command_writes_the_table_csv_json_and_figure(tmp_path, capsys):
     out = tmp_path / "out"

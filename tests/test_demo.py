@@ -117,6 +117,8 @@ def test_bad_data_gives_a_clear_error(tmp_path, capsys, breakage, message):
     elif breakage == "not npz":
         target = tmp_path / "text.npz"
         target.write_text("not a zip")
-    assert main(["demo", "--steps", "5", "--data", str(target), "--out", str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit) as stop:  # like argparse's errors: exit status 2 before any training
+        main(["demo", "--steps", "5", "--data", str(target), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -749,10 +749,93 @@ static void write_stats(float *out, Py_ssize_t channels, Py_ssize_t c, double me
     out[3 * channels + c] = (float)inv;
 }
 
-/* forward_train(x3, y3, stats, gamma, beta, running_mean, running_var, eps, momentum)
+/* Scalar arguments, each checked before the next is converted. */
+static int arg_double(PyObject *o, double *v)
+{
+    *v = PyFloat_AsDouble(o);
+    return *v == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int arg_work(PyObject *threads_arg, PyObject *block_arg, long *threads, Py_ssize_t *block)
+{
+    if ((*threads = PyLong_AsLong(threads_arg)) == -1 && PyErr_Occurred())
+        return -1;
+    if ((*block = PyLong_AsSsize_t(block_arg)) == -1 && PyErr_Occurred())
+        return -1;
+    if (*threads < 1 || *block < 1) {
+        PyErr_SetString(PyExc_ValueError, "threads and block_values must be positive");
+        return -1;
+    }
+    return 0;
+}
+
+/* The arrays of both forward entry points: x3, y3, stats, gamma, beta,
+   running_mean, running_var (args[0..6]). */
+typedef struct {
+    Py_buffer bx, by, bs;
+    int held; /* how many of bx, by, bs are held */
+    Arr3 x, y;
+    Vec g, be, rm, rv;
+} ForwardArgs;
+
+static void forward_release(ForwardArgs *f)
+{
+    release_vec(&f->g);
+    release_vec(&f->be);
+    release_vec(&f->rm);
+    release_vec(&f->rv);
+    if (f->held > 2)
+        PyBuffer_Release(&f->bs);
+    if (f->held > 1)
+        PyBuffer_Release(&f->by);
+    if (f->held > 0)
+        PyBuffer_Release(&f->bx);
+    f->held = 0;
+}
+
+/* 0, or -1 with an error set and nothing held. */
+static int forward_acquire(PyObject *const *args, int running_writable, ForwardArgs *f)
+{
+    memset(f, 0, sizeof *f);
+    if (get_arr3(args[0], &f->bx, &f->x, 0, "x3") < 0)
+        return -1;
+    f->held = 1;
+    if (get_arr3(args[1], &f->by, &f->y, 1, "y3") < 0)
+        goto fail;
+    f->held = 2;
+    if (PyObject_GetBuffer(args[2], &f->bs, PyBUF_RECORDS) < 0)
+        goto fail;
+    f->held = 3;
+    Py_ssize_t C = f->x.channels;
+    if (f->bs.ndim != 2 || f->bs.shape[0] != 4 || f->bs.shape[1] != C || !is_kind(&f->bs, 'f', 4) ||
+        !PyBuffer_IsContiguous(&f->bs, 'C')) {
+        PyErr_SetString(PyExc_ValueError, "stats must be a C-contiguous float32 array of shape (4, C)");
+        goto fail;
+    }
+    if (check_out(&f->y, &f->x, "y3") < 0 || get_vec(args[3], &f->g, C, 0, "gamma") < 0 ||
+        get_vec(args[4], &f->be, C, 0, "beta") < 0 ||
+        get_vec(args[5], &f->rm, C, running_writable, "running_mean") < 0 ||
+        get_vec(args[6], &f->rv, C, running_writable, "running_var") < 0)
+        goto fail;
+    if (f->rm.present != f->rv.present) {
+        PyErr_SetString(PyExc_ValueError, "running_mean and running_var go together");
+        goto fail;
+    }
+    if (f->x.outer == 0 || C == 0 || f->x.inner == 0) {
+        PyErr_SetString(PyExc_ValueError, "x3 must not be empty");
+        goto fail;
+    }
+    return 0;
+fail:
+    forward_release(f);
+    return -1;
+}
+
+/* forward_train(x3, y3, stats, gamma, beta, running_mean, running_var, eps, momentum,
+   threads, block_values)
    y3: float32 output (C-contiguous, shaped like x3); stats: float32 (4, C) output
-   (mean_hi, mean_lo, biased var, inv_std).  Returns True, or None if x3's layout
-   is not one of the two families (nothing written). */
+   (mean_hi, mean_lo, biased var, inv_std); the running statistics, when given,
+   are updated in place. */
 static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 11) {
@@ -762,59 +845,28 @@ static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t
     double eps, momentum;
     long threads;
     Py_ssize_t block;
-    if ((eps = PyFloat_AsDouble(args[7])) == -1.0 && PyErr_Occurred())
+    if (arg_double(args[7], &eps) < 0 || arg_double(args[8], &momentum) < 0 ||
+        arg_work(args[9], args[10], &threads, &block) < 0)
         return NULL;
-    if ((momentum = PyFloat_AsDouble(args[8])) == -1.0 && PyErr_Occurred())
+    ForwardArgs f;
+    if (forward_acquire(args, 1, &f) < 0)
         return NULL;
-    if ((threads = PyLong_AsLong(args[9])) == -1 && PyErr_Occurred())
-        return NULL;
-    if ((block = PyLong_AsSsize_t(args[10])) == -1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer bx, by, bs;
-    Arr3 x, y;
-    Vec g = {0}, be = {0}, rm = {0}, rv = {0};
     PyObject *result = NULL;
-    if (get_arr3(args[0], &bx, &x, 0, "x3") < 0)
-        return NULL;
-    if (get_arr3(args[1], &by, &y, 1, "y3") < 0)
-        goto release_x;
-    if (PyObject_GetBuffer(args[2], &bs, PyBUF_RECORDS) < 0)
-        goto release_y;
-    Py_ssize_t C = x.channels;
-    if (bs.ndim != 2 || bs.shape[0] != 4 || bs.shape[1] != C || !is_kind(&bs, 'f', 4) ||
-        !PyBuffer_IsContiguous(&bs, 'C')) {
-        PyErr_SetString(PyExc_ValueError, "stats must be a C-contiguous float32 array of shape (4, C)");
-        goto release_s;
-    }
-    if (check_out(&y, &x, "y3") < 0 || get_vec(args[3], &g, C, 0, "gamma") < 0 ||
-        get_vec(args[4], &be, C, 0, "beta") < 0 || get_vec(args[5], &rm, C, 1, "running_mean") < 0 ||
-        get_vec(args[6], &rv, C, 1, "running_var") < 0)
-        goto release_vecs;
-    if (rm.present != rv.present) {
-        PyErr_SetString(PyExc_ValueError, "running_mean and running_var go together");
-        goto release_vecs;
-    }
-    int fam = family(&x, NULL);
+    const Arr3 *x = &f.x;
+    Py_ssize_t C = x->channels;
+    int fam = family(x, NULL);
+    Scratch w;
     if (fam < 0) {
         result = Py_NewRef(Py_None);
-        goto release_vecs;
+        goto done;
     }
-    if (threads < 1 || block < 1) {
-        PyErr_SetString(PyExc_ValueError, "threads and block_values must be positive");
-        goto release_vecs;
-    }
-    if (x.outer == 0 || C == 0 || x.inner == 0) {
-        PyErr_SetString(PyExc_ValueError, "x3 must not be empty");
-        goto release_vecs;
-    }
-    Scratch w;
     if (scratch_alloc(&w, C) < 0)
-        goto release_vecs;
+        goto done;
     int failed = 0, nonfinite = 0;
     Py_BEGIN_ALLOW_THREADS
-    double count = (double)(x.outer * x.inner);
-    sample_means(&x, w.k, w.s1);
-    Sums s = {&x, NULL, w.k, w.s1, w.s2, block};
+    double count = (double)(x->outer * x->inner);
+    sample_means(x, w.k, w.s1);
+    Sums s = {x, NULL, w.k, w.s1, w.s2, block};
     failed = sums(fam, &s, threads) < 0;
     /* Sums about a shift more than a standard deviation from the mean lose bits
        to cancellation: take them again about the mean (once). */
@@ -834,20 +886,20 @@ static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t
         w.mean[c] = (double)w.k[c] + m1;
         w.var[c] = var < 0.0 ? 0.0 : var;
         w.inv[c] = 1.0 / sqrt(w.var[c] + eps);
-        double scale = g.present ? w.inv[c] * vec_get(&g, c) : w.inv[c];
-        set_affine(&w, c, w.mean[c], scale, be.present ? vec_get(&be, c) : 0.0);
+        double scale = f.g.present ? w.inv[c] * vec_get(&f.g, c) : w.inv[c];
+        set_affine(&w, c, w.mean[c], scale, f.be.present ? vec_get(&f.be, c) : 0.0);
     }
     if (!failed && !nonfinite) {
-        Affine t = {&x, NULL, (float *)by.buf, w.centre, w.fscale, w.shift, NULL};
+        Affine t = {x, NULL, (float *)f.by.buf, w.centre, w.fscale, w.shift, NULL};
         failed = affine(fam, &t, threads) < 0;
     }
     /* Written only once nothing can fail. */
     for (Py_ssize_t c = 0; c < C && !failed && !nonfinite; c++) {
-        write_stats((float *)bs.buf, C, c, w.mean[c], w.var[c], w.inv[c]);
-        if (rm.present) {
+        write_stats((float *)f.bs.buf, C, c, w.mean[c], w.var[c], w.inv[c]);
+        if (f.rm.present) {
             double keep = 1.0 - momentum, unbiased = w.var[c] * (count / (count - 1.0));
-            vec_set(&rm, c, keep * vec_get(&rm, c) + momentum * w.mean[c]);
-            vec_set(&rv, c, keep * vec_get(&rv, c) + momentum * unbiased);
+            vec_set(&f.rm, c, keep * vec_get(&f.rm, c) + momentum * w.mean[c]);
+            vec_set(&f.rv, c, keep * vec_get(&f.rv, c) + momentum * unbiased);
         }
     }
     Py_END_ALLOW_THREADS
@@ -856,22 +908,14 @@ static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_NoMemory();
     else
         result = Py_NewRef(nonfinite ? Py_False : Py_True);
-release_vecs:
-    release_vec(&g);
-    release_vec(&be);
-    release_vec(&rm);
-    release_vec(&rv);
-release_s:
-    PyBuffer_Release(&bs);
-release_y:
-    PyBuffer_Release(&by);
-release_x:
-    PyBuffer_Release(&bx);
+done:
+    forward_release(&f);
     return result;
 }
 
-/* forward_infer(x3, y3, stats, gamma, beta, running_mean, running_var, eps): as
-   forward_train, with the running statistics as the mean and variance. */
+/* forward_infer(x3, y3, stats, gamma, beta, running_mean, running_var, eps, threads,
+   block_values): as forward_train, with the running statistics as the mean and
+   variance. */
 static PyObject *forward_infer(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 10) {
@@ -881,60 +925,34 @@ static PyObject *forward_infer(PyObject *self, PyObject *const *args, Py_ssize_t
     double eps;
     long threads;
     Py_ssize_t block;
-    if ((eps = PyFloat_AsDouble(args[7])) == -1.0 && PyErr_Occurred())
+    if (arg_double(args[7], &eps) < 0 || arg_work(args[8], args[9], &threads, &block) < 0)
         return NULL;
-    if ((threads = PyLong_AsLong(args[8])) == -1 && PyErr_Occurred())
+    ForwardArgs f;
+    if (forward_acquire(args, 0, &f) < 0)
         return NULL;
-    if ((block = PyLong_AsSsize_t(args[9])) == -1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer bx, by, bs;
-    Arr3 x, y;
-    Vec g = {0}, be = {0}, rm = {0}, rv = {0};
     PyObject *result = NULL;
-    if (get_arr3(args[0], &bx, &x, 0, "x3") < 0)
-        return NULL;
-    if (get_arr3(args[1], &by, &y, 1, "y3") < 0)
-        goto release_x;
-    if (PyObject_GetBuffer(args[2], &bs, PyBUF_RECORDS) < 0)
-        goto release_y;
-    Py_ssize_t C = x.channels;
-    if (bs.ndim != 2 || bs.shape[0] != 4 || bs.shape[1] != C || !is_kind(&bs, 'f', 4) ||
-        !PyBuffer_IsContiguous(&bs, 'C')) {
-        PyErr_SetString(PyExc_ValueError, "stats must be a C-contiguous float32 array of shape (4, C)");
-        goto release_s;
-    }
-    if (check_out(&y, &x, "y3") < 0 || get_vec(args[3], &g, C, 0, "gamma") < 0 ||
-        get_vec(args[4], &be, C, 0, "beta") < 0 || get_vec(args[5], &rm, C, 0, "running_mean") < 0 ||
-        get_vec(args[6], &rv, C, 0, "running_var") < 0)
-        goto release_vecs;
-    if (!rm.present || !rv.present) {
+    Py_ssize_t C = f.x.channels;
+    int fam = family(&f.x, NULL);
+    Scratch w;
+    if (!f.rm.present) {
         PyErr_SetString(PyExc_ValueError, "inference needs running_mean and running_var");
-        goto release_vecs;
+        goto done;
     }
-    int fam = family(&x, NULL);
     if (fam < 0) {
         result = Py_NewRef(Py_None);
-        goto release_vecs;
+        goto done;
     }
-    if (threads < 1 || block < 1) {
-        PyErr_SetString(PyExc_ValueError, "threads and block_values must be positive");
-        goto release_vecs;
-    }
-    if (x.outer == 0 || C == 0 || x.inner == 0) {
-        PyErr_SetString(PyExc_ValueError, "x3 must not be empty");
-        goto release_vecs;
-    }
-    Scratch w;
     if (scratch_alloc(&w, C) < 0)
-        goto release_vecs;
+        goto done;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t c = 0; c < C; c++) {
-        double mean = vec_get(&rm, c), var = vec_get(&rv, c), inv = 1.0 / sqrt(var + eps);
-        write_stats((float *)bs.buf, C, c, mean, var, inv);
-        set_affine(&w, c, mean, g.present ? inv * vec_get(&g, c) : inv, be.present ? vec_get(&be, c) : 0.0);
+        double mean = vec_get(&f.rm, c), var = vec_get(&f.rv, c), inv = 1.0 / sqrt(var + eps);
+        write_stats((float *)f.bs.buf, C, c, mean, var, inv);
+        set_affine(&w, c, mean, f.g.present ? inv * vec_get(&f.g, c) : inv,
+                   f.be.present ? vec_get(&f.be, c) : 0.0);
     }
-    Affine t = {&x, NULL, (float *)by.buf, w.centre, w.fscale, w.shift, NULL};
+    Affine t = {&f.x, NULL, (float *)f.by.buf, w.centre, w.fscale, w.shift, NULL};
     failed = affine(fam, &t, threads) < 0;
     Py_END_ALLOW_THREADS
     scratch_free(&w);
@@ -942,17 +960,8 @@ static PyObject *forward_infer(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_NoMemory();
     else
         result = Py_NewRef(Py_True);
-release_vecs:
-    release_vec(&g);
-    release_vec(&be);
-    release_vec(&rm);
-    release_vec(&rv);
-release_s:
-    PyBuffer_Release(&bs);
-release_y:
-    PyBuffer_Release(&by);
-release_x:
-    PyBuffer_Release(&bx);
+done:
+    forward_release(&f);
     return result;
 }
 
@@ -969,11 +978,7 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
     int training;
     long threads;
     Py_ssize_t block;
-    if ((training = PyObject_IsTrue(args[8])) < 0)
-        return NULL;
-    if ((threads = PyLong_AsLong(args[9])) == -1 && PyErr_Occurred())
-        return NULL;
-    if ((block = PyLong_AsSsize_t(args[10])) == -1 && PyErr_Occurred())
+    if ((training = PyObject_IsTrue(args[8])) < 0 || arg_work(args[9], args[10], &threads, &block) < 0)
         return NULL;
     Py_buffer bdy, bx, bdx, bg;
     Arr3 dy, x, dx;
@@ -1008,10 +1013,6 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
     int fam = family(&x, &dy);
     if (fam < 0) {
         result = Py_NewRef(Py_None);
-        goto release_vecs;
-    }
-    if (threads < 1 || block < 1) {
-        PyErr_SetString(PyExc_ValueError, "threads and block_values must be positive");
         goto release_vecs;
     }
     if (x.outer == 0 || C == 0 || x.inner == 0) {
