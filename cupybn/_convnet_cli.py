@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import _cli_args
-from ._demo_cli import Progress, describe_backend, prepare
+from ._demo_cli import Progress, add_experiment_arguments, describe_backend, prepare
 from .experiments import convnet
 
 DEFAULT_STEPS = 1500
@@ -34,23 +34,11 @@ def add_parser(commands) -> None:
                     "with sigmoids without BN and with BN at 5 times, from the same weights on the same "
                     "batches; print the paper's Table 2 and write the accuracy curves as CSV, JSON and a PNG "
                     "figure. Progress goes to stderr, as for demo.")
-    cmd.add_argument("--data", metavar="PATH",
-                     help="MNIST: a folder with the four IDX files (.gz or not) or an .npz with x_train, "
-                          "y_train, x_test, y_test (default: scikit-learn's 8x8 digits)")
-    cmd.add_argument("--steps", type=_cli_args.int_at_least(1), default=DEFAULT_STEPS, metavar="N",
-                     help=f"SGD steps per run, >= 1 (default {DEFAULT_STEPS})")
-    cmd.add_argument("--batch-size", type=_cli_args.int_at_least(2), default=DEFAULT_BATCH, metavar="N",
-                     help=f"minibatch size, from 2 to the number of training images (default {DEFAULT_BATCH})")
+    add_experiment_arguments(cmd, steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, out="cupybn-convnet",
+                             outputs=OUTPUTS, steps_note=" per run")
     cmd.add_argument("--lr", type=_cli_args.positive_float, default=None,
                      help=f"the base learning rate, a finite number > 0 (default: the best of {sweep} for the "
                           "network without BN)")
-    cmd.add_argument("--seed", type=_cli_args.int_at_least(0), default=0, metavar="N",
-                     help="seed (>= 0) of the held-out split, the initial weights and the batches (default 0)")
-    cmd.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
-                     help="cupy: the CuPy backend on an NVIDIA GPU (an error at once if it cannot run); "
-                          "numpy: the NumPy backend; auto (default): cupy where it can run, else numpy")
-    cmd.add_argument("--out", default="cupybn-convnet", metavar="FOLDER",
-                     help=f"output folder, made if missing (default ./cupybn-convnet): {', '.join(OUTPUTS)}")
     cmd.set_defaults(func=run_convnet, error=cmd.error)
 
 

@@ -33,24 +33,31 @@ def add_parser(commands) -> None:
                     "weights on the same batches; write the held-out accuracy and sigmoid-input curves "
                     "as CSV, JSON and a PNG figure. Progress goes to stderr: one line redrawn on a "
                     "terminal, about ten lines in a log or a pipe.")
-    demo.add_argument("--data", metavar="PATH",
-                      help="MNIST: a folder with the four IDX files (.gz or not) or an .npz with "
-                           "x_train, y_train, x_test, y_test (default: scikit-learn's 8x8 digits)")
-    demo.add_argument("--steps", type=_cli_args.int_at_least(1), default=DEFAULT_STEPS, metavar="N",
-                      help=f"SGD steps, >= 1 (default {DEFAULT_STEPS})")
-    demo.add_argument("--batch-size", type=_cli_args.int_at_least(2), default=60, metavar="N",
-                      help="minibatch size, from 2 to the number of training images (default 60, as in the "
-                           "paper)")
+    add_experiment_arguments(demo, steps=DEFAULT_STEPS, batch_size=60, out="cupybn-demo", outputs=OUTPUTS,
+                             batch_note=", as in the paper")
     demo.add_argument("--lr", type=_cli_args.positive_float, default=0.5,
                       help="SGD learning rate, a finite number > 0 (default 0.5)")
-    demo.add_argument("--seed", type=_cli_args.int_at_least(0), default=0, metavar="N",
-                      help="seed (>= 0) of the held-out split, the initial weights and the batches (default 0)")
-    demo.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
-                      help="cupy: the CuPy backend on an NVIDIA GPU (needs CuPy; an error at once if it cannot "
-                           "run); numpy: the NumPy backend; auto (default): cupy where it can run, else numpy")
-    demo.add_argument("--out", default="cupybn-demo", metavar="FOLDER",
-                      help=f"output folder, made if missing (default ./cupybn-demo): {', '.join(OUTPUTS)}")
     demo.set_defaults(func=run_demo, error=demo.error)
+
+
+def add_experiment_arguments(parser, *, steps: int, batch_size: int, out: str, outputs, batch_note: str = "",
+                             steps_note: str = "") -> None:
+    """The options every experiment command takes: --data, --steps, --batch-size, --seed, --backend, --out."""
+    parser.add_argument("--data", metavar="PATH",
+                        help="MNIST: a folder with the four IDX files (.gz or not) or an .npz with "
+                             "x_train, y_train, x_test, y_test (default: scikit-learn's 8x8 digits)")
+    parser.add_argument("--steps", type=_cli_args.int_at_least(1), default=steps, metavar="N",
+                        help=f"SGD steps{steps_note}, >= 1 (default {steps})")
+    parser.add_argument("--batch-size", type=_cli_args.int_at_least(2), default=batch_size, metavar="N",
+                        help=f"minibatch size, from 2 to the number of training images (default {batch_size}"
+                             f"{batch_note})")
+    parser.add_argument("--seed", type=_cli_args.int_at_least(0), default=0, metavar="N",
+                        help="seed (>= 0) of the held-out split, the initial weights and the batches (default 0)")
+    parser.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
+                        help="cupy: the CuPy backend on an NVIDIA GPU (needs CuPy; an error at once if it cannot "
+                             "run); numpy: the NumPy backend; auto (default): cupy where it can run, else numpy")
+    parser.add_argument("--out", default=out, metavar="FOLDER",
+                        help=f"output folder, made if missing (default ./{out}): {', '.join(outputs)}")
 
 
 class Progress:
