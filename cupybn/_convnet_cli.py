@@ -9,12 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 from . import _cli_args
-from ._demo_cli import Progress, add_experiment_arguments, describe_backend, prepare
+from ._demo_cli import Progress, add_experiment_arguments, describe_backend, prepare, save_figure
 from .experiments import convnet
 
 DEFAULT_STEPS = 1500
@@ -84,14 +83,7 @@ def write_outputs(results: convnet.Results, out: Path, title: str) -> list[Path]
            "base_lr": results.base_lr, "table": results.table(), "curves": curves}
     with open(written[1], "w") as f:
         json.dump(doc, f, indent=1)
-    try:
-        fig = make_figure(results, title)
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install 'cupybn[demo]')", file=sys.stderr)
-        return written
-    written.append(out / OUTPUTS[2])
-    fig.savefig(written[-1], dpi=110)
-    return written
+    return save_figure(lambda: make_figure(results, title), out / OUTPUTS[2], written)
 
 
 def run_convnet(args) -> int:

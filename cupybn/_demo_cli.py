@@ -201,14 +201,19 @@ def write_outputs(curves: experiment.Curves, out: Path, title: str) -> list[Path
         writer.writerows(rows)
     with open(written[1], "w") as f:
         json.dump({"title": title, "percentiles": list(experiment.PERCENTILES), "rows": rows}, f, indent=1)
+    return save_figure(lambda: make_figure(curves, title), out / OUTPUTS[2], written)
+
+
+def save_figure(make, path: Path, written: list[Path]) -> list[Path]:
+    """``written`` and ``path``, where ``make()``'s figure is saved; ``written`` alone
+    (and a line saying why) when matplotlib is not installed."""
     try:
-        fig = make_figure(curves, title)
+        fig = make()
     except ImportError:
         print("matplotlib is not installed: no figure (pip install 'cupybn[demo]')", file=sys.stderr)
         return written
-    written.append(out / OUTPUTS[2])
-    fig.savefig(written[-1], dpi=110)
-    return written
+    fig.savefig(path, dpi=110)
+    return [*written, path]
 
 
 def prepare(args, outputs):
