@@ -4,8 +4,8 @@
 install when a C compiler is at hand; without it, :data:`AVAILABLE` is False
 and the backend keeps to its NumPy paths.  Each call here is one call into C:
 statistics, y and the running-statistics update in the forward pass, both
-per-channel sums and dx in the backward pass, all in float64 arithmetic over
-float32 data, rounded once (see the C source for the numerics).
+per-channel sums and dx in the backward pass, with the blocked path's numerics
+(float32 arithmetic, sums added up in float64; see the C source).
 
 The functions take and return what the ``_numpy_tiny`` ones do.  An array
 whose (outer, C, inner) view is neither NCHW-like nor rows of contiguous
@@ -44,10 +44,6 @@ def takes(x3, vectors) -> bool:
     return True
 
 
-def _contiguous(a3):
-    return np.ascontiguousarray(a3)
-
-
 def _work(x3, threads):
     """The threads and block size of a call (read at each call, so tests can move them)."""
     return (threads if x3.size >= PARALLEL_VALUES else 1), BLOCK_VALUES
@@ -59,7 +55,7 @@ def _call(kernel, inputs, out, rest):
     Returns False when sums were not finite."""
     done = kernel(*inputs, out, *rest)
     if done is None:
-        done = kernel(*(_contiguous(a) for a in inputs), out, *rest)
+        done = kernel(*(np.ascontiguousarray(a) for a in inputs), out, *rest)
         if done is None:
             raise AssertionError("the compiled kernels refused C-contiguous arrays")
     return done

@@ -50,10 +50,9 @@ class Merged:
         return self.m2 / self.count
 
 
-def _headers(gathered) -> list[dict]:
+def _headers(vectors) -> list[dict]:
     out = []
-    for rank, vector in enumerate(gathered):
-        vector = np.asarray(vector, np.float64)
+    for rank, vector in enumerate(vectors):
         if vector.ndim != 1 or vector.size < len(HEADER):
             raise ValueError(f"rank {rank} sent {vector.size} values, fewer than a header")
         out.append(dict(zip(HEADER, (float(v) for v in vector[:len(HEADER)]), strict=True)))
@@ -66,7 +65,8 @@ def merge(gathered, *, min_count: int = 2) -> Merged:
     Raises ValueError, the same on every rank (it depends on the gathered data
     only), when the ranks disagree on format, channels, dtype, axis or mode, or
     when the whole batch has fewer than ``min_count`` values per channel."""
-    headers = _headers(gathered)
+    vectors = [np.asarray(v, np.float64) for v in gathered]
+    headers = _headers(vectors)
     names = {v: k for k, v in DTYPE_CODES.items()}
     for field in ("format", "channels", "dtype", "axis", "training"):
         values = [h[field] for h in headers]
@@ -78,17 +78,16 @@ def merge(gathered, *, min_count: int = 2) -> Merged:
                              f"must call it with the same {field}")
     channels = int(headers[0]["channels"])
     width = len(HEADER) + 3 * channels
-    for rank, vector in enumerate(gathered):
-        if np.asarray(vector).size != width:
-            raise ValueError(f"rank {rank} sent {np.asarray(vector).size} values, expected {width}")
+    for rank, vector in enumerate(vectors):
+        if vector.size != width:
+            raise ValueError(f"rank {rank} sent {vector.size} values, expected {width}")
     total = 0
     mean = np.zeros(channels)
     m2 = np.zeros(channels)
-    for header, vector in zip(headers, gathered, strict=True):
+    for header, vector in zip(headers, vectors, strict=True):
         n = int(header["count"])
         if n == 0:
             continue
-        vector = np.asarray(vector, np.float64)
         body = vector[len(HEADER):]
         mean_r = body[:channels] + body[channels:2 * channels]
         m2_r = body[2 * channels:]

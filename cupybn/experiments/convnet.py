@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..layer import BatchNorm
-from .common import BatchOrder, check_settings, sigmoid, softmax_cross_entropy, to_numpy
+from .common import BatchOrder, check_settings, sigmoid, softmax_cross_entropy
 from .data import Dataset
 
 WIDTHS = (16, 16, 16, 16, 16)  # output channels of the 3x3 convolutions
@@ -167,7 +167,7 @@ class ConvNet:
         self._dhead_w = self._pooled.T @ dlogits
         self._dhead_b = dlogits.sum(axis=0)
         h = self._acts[-1]
-        n, height, width, c = h.shape
+        _, height, width, _ = h.shape
         g = xp.broadcast_to((dlogits @ self.head_w.T)[:, None, None, :] / (height * width), h.shape)
         for k in range(len(self.convs) - 1, -1, -1):
             a = self._acts[k]
@@ -301,4 +301,4 @@ def curves_of(results: Results) -> dict:
 
 
 __all__ = ["VARIANTS", "ConvNet", "Results", "Run", "Variant", "curves_of", "flipped", "im2col", "initial_weights",
-           "run_all", "to_numpy", "train"]
+           "run_all", "train"]

@@ -9,7 +9,6 @@ sigmoid of the last hidden layer over a fixed held-out batch.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +155,3 @@ def steps_to_reach(curves: Curves, name: str, fraction: float = 0.95) -> int:
     goal = fraction * acc[-1]
     return next(s for s, a in zip(curves.steps, acc, strict=True) if a >= goal)
 
-
-def default_out_dir() -> str:
-    return os.path.join(os.getcwd(), "cupybn-demo")

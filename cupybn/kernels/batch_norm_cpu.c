@@ -44,7 +44,6 @@
 #endif
 
 #define PLANAR_INNER 32
-#define LANES 8
 /* Positions of a rows-family accumulator: consecutive rows are taken together
    until a block row is at least this long, so the adds of one row overlap. */
 #define MIN_ROW 64
@@ -71,8 +70,8 @@ typedef struct {
 
 enum { PLANAR, ROWS };
 
-/* The loops are compiled twice on x86-64 with glibc, for AVX2 (four doubles per
-   instruction rather than two) and for the baseline, and the loader picks one. */
+/* The loops are compiled twice on x86-64 with glibc, for AVX2 (eight floats per
+   instruction rather than four) and for the baseline, and the loader picks one. */
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && defined(__GLIBC__)
 #define HOT __attribute__((target_clones("avx2", "default")))
 #else
@@ -234,7 +233,7 @@ static void parallel(long threads, Py_ssize_t n, RangeFn fn, void *arg)
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
     if (threads > n)
-        threads = (int)n;
+        threads = (long)n;
 #ifndef _WIN32
     if (threads > 1) {
         Task tasks[MAX_THREADS];
@@ -652,26 +651,25 @@ static int all_finite(const double *a, const double *b, Py_ssize_t n)
 }
 
 typedef struct {
-    double *s1, *s2, *mean, *var, *inv, *scale;
+    double *s1, *s2, *mean, *var, *inv;
     float *k, *centre, *fscale, *shift, *bscale;
 } Scratch;
 
 static int scratch_alloc(Scratch *w, Py_ssize_t channels)
 {
     size_t n = (size_t)channels;
-    char *all = PyMem_Malloc((sizeof(double) * 6 + sizeof(float) * 5) * n);
+    char *all = PyMem_Malloc((sizeof(double) * 5 + sizeof(float) * 5) * n);
     if (!all) {
         PyErr_NoMemory();
         return -1;
     }
     double *d = (double *)all;
-    float *f = (float *)(d + 6 * n);
+    float *f = (float *)(d + 5 * n);
     w->s1 = d;
     w->s2 = d + n;
     w->mean = d + 2 * n;
     w->var = d + 3 * n;
     w->inv = d + 4 * n;
-    w->scale = d + 5 * n;
     w->k = f;
     w->centre = f + n;
     w->fscale = f + 2 * n;
@@ -696,15 +694,15 @@ static void set_affine(Scratch *w, Py_ssize_t c, double mean, double scale, doub
     w->shift[c] = (float)(shift - lo * scale);
 }
 
-/* A float32 guess of each channel's mean, to shift by: the mean of up to 16 x 8
-   values spread over outer and inner.  It is within a standard deviation of the
-   mean unless the data are far from random (the sums are then taken again). */
 HOT static void sample_row(double *restrict t, const float *restrict row, Py_ssize_t n)
 {
     for (Py_ssize_t c = 0; c < n; c++)
         t[c] += (double)row[c];
 }
 
+/* A float32 guess of each channel's mean, to shift by: the mean of up to 16 x 8
+   values spread over outer and inner.  It is within a standard deviation of the
+   mean unless the data are far from random (the sums are then taken again). */
 static void sample_means(const Arr3 *x, float *k, double *t)
 {
     Py_ssize_t si = x->inner < 8 ? x->inner : 8, so = x->outer < 16 ? x->outer : 16;
