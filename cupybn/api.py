@@ -17,6 +17,7 @@ import numpy as np
 
 from . import backends as _backends
 from ._layout import Layout, canonical_axis, make_layout
+from .distributed import _sync as _distributed
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -66,6 +67,9 @@ class BatchNormSaved:
       backend   the backend object that ran the forward pass
       x_sample  the bytes of a fixed sample of x (NumPy arrays), so that
                 backward can tell that x was changed in place; None for CuPy
+      comm      the communicator of a synchronised call, else None
+      total_count  values per channel the statistics came from: x's own, or
+                the whole batch's over every rank of a synchronised call
 
     The parameter dtype is float32 for float16/bfloat16/float32 data and
     float64 for float64 data.
@@ -84,6 +88,8 @@ class BatchNormSaved:
     layout: Layout
     backend: Any
     x_sample: bytes | None = None
+    comm: Any = None
+    total_count: int = 0
 
     @property
     def shape(self):
@@ -118,7 +124,7 @@ def _check_plain(name, a):
 _NUMPY_FLOATS = frozenset(np.dtype(d) for d in ("float16", "float32", "float64"))
 
 
-def _check_x(x):
+def _check_x(x, may_be_empty=False):
     if type(x) is np.ndarray and x.dtype in _NUMPY_FLOATS and x.ndim >= 2 and x.size:
         return
     dtype = getattr(x, "dtype", None)
@@ -129,8 +135,9 @@ def _check_x(x):
         raise TypeError(f"x must have a floating dtype ({', '.join(SUPPORTED_DTYPES)}), got {dtype}")
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}")
-    if x.size == 0:
-        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    if x.size == 0 and not may_be_empty:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)} (only a synchronised call, with comm, "
+                         f"takes an empty shard)")
 
 
 @functools.lru_cache(maxsize=64)
@@ -213,7 +220,7 @@ def _check_x_unchanged(saved) -> None:
 
 # ---- public functions ------------------------------------------------------
 def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
-               training=True, momentum=0.1, eps=1e-5, axis=1, backend=None):
+               training=True, momentum=0.1, eps=1e-5, axis=1, backend=None, comm=None):
     """Batch Normalization of ``x`` over every axis except ``axis``.
 
     Returns ``(y, saved)``; ``y`` has x's shape, dtype and memory layout, and
@@ -225,46 +232,104 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
     ``new = (1 - momentum) * old + momentum * batch`` with the unbiased batch
     variance ``var * m / (m - 1)``.  training=False normalises with the running
     statistics, which are then required.
-    """
-    named = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
-    be = _backends.backend_for(named, backend)
-    _check_x(x)
-    _check_backend_dtype(be, x.dtype)
-    ax = canonical_axis(axis, x.ndim)
-    channels = x.shape[ax]
-    for name in ("gamma", "beta", "running_mean", "running_var"):
-        _check_vector(name, named[name], channels)
-    if not isinstance(training, bool):
-        if not isinstance(training, np.bool_):
-            raise TypeError(f"training must be a bool, got {type(training).__name__}")
-        training = bool(training)
-    eps = _check_real("eps", eps, _positive, "a finite number > 0")
-    momentum = _check_real("momentum", momentum, _fraction, "in [0, 1]")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    layout = make_layout(x.shape, x.strides, ax)
-    if training:
-        if layout.count < 2:
-            raise ValueError(
-                f"training needs at least 2 values per channel to estimate a variance; x of shape "
-                f"{tuple(x.shape)} has {layout.count} per channel (axis={ax}); use training=False")
-        if running_mean is not None:
-            _check_writable("running_mean", running_mean)
-            _check_writable("running_var", running_var)
-    elif running_mean is None:
-        raise ValueError("training=False needs running_mean and running_var")
 
-    x3 = layout.to3d(x)
+    ``comm`` (a :mod:`cupybn.distributed` communicator) makes the call
+    collective: every rank of ``comm`` calls it with its shard of the batch,
+    and the statistics are those of the whole batch (x may then have an empty
+    batch); see docs/distributed.md.
+    """
+    if comm is not None:
+        return _synchronised_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis,
+                                     backend, _distributed.check_comm(comm))
+    call = _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, backend)
+    be, x3 = call.backend, call.layout.to3d(x)
     # The per-channel results come back in the parameter dtype; the backend
     # updates the running statistics itself (in training), after its work is done.
-    if training:
-        y3, mean_hi, mean_lo, var, inv_std = be.forward_train(x3, gamma, beta, eps, running_mean, running_var,
-                                                              momentum)
+    if call.training:
+        y3, mean_hi, mean_lo, var, inv_std = be.forward_train(x3, gamma, beta, call.eps, running_mean, running_var,
+                                                              call.momentum)
     else:
-        y3, mean_hi, mean_lo, var, inv_std = be.forward_infer(x3, gamma, beta, running_mean, running_var, eps)
+        y3, mean_hi, mean_lo, var, inv_std = be.forward_infer(x3, gamma, beta, running_mean, running_var, call.eps)
     saved = _new_saved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma, beta=beta,
-                       training=training, axis=ax, eps=eps, layout=layout, backend=be, x_sample=_x_sample(x))
+                       training=call.training, axis=call.axis, eps=call.eps, layout=call.layout, backend=be,
+                       x_sample=_x_sample(x), comm=None, total_count=call.layout.count)
+    return call.layout.from3d(y3), saved
+
+
+class _ForwardCall:
+    """The checked arguments of a forward call (every check runs here, before any work)."""
+
+    __slots__ = ("backend", "axis", "layout", "training", "eps", "momentum")
+
+    def __init__(self, x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, backend,
+                 synchronised=False):
+        named = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
+        be = self.backend = _backends.backend_for(named, backend)
+        _check_x(x, may_be_empty=synchronised)
+        _check_backend_dtype(be, x.dtype)
+        ax = self.axis = canonical_axis(axis, x.ndim)
+        channels = x.shape[ax]
+        if channels == 0:
+            raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)} (axis={ax})")
+        for name in ("gamma", "beta", "running_mean", "running_var"):
+            _check_vector(name, named[name], channels)
+        if not isinstance(training, bool):
+            if not isinstance(training, np.bool_):
+                raise TypeError(f"training must be a bool, got {type(training).__name__}")
+            training = bool(training)
+        self.training = training
+        self.eps = _check_real("eps", eps, _positive, "a finite number > 0")
+        self.momentum = _check_real("momentum", momentum, _fraction, "in [0, 1]")
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("running_mean and running_var must be given together")
+        layout = self.layout = make_layout(x.shape, x.strides, ax)
+        if training:
+            # a synchronised call counts the values of every rank, after the exchange
+            if layout.count < 2 and not synchronised:
+                raise ValueError(
+                    f"training needs at least 2 values per channel to estimate a variance; x of shape "
+                    f"{tuple(x.shape)} has {layout.count} per channel (axis={ax}); use training=False")
+            if running_mean is not None:
+                _check_writable("running_mean", running_mean)
+                _check_writable("running_var", running_var)
+        elif running_mean is None:
+            raise ValueError("training=False needs running_mean and running_var")
+
+
+def _synchronised_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, backend, comm):
+    """batch_norm with ``comm``: a rank whose arguments fail the checks still takes
+    part in the exchange (with its error), so that every rank raises."""
+    try:
+        call = _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, backend,
+                            synchronised=True)
+    except (TypeError, ValueError) as error:
+        _distributed.announce_failure(comm, _distributed.STATISTICS, error)
+        raise
+    be, layout, x3 = call.backend, call.layout, call.layout.to3d(x)
+    done = _distributed.forward(be, x3, gamma, beta, call.eps, running_mean, running_var, call.momentum,
+                                call.training, comm, axis=call.axis)
+    if done is None:  # inference: the ranks agreed, and the statistics are the running ones
+        y3, mean_hi, mean_lo, var, inv_std = (be.forward_infer(x3, gamma, beta, running_mean, running_var, call.eps)
+                                              if x.size else _empty_inference(be, x3, running_mean, running_var,
+                                                                              call.eps))
+        total_count = layout.count
+    else:
+        y3, mean_hi, mean_lo, var, inv_std, total_count = done
+    saved = _new_saved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma, beta=beta,
+                       training=call.training, axis=call.axis, eps=call.eps, layout=layout, backend=be,
+                       x_sample=_x_sample(x), comm=comm, total_count=total_count)
     return layout.from3d(y3), saved
+
+
+def _empty_inference(be, x3, running_mean, running_var, eps):
+    """forward_infer's results for an empty shard, without calling the backend on it."""
+    xp = be.xp
+    cdt = np.float64 if x3.dtype == np.float64 else np.float32
+    mean = xp.asarray(running_mean, np.float64)
+    var = xp.asarray(running_var, np.float64)
+    hi = mean.astype(cdt)
+    return (xp.empty(x3.shape, x3.dtype), hi, (mean - hi).astype(cdt), var.astype(cdt),
+            (1.0 / xp.sqrt(var + eps)).astype(cdt))
 
 
 def batch_norm_backward(dy, saved, *, backend=None):
@@ -274,9 +339,34 @@ def batch_norm_backward(dy, saved, *, backend=None):
     variance (the paper's formulas); in inference mode the statistics are
     constants and ``dx = dy * gamma * inv_std``.  dgamma/dbeta are None when
     gamma/beta were None in the forward call.
+
+    After a synchronised training call (``comm``), every rank calls this too:
+    dx flows through the whole batch's statistics, and dgamma/dbeta are this
+    rank's own sums, to be averaged over ranks like every other parameter's
+    gradient (docs/distributed.md).
     """
     if not isinstance(saved, BatchNormSaved):
         raise TypeError(f"saved must be the BatchNormSaved returned by batch_norm, got {type(saved).__name__}")
+    if saved.comm is None or not saved.training:
+        be = _check_backward(dy, saved, backend)
+        layout = saved.layout
+        # dgamma and dbeta come back in gamma's and beta's dtypes (None where absent).
+        dx3, dgamma, dbeta = be.backward(layout.to3d(dy), layout.to3d(saved.x), saved.mean,
+                                         saved.mean_lo, saved.var, saved.inv_std, saved.gamma, saved.beta,
+                                         saved.training)
+        return layout.from3d(dx3), dgamma, dbeta
+    try:
+        be = _check_backward(dy, saved, backend)
+    except (TypeError, ValueError, RuntimeError) as error:
+        _distributed.announce_failure(saved.comm, _distributed.GRADIENTS, error)
+        raise
+    layout = saved.layout
+    dx3, dgamma, dbeta = _distributed.backward(be, layout.to3d(dy), layout.to3d(saved.x), saved, saved.comm)
+    return layout.from3d(dx3), dgamma, dbeta
+
+
+def _check_backward(dy, saved, backend):
+    """The backend for a backward call, once dy and x (unchanged) have been checked."""
     be = backend if backend is not None else saved.backend
     _backends.backend_for({"dy": dy, "x (saved)": saved.x}, be)
     if tuple(dy.shape) != tuple(saved.x.shape):
@@ -285,9 +375,4 @@ def batch_norm_backward(dy, saved, *, backend=None):
     if dy.dtype != saved.x.dtype:
         raise TypeError(f"dy must have the dtype of x, {saved.x.dtype}, got {dy.dtype}")
     _check_x_unchanged(saved)
-    layout = saved.layout
-    # dgamma and dbeta come back in gamma's and beta's dtypes (None where absent).
-    dx3, dgamma, dbeta = be.backward(layout.to3d(dy), layout.to3d(saved.x), saved.mean,
-                                     saved.mean_lo, saved.var, saved.inv_std, saved.gamma, saved.beta,
-                                     saved.training)
-    return layout.from3d(dx3), dgamma, dbeta
+    return be

@@ -7,6 +7,7 @@ import numpy as np
 
 from . import _state
 from .api import _check_real, _is_float_dtype, batch_norm, batch_norm_backward, param_dtype_name
+from .distributed._sync import GRADIENTS, STATISTICS, announce_failure, check_comm
 
 
 class BatchNorm:
@@ -34,10 +35,17 @@ class BatchNorm:
     PyTorch's names (``weight``, ``bias``, ``running_mean``, ``running_var``,
     ``num_batches_tracked``); ``cupybn.keras_state_dict`` converts Keras's
     weights.  :meth:`to` moves the layer between NumPy and CuPy.
+
+    ``comm`` (a :mod:`cupybn.distributed` communicator) synchronises the
+    layer: every rank of ``comm`` calls it (and :meth:`backward`) with its
+    shard of the batch, in both modes, and the statistics are the whole
+    batch's (docs/distributed.md).  Set ``layer.comm = None`` to run it on
+    one rank alone (evaluation on rank 0, say).  The communicator is not
+    part of a checkpoint: a restored layer is local until ``comm`` is set.
     """
 
     def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, xp=np, backend=None):
+                 track_running_stats=True, dtype=np.float32, xp=np, backend=None, comm=None):
         if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be a positive int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -55,6 +63,7 @@ class BatchNorm:
         self.momentum = momentum
         self.dtype = np.dtype(dtype)
         self.backend = backend
+        self.comm = None if comm is None else check_comm(comm)
         self.training = True
         pdt = param_dtype_name(self.dtype)
         self.gamma = xp.ones(num_features, pdt) if affine else None
@@ -84,13 +93,7 @@ class BatchNorm:
         return self.train(False)
 
     def __call__(self, x):
-        channels = x.shape[self.axis] if hasattr(x, "shape") and x.ndim >= 2 and -x.ndim <= self.axis < x.ndim else None
-        if channels is not None and channels != self.num_features:
-            raise ValueError(f"x has {channels} channels on axis {self.axis}, the layer was built for "
-                             f"num_features={self.num_features}")
-        if _is_float_dtype(getattr(x, "dtype", self.dtype)) and x.dtype != self.dtype:
-            raise TypeError(f"x has dtype {x.dtype}, the layer takes {self.dtype.name} data (dtype={self.dtype.name}): "
-                            f"cast x, or build the layer with dtype={x.dtype}")
+        self._checked(STATISTICS, self._check_input, x)
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
         momentum = self.momentum
@@ -101,23 +104,47 @@ class BatchNorm:
             running_mean=self.running_mean if (update or not use_batch_stats) else None,
             running_var=self.running_var if (update or not use_batch_stats) else None,
             training=use_batch_stats, momentum=momentum if momentum is not None else 0.1,
-            eps=self.eps, axis=self.axis, backend=self.backend)
+            eps=self.eps, axis=self.axis, backend=self.backend, comm=self.comm)
         if update:
             self.num_batches_tracked += 1
         self._saved = saved
         return y
 
+    def _check_input(self, x):
+        channels = x.shape[self.axis] if hasattr(x, "shape") and x.ndim >= 2 and -x.ndim <= self.axis < x.ndim else None
+        if channels is not None and channels != self.num_features:
+            raise ValueError(f"x has {channels} channels on axis {self.axis}, the layer was built for "
+                             f"num_features={self.num_features}")
+        if _is_float_dtype(getattr(x, "dtype", self.dtype)) and x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype}, the layer takes {self.dtype.name} data (dtype={self.dtype.name}): "
+                            f"cast x, or build the layer with dtype={x.dtype}")
+
+    def _checked(self, phase, check, *args):
+        """Run the layer's own check; a synchronised layer that fails it still takes
+        part in the exchange the call would have made (with the error), so that the
+        other ranks raise too.  Backward exchanges only after batch statistics."""
+        try:
+            check(*args)
+        except (TypeError, ValueError, RuntimeError) as error:
+            if self.comm is not None and (phase == STATISTICS or self.training or not self.track_running_stats):
+                announce_failure(self.comm, phase, error)
+            raise
+
     def backward(self, dy):
-        if self._saved is None:
-            raise RuntimeError("backward() needs a forward call first")
+        self._checked(GRADIENTS, self._check_forward_done)
         dx, self.grad_gamma, self.grad_beta = batch_norm_backward(dy, self._saved, backend=self.backend)
         return dx
+
+    def _check_forward_done(self):
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward call first")
 
     # ---- checkpoints ---------------------------------------------------------------------
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_saved"] = None  # the last forward's input and statistics: not part of the layer
+        state["comm"] = None  # a connection of this process, not part of the layer
         return state
 
     def state_dict(self) -> dict:

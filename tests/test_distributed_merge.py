@@ -25,7 +25,12 @@ def shard_moments(x):
 
 def packed(shards, **header):
     settings = {"dtype": "float32", "axis": 1, "training": True, **header}
-    return [_merge.pack(*shard_moments(s), **settings) for s in shards]
+    vectors = []
+    for s in shards:
+        count, hi, lo, m2 = shard_moments(s)
+        body = (hi, lo, m2) if settings["training"] else ()
+        vectors.append(_merge.pack(_merge.STATISTICS, count, body, channels=s.shape[1], **settings))
+    return vectors
 
 
 splits = st.lists(st.integers(0, 6), min_size=1, max_size=6).filter(lambda sizes: sum(sizes) >= 2)
@@ -80,3 +85,30 @@ def test_a_whole_batch_of_fewer_than_two_values_raises_on_every_rank(sizes):
     x = np.ones((sum(sizes), 2))
     with pytest.raises(ValueError, match="at least 2 values per channel over all ranks"):
         _merge.merge(packed(np.split(x, np.cumsum(sizes)[:-1])))
+
+
+def test_a_rank_that_failed_makes_every_rank_raise_with_its_message():
+    gathered = packed([np.ones((3, 2))]) + [_merge.pack_failure(_merge.STATISTICS, TypeError("gamma is bad"))]
+    with pytest.raises(ValueError, match=r"1 of 2 ranks could not take part in the forward \(statistics\) exchange"
+                                         r".*rank 1: TypeError: gamma is bad"):
+        _merge.merge(gathered)
+
+
+def test_ranks_at_different_calls_raise_instead_of_mixing_forward_and_backward_data():
+    sums = _merge.pack(_merge.GRADIENTS, 3, (np.ones(2), np.ones(2)), channels=2, dtype="float32", axis=1,
+                       training=True)
+    with pytest.raises(ValueError, match=r"disagree on phase \(rank 0: forward \(statistics\), rank 1: backward"):
+        _merge.merge(packed([np.ones((3, 2))]) + [sums])
+
+
+@given(sizes=st.lists(st.integers(0, 5), min_size=1, max_size=5), seed=st.integers(0, 2**16))
+def test_gradient_sums_are_added_in_rank_order(sizes, seed):
+    rng = np.random.default_rng(seed)
+    parts = [(rng.standard_normal(3) * 1e8 ** rng.random(), rng.standard_normal(3)) for _ in sizes]
+    gathered = [_merge.pack(_merge.GRADIENTS, n, p, channels=3, dtype="float32", axis=1, training=True)
+                for n, p in zip(sizes, parts, strict=True)]
+    sum_dy, sum_dyc = _merge.add_gradient_sums(gathered)
+    want_dy, want_dyc = np.zeros(3), np.zeros(3)
+    for a, b in parts:  # left to right: the bits are fixed by the rank order
+        want_dy, want_dyc = want_dy + a, want_dyc + b
+    assert sum_dy.tobytes() == want_dy.tobytes() and sum_dyc.tobytes() == want_dyc.tobytes()

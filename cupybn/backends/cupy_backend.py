@@ -432,6 +432,68 @@ class CupyBackend:
             elementwise((dy3, x3, dx3, *elementwise.geometry, mode, mean_hi, coef))
         return dx3, _as_dtype(dgamma, gamma), _as_dtype(dbeta, beta)
 
+    # ---- synchronised statistics (cupybn.distributed) -----------------------------------
+    # The general path's kernels (any strides, double sums): a shard's moments and
+    # gradient sums, then y and dx from what was merged over the ranks.
+    def _acc(self, dtype):
+        return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+    def shard_moments(self, x3):
+        """Per-channel ``(mean_hi, mean_lo, m2)`` of a non-empty x3 (see NumpyBackend)."""
+        acc = self._acc(x3.dtype)
+        per_channel = (1, x3.shape[1], 1)
+        shift = x3[0, :, 0].astype(acc)
+        offset = self._general.shifted_sum(x3, shift.reshape(per_channel), axis=(0, 2)) / (x3.shape[0] * x3.shape[2])
+        shift = shift.astype(np.float64)
+        mean = shift + offset  # and what its rounding lost (two-sum): float64 data need it at large offsets
+        rounding = (shift - (mean - (mean - shift))) + (offset - (mean - shift))
+        m2 = self._general.squared_deviations(x3, mean.reshape(per_channel), axis=(0, 2))
+        mean_hi = mean.astype(acc)
+        return mean_hi, ((mean - mean_hi) + rounding).astype(acc), m2
+
+    def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
+        """Training-mode y for float64 statistics computed elsewhere (the mean as a pair
+        ``mean + mean_lo``): the coefficients in double, then the general path's affine
+        kernel, ``y = (x - mean_hi) * scale + offset``."""
+        xp = self.xp
+        acc = self._acc(x3.dtype)
+        mean_hi = mean.astype(acc)
+        lo = (mean - mean_hi) + mean_lo
+        inv_std = 1.0 / xp.sqrt(var + eps)
+        scale = inv_std if gamma is None else inv_std * xp.asarray(gamma, np.float64)
+        offset = -lo * scale if beta is None else xp.asarray(beta, np.float64) - lo * scale
+        per_channel = (1, x3.shape[1], 1)
+        y3 = xp.empty(x3.shape, x3.dtype)
+        self._general.affine(x3, mean_hi.reshape(per_channel), scale.astype(acc).reshape(per_channel),
+                             offset.astype(acc).reshape(per_channel), y3)
+        return y3, mean_hi, lo.astype(acc), var.astype(acc), inv_std.astype(acc)
+
+    def gradient_sums(self, dy3, x3, mean_hi, mean_lo, var):
+        """float64 per channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))``."""
+        del mean_lo, var  # centred on mean_hi, as the fused kernels are
+        centre = self._as_acc(mean_hi, self._acc(x3.dtype)).reshape(1, x3.shape[1], 1)
+        return (self._general.sum(dy3, axis=(0, 2)),
+                self._general.centred_product_sum(dy3, x3, centre, axis=(0, 2)))
+
+    def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count):
+        """Training-mode dx from per-channel sums over ``count`` values per channel."""
+        xp = self.xp
+        channels = x3.shape[1]
+        acc = self._acc(x3.dtype)
+        mean_hi, mean_lo, inv_std = (self._as_acc(a, acc) for a in (mean_hi, mean_lo, inv_std))
+        sum_dy, sum_dyc = (self._as_acc(a, np.float64) for a in (sum_dy, sum_dyc))
+        coef = xp.empty((_COEF_ROWS, channels), acc)
+        absent = self._channel(None, coef)[:2]  # no dgamma/dbeta: the caller forms its own shard's
+        self._channelwise(x3.dtype, "bn_grad_channelwise", channels,
+                          (sum_dy, sum_dyc, np.int32(channels), mean_hi, mean_lo, inv_std,
+                           *self._channel(self._kernel_readable(gamma), coef), _MODES[1], np.float64(count), coef,
+                           *absent, *absent))
+        per_channel = (1, channels, 1)
+        dx3 = xp.empty(x3.shape, x3.dtype)
+        self._general.backward(dy3, x3, mean_hi.reshape(per_channel),
+                               *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), _MODES[1], dx3)
+        return dx3
+
     def _as_acc(self, a, acc):
         """A per-channel statistic as the kernels read it (our own forward passes give it so already)."""
         if a.dtype == acc and a.flags.c_contiguous:

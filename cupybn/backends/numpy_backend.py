@@ -576,11 +576,21 @@ class NumpyBackend:
             else:
                 dx3, dgamma, dbeta = self._whole.backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training)
             return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
+        inv = np.asarray(inv_std, np.float64)
+        lo = np.asarray(mean_lo, np.float64)
+        sum_dy, sum_dyc = self._gradient_sums(dy3, x3, mean_hi, mean_lo, var, training)
+        dgamma = inv * (sum_dyc - lo * sum_dy)
+        if training:
+            dx3 = self._input_gradient(dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc,
+                                       x3.shape[0] * x3.shape[2])
+        else:
+            dx3 = self._scaled_gradient(dy3, x3, inv if gamma is None else inv * np.asarray(gamma, np.float64))
+        return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(sum_dy, beta)
+
+    def _gradient_sums(self, dy3, x3, mean_hi, mean_lo, var, training):
+        """float64 per channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))``."""
         cdt = compute_dtype(x3.dtype)
         plan = _plan(x3.shape)
-        C = x3.shape[1]
-        m = x3.shape[0] * x3.shape[2]
-        inv = np.asarray(inv_std, np.float64)
         hi, lo = np.asarray(mean_hi, np.float64), np.asarray(mean_lo, np.float64)
         # sum(dy * x) - mean * sum(dy) cancels by |mean| / std (not
         # |mean| * inv_std, which eps bounds): centre x unless mean^2 <= var
@@ -594,28 +604,42 @@ class NumpyBackend:
             d = xw if unshifted else self._centred(plan, b, xw, kcentre, cdt)
             return plan.dots(dyw), plan.dots(dyw, d, self._scratch(2, d.shape, cdt))
 
-        dbeta, sdyx = self._channel_sums(plan, sums, C)
-        # sum(dy * (x - mean)) from sum(dy * (x - centre))
-        dgamma = inv * (sdyx - (hi + lo if unshifted else lo) * dbeta)
+        sum_dy, sum_dyx = self._channel_sums(plan, sums, x3.shape[1])
+        return sum_dy, sum_dyx - hi * sum_dy if unshifted else sum_dyx
+
+    def _scaled_gradient(self, dy3, x3, a):
+        """Inference-mode ``dx = a * dy`` per channel."""
+        cdt = compute_dtype(x3.dtype)
+        plan = _plan(x3.shape)
+        dx3 = self._outputs.empty(x3.shape, dy3.dtype)
+        (ka,) = plan.expand([a], cdt)
+
+        def scale_only(b):
+            dyw = self._widen(3, dy3[b], cdt)
+            res = self._result(2, dx3[b], cdt)
+            (dyv, rv), (kab,) = plan.operands(b, [dyw, res], [ka])
+            np.multiply(dyv, kab, out=rv)
+            self._store(dx3[b], res)
+
+        self._map(scale_only, plan.blocks)
+        return dx3
+
+    def _input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count):
+        """Training-mode dx from the per-channel sums of ``count`` values per channel
+        (this array's, or a whole distributed batch's): ``sum_dy`` and ``sum_dyc`` =
+        ``sum(dy * (x - mean_hi))``."""
+        cdt = compute_dtype(x3.dtype)
+        plan = _plan(x3.shape)
+        inv = np.asarray(inv_std, np.float64)
+        hi, lo = np.asarray(mean_hi, np.float64), np.asarray(mean_lo, np.float64)
+        dgamma = inv * (sum_dyc - lo * sum_dy)
         a = inv if gamma is None else inv * np.asarray(gamma, np.float64)
         dx3 = self._outputs.empty(x3.shape, dy3.dtype)
-        if not training:
-            (ka,) = plan.expand([a], cdt)
-
-            def scale_only(b):
-                dyw = self._widen(3, dy3[b], cdt)
-                res = self._result(2, dx3[b], cdt)
-                (dyv, rv), (kab,) = plan.operands(b, [dyw, res], [ka])
-                np.multiply(dyv, kab, out=rv)
-                self._store(dx3[b], res)
-
-            self._map(scale_only, plan.blocks)
-            return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
         # dx = a * (dy - dbeta/m - x_hat * dgamma/m), x_hat = (x - mean) * inv
-        b = -a * inv * dgamma / m
+        b = -a * inv * dgamma / count
         # Centre x before multiplying by b only where the offset would cost bits.
         centred = not _offset_is_small(hi + lo, inv)
-        c0 = -a * dbeta / m - b * (lo if centred else hi + lo)
+        c0 = -a * sum_dy / count - b * (lo if centred else hi + lo)
         ks = plan.expand([a, b, c0] + ([hi] if centred else []), cdt)
 
         def elementwise(blk):
@@ -631,7 +655,40 @@ class NumpyBackend:
             self._store(dx3[blk], res)
 
         self._map(elementwise, plan.blocks)
-        return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
+        return dx3
+
+    # ---- synchronised statistics (cupybn.distributed) -----------------------------------
+    # A shard's moments, y from statistics merged over ranks, a shard's gradient sums
+    # and dx from sums added over ranks: the blocked path's pieces, for any size.
+    @quiet
+    def shard_moments(self, x3):
+        """Per-channel ``(mean_hi, mean_lo, m2)`` of a non-empty x3: the mean as a hi/lo
+        pair in the compute dtype, m2 the float64 sum of squared deviations from it."""
+        mean_hi, mean_lo, var = self.batch_stats(x3)
+        return mean_hi, mean_lo, var * (x3.shape[0] * x3.shape[2])
+
+    @quiet
+    def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
+        """Training-mode y for float64 statistics computed elsewhere (the mean as a pair
+        ``mean + mean_lo``, ``var`` biased); returns ``y3, mean_hi, mean_lo, var,
+        inv_std`` as :meth:`forward_train` does."""
+        cdt = compute_dtype(x3.dtype)
+        var = np.asarray(var, np.float64)
+        mean_hi = mean.astype(cdt)
+        mean_lo = ((mean - mean_hi) + mean_lo).astype(cdt)
+        inv_std = 1.0 / np.sqrt(var + eps)
+        y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=bool(np.all(var > 0)))
+        return y3, mean_hi, mean_lo, var.astype(cdt), inv_std.astype(cdt)
+
+    @quiet
+    def gradient_sums(self, dy3, x3, mean_hi, mean_lo, var):
+        """float64 per channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))`` (training mode)."""
+        return self._gradient_sums(dy3, x3, mean_hi, mean_lo, var, True)
+
+    @quiet
+    def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count):
+        return self._input_gradient(dy3, x3, mean_hi, mean_lo, inv_std, gamma, np.asarray(sum_dy, np.float64),
+                                    np.asarray(sum_dyc, np.float64), count)
 
 
 def _in_dtype_of(result, param):

@@ -1,10 +1,18 @@
-"""Synchronised Batch Normalization across processes (issue 13), in progress.
+"""Synchronised Batch Normalization across processes and GPUs.
 
-What exists: the statistics exchange's wire format and merge (``_merge``): each
-rank packs its shard's per-channel (count, mean as a hi/lo pair, M2) with a
-header into one float64 vector for a single all-gather, and every rank merges
-the gathered vectors in rank order with Chan's formula in float64, so that all
-ranks hold identical bits whatever the transport's reduction order.  The MPI and
-NCCL engines and the synchronised forward and backward passes come next; nothing
-here is part of the public API yet.
+Pass a communicator as ``comm`` to :func:`cupybn.batch_norm` or
+:class:`cupybn.BatchNorm`, and every rank's call takes its statistics over the
+whole batch (the concatenation of every rank's x), with one exchange in the
+forward pass and one in the backward pass.  Engines:
+
+* :class:`MPI` (``cupybn.distributed.mpi``): mpi4py, for NumPy and CuPy arrays;
+* :class:`ThreadWorld` (``cupybn.distributed.threads``): ranks as threads of one
+  process, for tests and examples.
+
+docs/distributed.md says what is exchanged, what is guaranteed and what a
+program must do when only some ranks fail.
 """
+from .mpi import MPI
+from .threads import ThreadComm, ThreadWorld
+
+__all__ = ["MPI", "ThreadComm", "ThreadWorld"]

@@ -1,18 +1,23 @@
-"""The statistics exchange of synchronised Batch Normalization: pack, then merge.
+"""What synchronised Batch Normalization exchanges, and how it is merged.
 
-One all-gather per forward pass carries, from every rank, a float64 vector
+Every call sends, from every rank, one float64 vector through one all-gather:
 
-    [FORMAT, channels, dtype code, axis, training, count,
-     mean_hi (C values), mean_lo (C values), m2 (C values)]
+    header  [FORMAT, phase, channels, dtype code, axis, training, count]
+    body    statistics phase (training):   mean_hi, mean_lo, m2   (C values each)
+            statistics phase (inference):  nothing
+            gradient phase:                sum_dy, sum_dyc         (C values each)
 
-where ``count`` is the rank's number of values per channel (0 for an empty
-shard), ``mean_hi + mean_lo`` its per-channel mean (the backends' hi/lo pair,
-widened to float64) and ``m2`` its per-channel sum of squared deviations from
-that mean.  Every rank merges the gathered vectors in rank order (never in the
-order an all-reduce would add them, which MPI implementations do not fix), so
-that every rank computes identical bits.  Headers that disagree (channels, dtype,
-axis or mode) make every rank raise the same error, after the one collective:
-no rank is left waiting.
+``count`` is the rank's number of values per channel (0 for an empty shard),
+``mean_hi + mean_lo`` its per-channel mean (the backends' hi/lo pair, widened to
+float64), ``m2`` its sum of squared deviations from that mean, ``sum_dy`` and
+``sum_dyc`` its ``sum(dy)`` and ``sum(dy * (x - mean_hi))`` about the merged mean.
+
+Every rank merges the gathered vectors in rank order, never in the order an
+all-reduce would add them (MPI implementations do not fix it), so every rank
+computes identical bits.  A rank that could not take part (its arguments failed
+the checks) sends a failure vector instead, its error message as bytes; then, as
+when the headers disagree (phase, channels, dtype, axis or mode), every rank
+raises the same ValueError after the one collective and none is left waiting.
 """
 from __future__ import annotations
 
@@ -20,29 +25,41 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT = 1.0  # bumped when the layout of the vector changes
-HEADER = ("format", "channels", "dtype", "axis", "training", "count")
+FORMAT = 2.0  # bumped when the layout of the vector changes
+HEADER = ("format", "phase", "channels", "dtype", "axis", "training", "count")
+STATISTICS, GRADIENTS = 1.0, 2.0
+PHASES = {STATISTICS: "forward (statistics)", GRADIENTS: "backward (gradient sums)"}
 DTYPE_CODES = {"float16": 1.0, "bfloat16": 2.0, "float32": 3.0, "float64": 4.0}
+_FAILED = -1.0  # in the channels slot: the rest of the vector is an error message
+_MESSAGE_BYTES = 400
 
 
-def pack(count: int, mean_hi, mean_lo, m2, *, dtype: str, axis: int, training: bool) -> np.ndarray:
-    """One rank's contribution: its header and per-channel moments as one float64 vector."""
-    mean_hi, mean_lo, m2 = (np.asarray(a, np.float64) for a in (mean_hi, mean_lo, m2))
-    channels = mean_hi.shape[0]
-    if mean_lo.shape != (channels,) or m2.shape != (channels,):
-        raise ValueError(f"mean_hi, mean_lo and m2 must have one value per channel ({channels}), got shapes "
-                         f"{mean_lo.shape} and {m2.shape}")
-    header = [FORMAT, channels, DTYPE_CODES[dtype], axis, 1.0 if training else 0.0, count]
-    return np.concatenate([np.asarray(header, np.float64), mean_hi, mean_lo, m2])
+def pack(phase: float, count: int, body, *, channels: int, dtype: str, axis: int, training: bool) -> np.ndarray:
+    """One rank's contribution: its header and per-channel vectors as one float64 vector."""
+    parts = [np.asarray(a, np.float64).ravel() for a in body]
+    if any(p.shape != (channels,) for p in parts):
+        raise ValueError(f"every per-channel vector must have {channels} values, got shapes "
+                         f"{[p.shape for p in parts]}")
+    header = [FORMAT, phase, channels, DTYPE_CODES[dtype], axis, 1.0 if training else 0.0, count]
+    return np.concatenate([np.asarray(header, np.float64), *parts])
+
+
+def pack_failure(phase: float, error: BaseException) -> np.ndarray:
+    """The vector of a rank whose call failed before the exchange: its error, as bytes."""
+    message = f"{type(error).__name__}: {error}".encode()[:_MESSAGE_BYTES]
+    header = [FORMAT, phase, _FAILED, 0.0, 0.0, 0.0, 0.0]
+    return np.concatenate([np.asarray(header, np.float64), np.frombuffer(message, np.uint8).astype(np.float64)])
 
 
 @dataclass(frozen=True)
 class Merged:
-    """Statistics of the whole batch: ``mean`` (float64), ``m2`` (float64), ``count``
-    values per channel; ``var`` is the biased variance ``m2 / count``."""
+    """Statistics of the whole batch: ``count`` values per channel, their mean as a
+    float64 pair ``mean + mean_lo`` (float64 data need more than float64 carries at
+    large offsets) and ``m2``; ``var`` is the biased variance ``m2 / count``."""
 
     count: int
     mean: np.ndarray
+    mean_lo: np.ndarray
     m2: np.ndarray
 
     @property
@@ -50,57 +67,103 @@ class Merged:
         return self.m2 / self.count
 
 
-def _headers(vectors) -> list[dict]:
-    out = []
+def _two_sum(a, b):
+    """``a + b`` as ``(s, e)`` with ``s + e`` exact (Knuth)."""
+    s = a + b
+    b_part = s - a
+    return s, (a - (s - b_part)) + (b - b_part)
+
+
+def _checked(gathered, phase: float) -> tuple[list[np.ndarray], list[dict]]:
+    """The gathered vectors and their headers, once every rank took part and they agree."""
+    vectors = [np.asarray(v, np.float64).ravel() for v in gathered]
+    headers = []
     for rank, vector in enumerate(vectors):
-        if vector.ndim != 1 or vector.size < len(HEADER):
-            raise ValueError(f"rank {rank} sent {vector.size} values, fewer than a header")
-        out.append(dict(zip(HEADER, (float(v) for v in vector[:len(HEADER)]), strict=True)))
-    return out
+        if vector.size < len(HEADER):
+            raise ValueError(f"synchronised batch_norm: rank {rank} sent {vector.size} values, fewer than a header")
+        headers.append(dict(zip(HEADER, (float(v) for v in vector[:len(HEADER)]), strict=True)))
+    failed = [rank for rank, h in enumerate(headers) if h["channels"] == _FAILED]
+    if failed:
+        reasons = "; ".join(
+            f"rank {r}: " + bytes(vectors[r][len(HEADER):].astype(np.uint8)).decode(errors="replace")
+            for r in failed)
+        raise ValueError(f"synchronised batch_norm: {len(failed)} of {len(vectors)} ranks could not take part in "
+                         f"the {PHASES.get(headers[failed[0]]['phase'], 'unknown')} exchange, so no rank went on "
+                         f"({reasons})")
+    names = {v: k for k, v in DTYPE_CODES.items()}
+    for field in ("format", "phase", "channels", "dtype", "axis", "training"):
+        values = [h[field] for h in headers]
+        if len(set(values)) > 1:
+            if field == "phase":
+                shown = [PHASES.get(v, v) for v in values]
+            elif field == "dtype":
+                shown = [names.get(v, v) for v in values]
+            elif field == "training":
+                shown = [bool(v) for v in values]
+            else:
+                shown = [int(v) for v in values]
+            per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
+            what = "call" if field == "phase" else field
+            raise ValueError(f"synchronised batch_norm: the ranks disagree on {field} ({per_rank}); every rank "
+                             f"must make the same {what}" + (" in the same order" if field == "phase" else ""))
+    if headers[0]["phase"] != phase:
+        raise ValueError(f"synchronised batch_norm: this rank is in the {PHASES[phase]} exchange, the others in "
+                         f"the {PHASES.get(headers[0]['phase'], 'unknown')} one")
+    channels = int(headers[0]["channels"])
+    width = len(HEADER) + (2 if phase == GRADIENTS else 3 * bool(headers[0]["training"])) * channels
+    for rank, vector in enumerate(vectors):
+        if vector.size != width:
+            raise ValueError(f"synchronised batch_norm: rank {rank} sent {vector.size} values, expected {width}")
+    return vectors, headers
 
 
 def merge(gathered, *, min_count: int = 2) -> Merged:
-    """The gathered vectors (index = rank) merged in rank order.
+    """The statistics vectors (index = rank) merged in rank order.
 
     Raises ValueError, the same on every rank (it depends on the gathered data
-    only), when the ranks disagree on format, channels, dtype, axis or mode, or
-    when the whole batch has fewer than ``min_count`` values per channel."""
-    vectors = [np.asarray(v, np.float64) for v in gathered]
-    headers = _headers(vectors)
-    names = {v: k for k, v in DTYPE_CODES.items()}
-    for field in ("format", "channels", "dtype", "axis", "training"):
-        values = [h[field] for h in headers]
-        if len(set(values)) > 1:
-            shown = [names.get(v, v) if field == "dtype" else (int(v) if field != "training" else bool(v))
-                     for v in values]
-            per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
-            raise ValueError(f"synchronised batch_norm: the ranks disagree on {field} ({per_rank}); every rank "
-                             f"must call it with the same {field}")
+    only), when a rank failed, when the ranks disagree, or when the whole batch
+    has fewer than ``min_count`` values per channel."""
+    vectors, headers = _checked(gathered, STATISTICS)
     channels = int(headers[0]["channels"])
-    width = len(HEADER) + 3 * channels
-    for rank, vector in enumerate(vectors):
-        if vector.size != width:
-            raise ValueError(f"rank {rank} sent {vector.size} values, expected {width}")
     total = 0
-    mean = np.zeros(channels)
-    m2 = np.zeros(channels)
+    mean = mean_lo = m2 = np.zeros(channels)
     for header, vector in zip(headers, vectors, strict=True):
         n = int(header["count"])
         if n == 0:
             continue
         body = vector[len(HEADER):]
-        mean_r = body[:channels] + body[channels:2 * channels]
-        m2_r = body[2 * channels:]
+        hi_r, lo_r, m2_r = body[:channels], body[channels:2 * channels], body[2 * channels:]
         if total == 0:
-            total, mean, m2 = n, mean_r.copy(), m2_r.copy()
+            total, (mean, mean_lo), m2 = n, _two_sum(hi_r, lo_r), m2_r.copy()
             continue
-        # Chan, Golub and LeVeque's pairwise update, in float64
+        # Chan, Golub and LeVeque's pairwise update, in float64, the mean carried as a pair
         combined = total + n
-        delta = mean_r - mean
-        mean = mean + delta * (n / combined)
+        d_hi, d_lo = _two_sum(hi_r, -mean)
+        delta = d_hi + (d_lo + (lo_r - mean_lo))
+        mean, carry = _two_sum(mean, delta * (n / combined))
+        mean, mean_lo = _two_sum(mean, mean_lo + carry)
         m2 = m2 + m2_r + delta * delta * (total * n / combined)
         total = combined
     if total < min_count:
         raise ValueError(f"synchronised batch_norm in training needs at least {min_count} values per channel over "
                          f"all ranks to estimate a variance; the whole batch has {total}")
-    return Merged(total, mean, m2)
+    return Merged(total, mean, mean_lo, m2)
+
+
+def check_agreement(gathered) -> None:
+    """An inference call's exchange: only that every rank took part and agrees."""
+    _checked(gathered, STATISTICS)
+
+
+def add_gradient_sums(gathered) -> tuple[np.ndarray, np.ndarray]:
+    """The gradient vectors (index = rank): ``sum_dy`` and ``sum_dyc`` of the whole
+    batch, added in rank order."""
+    vectors, headers = _checked(gathered, GRADIENTS)
+    channels = int(headers[0]["channels"])
+    sum_dy = np.zeros(channels)
+    sum_dyc = np.zeros(channels)
+    for vector in vectors:
+        body = vector[len(HEADER):]
+        sum_dy = sum_dy + body[:channels]
+        sum_dyc = sum_dyc + body[channels:]
+    return sum_dy, sum_dyc

@@ -1,0 +1,104 @@
+"""Synchronised forward and backward passes: a shard's reductions, one exchange,
+then the elementwise work with what every rank merged.
+
+The backends provide the pieces (``shard_moments``, ``normalize``,
+``gradient_sums``, ``input_gradient``); this module runs them around the
+communicator's one all-gather per call (see ``_merge`` for what is sent).
+Per-channel vectors cross the exchange in host memory: for CuPy arrays that is a
+copy of a few C values each way.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backends._running import update_running
+from . import _merge
+
+STATISTICS, GRADIENTS = _merge.STATISTICS, _merge.GRADIENTS
+
+
+def check_comm(comm):
+    """``comm`` if it is a communicator (``rank``, ``size``, ``allgather``), else TypeError."""
+    if not callable(getattr(comm, "allgather", None)) or not hasattr(comm, "rank") or not hasattr(comm, "size"):
+        raise TypeError(f"comm must be a cupybn.distributed communicator (MPI(...), a ThreadWorld's comm(rank), or "
+                        f"an object with rank, size and allgather(vector)), got {type(comm).__name__}")
+    return comm
+
+
+def announce_failure(comm, phase: float, error: BaseException) -> None:
+    """Take part in the exchange with ``error`` instead of data, so that the other
+    ranks raise too rather than wait; the caller then raises ``error`` itself."""
+    try:
+        comm.allgather(_merge.pack_failure(phase, error))
+    except Exception as exchange_error:  # the exchange itself failed: report both
+        raise error from exchange_error
+
+
+def _host(a) -> np.ndarray:
+    """A per-channel array in host memory, float64 (CuPy arrays have .get())."""
+    return np.asarray(a if isinstance(a, np.ndarray) else a.get(), np.float64)
+
+
+def _compute_dtype(dtype) -> np.dtype:
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def split_mean(mean, mean_lo, cdt):
+    """A float64 pair ``mean + mean_lo`` as the backends' pair in the compute dtype
+    (NumPy or CuPy arrays): the leading part, and the rest rounded once."""
+    hi = mean.astype(cdt)
+    return hi, ((mean - hi) + mean_lo).astype(cdt)
+
+
+def forward(be, x3, gamma, beta, eps, running_mean, running_var, momentum, training, comm, *, axis):
+    """The synchronised forward pass; returns ``(y3, mean_hi, mean_lo, var, inv_std, count)``
+    with the merged statistics and the whole batch's count per channel, or None in
+    inference, where the exchange only checks that the ranks agree and the caller
+    runs the local inference pass."""
+    xp = be.xp
+    channels = x3.shape[1]
+    count = x3.shape[0] * x3.shape[2]
+    header = dict(channels=channels, dtype=x3.dtype.name, axis=axis, training=training)
+    if not training:
+        _merge.check_agreement(comm.allgather(_merge.pack(_merge.STATISTICS, count, (), **header)))
+        return None
+    body = [_host(a) for a in be.shard_moments(x3)] if count else [np.zeros(channels)] * 3
+    merged = _merge.merge(comm.allgather(_merge.pack(_merge.STATISTICS, count, body, **header)))
+    mean, mean_lo, var = xp.asarray(merged.mean), xp.asarray(merged.mean_lo), xp.asarray(merged.var)
+    if count:
+        y3, mean_hi, mean_lo_c, var_c, inv_std = be.normalize(x3, mean, mean_lo, var, gamma, beta, eps)
+    else:  # an empty shard: nothing to normalise, but the statistics every rank holds
+        hi, lo = split_mean(merged.mean, merged.mean_lo, _compute_dtype(x3.dtype))
+        mean_hi, mean_lo_c = xp.asarray(hi), xp.asarray(lo)
+        var_c = xp.asarray(merged.var.astype(hi.dtype))
+        inv_std = xp.asarray((1.0 / np.sqrt(merged.var + eps)).astype(hi.dtype))
+        y3 = xp.empty(x3.shape, x3.dtype)
+    if running_mean is not None:
+        update_running(xp, running_mean, running_var, mean, mean_lo, var, momentum, merged.count)
+    return y3, mean_hi, mean_lo_c, var_c, inv_std, merged.count
+
+
+def backward(be, dy3, x3, saved, comm):
+    """The synchronised training backward pass; returns ``(dx3, dgamma, dbeta)`` with
+    this rank's own dgamma and dbeta (see docs/distributed.md)."""
+    xp = be.xp
+    channels = x3.shape[1]
+    count = x3.shape[0] * x3.shape[2]
+    if count:
+        sum_dy, sum_dyc = (_host(a) for a in be.gradient_sums(dy3, x3, saved.mean, saved.mean_lo, saved.var))
+    else:
+        sum_dy = sum_dyc = np.zeros(channels)
+    vector = _merge.pack(_merge.GRADIENTS, count, (sum_dy, sum_dyc), channels=channels, dtype=x3.dtype.name,
+                         axis=saved.axis, training=True)
+    total_dy, total_dyc = _merge.add_gradient_sums(comm.allgather(vector))
+    if count:
+        dx3 = be.input_gradient(dy3, x3, saved.mean, saved.mean_lo, saved.inv_std, saved.gamma,
+                                xp.asarray(total_dy), xp.asarray(total_dyc), saved.total_count)
+    else:
+        dx3 = xp.empty(x3.shape, dy3.dtype)
+    dgamma = _host(saved.inv_std) * (sum_dyc - _host(saved.mean_lo) * sum_dy)
+    return dx3, _as_param(xp, dgamma, saved.gamma), _as_param(xp, sum_dy, saved.beta)
+
+
+def _as_param(xp, result, param):
+    return None if param is None else xp.asarray(result.astype(param.dtype))
