@@ -142,6 +142,20 @@ class GpuThroughNumpy:
         arrays = self._in(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta)
         return tuple(None if a is None else self._cp.asnumpy(a) for a in self._gpu.backward(*arrays, training))
 
+    # synchronised BN's pieces (cupybn.distributed)
+    def shard_moments(self, x3):
+        return self._out(*self._gpu.shard_moments(*self._in(x3)))
+
+    def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
+        return self._out(*self._gpu.normalize(*self._in(x3, mean, mean_lo, var, gamma, beta), eps))
+
+    def gradient_sums(self, dy3, x3, mean_hi, mean_lo, var):
+        return self._out(*self._gpu.gradient_sums(*self._in(dy3, x3, mean_hi, mean_lo, var)))
+
+    def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count):
+        arrays = self._in(dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc)
+        return self._cp.asnumpy(self._gpu.input_gradient(*arrays, count))
+
 
 BACKENDS = [
     pytest.param(lambda: cupybn.NumpyBackend(threads=1), id="numpy-threads1"),

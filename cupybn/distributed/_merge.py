@@ -44,9 +44,10 @@ def pack(phase: float, count: int, body, *, channels: int, dtype: str, axis: int
     return np.concatenate([np.asarray(header, np.float64), *parts])
 
 
-def pack_failure(phase: float, error: BaseException) -> np.ndarray:
-    """The vector of a rank whose call failed before the exchange: its error, as bytes."""
-    message = f"{type(error).__name__}: {error}".encode()[:_MESSAGE_BYTES]
+def pack_failure(phase: float, error: BaseException, max_bytes: int = _MESSAGE_BYTES) -> np.ndarray:
+    """The vector of a rank whose call failed before the exchange: its error, as
+    (at most ``max_bytes``) bytes."""
+    message = f"{type(error).__name__}: {error}".encode()[:max_bytes]
     header = [FORMAT, phase, _FAILED, 0.0, 0.0, 0.0, 0.0]
     return np.concatenate([np.asarray(header, np.float64), np.frombuffer(message, np.uint8).astype(np.float64)])
 
