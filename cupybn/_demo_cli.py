@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import _cli_args
+from . import _cli_args, _distributed_demo
 from ._cuda_probe import cupy_with_gpu, one_line
 from .backends import NUMPY, NumpyBackend
 from .experiments import data as experiment_data
@@ -37,6 +37,11 @@ def add_parser(commands) -> None:
                              batch_note=", as in the paper")
     demo.add_argument("--lr", type=_cli_args.positive_float, default=0.5,
                       help="SGD learning rate, a finite number > 0 (default 0.5)")
+    demo.add_argument("--distributed", action="store_true",
+                      help="train data-parallel over MPI (start it with mpiexec -n N): each rank takes its "
+                           "shard of every batch, BN is synchronised and the gradients summed over the ranks; "
+                           "rank 0 then runs the single-process training on the same batches and prints how "
+                           "far apart the curves are (needs mpi4py and an MPI: pip install mpi4py mpich)")
     demo.set_defaults(func=run_demo, error=demo.error)
 
 
@@ -240,12 +245,19 @@ def prepare(args, outputs):
 
 def run_demo(args) -> int:
     backend, data = prepare(args, OUTPUTS)
-    print(f"data: {data.name}: {len(data.x_train)} training and {len(data.x_test)} held-out images; "
-          f"{args.steps} steps of {args.batch_size}, lr {args.lr}, seed {args.seed}, {describe_backend(backend)}")
+    comm = _distributed_demo.communicator(args) if args.distributed else None
+    lead = comm is None or comm.rank == 0  # the rank that reports and writes
+    settings = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, backend=backend)
+    if lead:
+        print(f"data: {data.name}: {len(data.x_train)} training and {len(data.x_test)} held-out images; "
+              f"{args.steps} steps of {args.batch_size}, lr {args.lr}, seed {args.seed}, {describe_backend(backend)}"
+              + ("" if comm is None else f"; data-parallel over {comm.size} MPI ranks"))
     start = time.perf_counter()
-    curves = experiment.run(data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            backend=backend, progress=Progress(args.steps))
+    with _distributed_demo.one_blas_thread(comm):
+        curves = experiment.run(data, **settings, progress=Progress(args.steps) if lead else None, comm=comm)
     elapsed = time.perf_counter() - start
+    if not lead:
+        return 0
     print(f"{'network':<12}{'final held-out accuracy':>25}{'steps to 95% of it':>21}{'median drift':>15}")
     for name, label in (("plain", "without BN"), ("bn", "with BN")):
         medians = [p[1] for p in curves.percentiles[name]]
@@ -253,6 +265,12 @@ def run_demo(args) -> int:
         tail = medians[len(medians) // 10:]
         print(f"{label:<12}{curves.accuracy[name][-1]:>25.4f}{experiment.steps_to_reach(curves, name):>21d}"
               f"{max(tail) - min(tail):>15.3f}")
-    written = write_outputs(curves, Path(args.out), f"{data.name}, {args.steps} steps, seed {args.seed}")
+    title = f"{data.name}, {args.steps} steps, seed {args.seed}"
+    if comm is not None:
+        print(f"{elapsed:.1f} s over {comm.size} ranks; now the single-process run of the same batches")
+        single = experiment.run(data, **settings, progress=Progress(args.steps))
+        print(_distributed_demo.compare(curves, single, len(data.x_test)))
+        title += f", data-parallel over {comm.size} ranks"
+    written = write_outputs(curves, Path(args.out), title)
     print(f"{elapsed:.1f} s; wrote {', '.join(str(p) for p in written)}")
     return 0

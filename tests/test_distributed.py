@@ -293,3 +293,29 @@ def test_a_synchronised_layer_trains_like_one_layer_on_the_whole_batch():
         assert layer.num_batches_tracked == 3
     assert same_bits([layer.running_mean for layer in layers])
     np.testing.assert_allclose(layers[0].grad_beta + layers[1].grad_beta, whole.grad_beta, rtol=1e-5)
+
+
+# ---- the Figure 1 networks, data-parallel -----------------------------------------------------
+def test_data_parallel_training_follows_the_single_process_curves():
+    from cupybn.experiments import data as experiment_data
+    from cupybn.experiments import figure1
+
+    data = experiment_data.load_digits(0)
+    settings = dict(steps=60, batch_size=30, eval_every=20)
+    single = figure1.run(data, **settings)
+    ranks = ThreadWorld(3).run(lambda comm: figure1.run(data, **settings, comm=comm))
+    for curves in ranks:  # every rank has the same curves, bit for bit
+        assert curves.accuracy == ranks[0].accuracy and curves.percentiles == ranks[0].percentiles
+    for name in ("plain", "bn"):
+        assert ranks[0].accuracy[name] == single.accuracy[name]
+        np.testing.assert_allclose(ranks[0].percentiles[name], single.percentiles[name], atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size, ranks", [(60, 4), (7, 3), (2, 2)])
+def test_the_shards_of_a_batch_cover_it_once(batch_size, ranks):
+    from cupybn.experiments.common import shard_of
+
+    comms = [type("Comm", (), {"rank": r, "size": ranks}) for r in range(ranks)]
+    rows = [list(range(batch_size))[shard_of(batch_size, c)] for c in comms]
+    assert sum(rows, []) == list(range(batch_size))
+    assert max(map(len, rows)) - min(map(len, rows)) <= 1

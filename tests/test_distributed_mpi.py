@@ -27,9 +27,9 @@ def mpiexec() -> str:
     return found
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
-def test_synchronised_batch_norm_over_mpi_processes(ranks):
-    command = [mpiexec(), "-n", str(ranks), sys.executable, str(SCRIPT)]
+def run_ranks(ranks: int, *args: str) -> str:
+    """``mpiexec -n ranks python args...``: its output, once it ended with status 0 within TIMEOUT."""
+    command = [mpiexec(), "-n", str(ranks), sys.executable, *args]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True) as run:
         try:
@@ -39,5 +39,18 @@ def test_synchronised_batch_norm_over_mpi_processes(ranks):
             output, _ = run.communicate()
             pytest.fail(f"mpiexec -n {ranks} did not finish within {TIMEOUT} s:\n{output}")
     assert run.returncode == 0, output
+    return output
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_synchronised_batch_norm_over_mpi_processes(ranks):
+    output = run_ranks(ranks, str(SCRIPT))
     # the ranks' lines may interleave in mpiexec's output
     assert sorted(int(r) for r in re.findall(r"RANK (\d+) OK", output)) == list(range(ranks)), output
+
+
+def test_the_distributed_demo_follows_the_single_process_run(tmp_path):
+    output = run_ranks(2, "-m", "cupybn", "demo", "--distributed", "--steps", "300", "--out", str(tmp_path))
+    assert "data-parallel over 2 MPI ranks" in output
+    assert "within the tolerance" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.csv", "curves.json", "figure.png"]

@@ -32,6 +32,28 @@ def softmax_cross_entropy(logits, labels, xp):
     return loss, g
 
 
+def shard_of(batch_size: int, comm) -> slice:
+    """This rank's rows of a batch of ``batch_size`` split over ``comm``'s ranks as
+    evenly as it goes (the first ``batch_size % size`` ranks take one row more)."""
+    per, extra = divmod(batch_size, comm.size)
+    start = comm.rank * per + min(comm.rank, extra)
+    return slice(start, start + per + (comm.rank < extra))
+
+
+def sum_over_ranks(comm, arrays, xp) -> list:
+    """Each array summed over ``comm``'s ranks: one exchange, added in rank order in
+    float64 (so every rank gets the same bits), rounded once to the arrays' dtype."""
+    flat = np.concatenate([to_numpy(a).ravel().astype(np.float64) for a in arrays])
+    total = np.zeros_like(flat)
+    for part in comm.allgather(flat):
+        total += part
+    out, at = [], 0
+    for a in arrays:
+        out.append(xp.asarray(total[at:at + a.size].reshape(a.shape).astype(a.dtype)))
+        at += a.size
+    return out
+
+
 class BatchOrder:
     """Minibatch indices from ``rng``: a fresh permutation of the training set each
     epoch, cut into batches of ``batch_size`` (a batch may span two epochs)."""

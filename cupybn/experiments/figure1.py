@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..layer import BatchNorm
-from .common import BatchOrder, check_settings, sigmoid, softmax_cross_entropy, to_numpy
+from .common import BatchOrder, check_settings, shard_of, sigmoid, softmax_cross_entropy, sum_over_ranks, to_numpy
 from .data import Dataset
 
 HIDDEN = (100, 100, 100)
@@ -33,18 +33,20 @@ class Network:
     biases: list
     norms: list = field(default_factory=list)  # one BatchNorm per hidden layer, or empty
     xp: Any = np
+    comm: Any = None  # data-parallel over this communicator's ranks, or one process
 
     @classmethod
-    def initial(cls, features: int, rng, with_bn: bool, backend=None) -> Network:
+    def initial(cls, features: int, rng, with_bn: bool, backend=None, comm=None) -> Network:
         """Small random Gaussian weights (as in the paper) drawn from ``rng``, in
-        ``backend``'s array module (NumPy when None); BN layers on ``backend``."""
+        ``backend``'s array module (NumPy when None); BN layers on ``backend``,
+        synchronised over ``comm`` when it is given."""
         xp = np if backend is None else backend.xp
         sizes = (features, *HIDDEN, 10)
         weights = [xp.asarray(rng.normal(0.0, 1.0 / np.sqrt(n_in), (n_in, n_out)).astype(np.float32))
                    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
         biases = [xp.zeros(n, np.float32) for n in sizes[1:]]
-        norms = [BatchNorm(n, xp=xp, backend=backend) for n in HIDDEN] if with_bn else []
-        return cls(weights, biases, norms, xp)
+        norms = [BatchNorm(n, xp=xp, backend=backend, comm=comm) for n in HIDDEN] if with_bn else []
+        return cls(weights, biases, norms, xp, comm)
 
     def copy_weights_from(self, other: Network) -> None:
         self.weights = [w.copy() for w in other.weights]
@@ -67,12 +69,18 @@ class Network:
             h = a
         return h @ self.weights[-1] + self.biases[-1], cache
 
-    def sgd_step(self, x, labels, lr: float) -> float:
+    def sgd_step(self, x, labels, lr: float, batch_size: int | None = None) -> float:
+        """One SGD step on the mean loss of the batch; with ``comm``, ``x`` is this
+        rank's shard of a batch of ``batch_size`` rows and the gradients are summed
+        over the ranks, so every rank takes the whole batch's step."""
         xp = self.xp
         logits, cache = self.forward(x)
         loss, g = softmax_cross_entropy(logits, labels, xp)
+        if self.comm is not None:
+            g *= len(x) / batch_size  # this shard's share of the whole batch's mean
         grads_w = [cache[-1][2].T @ g]
         grads_b = [g.sum(axis=0)]
+        grads_bn = []
         g = g @ self.weights[-1].T
         for k in range(len(cache) - 1, -1, -1):
             h, _, a = cache[k]
@@ -80,11 +88,17 @@ class Network:
             if self.norms:
                 bn = self.norms[k]
                 g = bn.backward(g)
-                bn.gamma -= lr * bn.grad_gamma
-                bn.beta -= lr * bn.grad_beta
+                grads_bn[:0] = [bn.grad_gamma, bn.grad_beta]
             grads_w.insert(0, h.T @ g)
             grads_b.insert(0, g.sum(axis=0))
             g = g @ self.weights[k].T
+        if self.comm is not None:
+            summed = sum_over_ranks(self.comm, [*grads_w, *grads_b, *grads_bn], xp)
+            layers = len(grads_w)
+            grads_w, grads_b, grads_bn = summed[:layers], summed[layers:2 * layers], summed[2 * layers:]
+        for bn, g_gamma, g_beta in zip(self.norms, grads_bn[::2], grads_bn[1::2], strict=True):
+            bn.gamma -= lr * g_gamma
+            bn.beta -= lr * g_beta
         for w, b, gw, gb in zip(self.weights, self.biases, grads_w, grads_b, strict=True):
             w -= lr * gw
             b -= lr * gb
@@ -111,8 +125,13 @@ class Curves:
 
 
 def run(data: Dataset, *, steps: int, batch_size: int = 60, lr: float = 0.5, seed: int = 0,
-        eval_every: int | None = None, probe_size: int = 256, backend=None, progress=None) -> Curves:
+        eval_every: int | None = None, probe_size: int = 256, backend=None, progress=None, comm=None) -> Curves:
     """Train both networks side by side; ``progress(step)`` is called as it goes.
+
+    With ``comm`` every rank calls this with the same settings and trains
+    data-parallel: each takes its shard of every batch (``shard_of``), BN is
+    synchronised over the ranks and the gradients are summed over them, so the
+    networks follow the single-process run of the same global batch.
 
     ``backend`` runs the BN network's layers (None: the NumPy backend); the
     networks' arrays live in its array module (``backend.xp``), so that the
@@ -122,8 +141,8 @@ def run(data: Dataset, *, steps: int, batch_size: int = 60, lr: float = 0.5, see
     xp = np if backend is None else backend.xp
     rng = np.random.default_rng(seed)
     features = data.x_train.shape[1]
-    plain = Network.initial(features, rng, with_bn=False, backend=backend)  # backend: only its array module
-    bn = Network.initial(features, rng, with_bn=True, backend=backend)
+    plain = Network.initial(features, rng, with_bn=False, backend=backend, comm=comm)  # backend: its array module
+    bn = Network.initial(features, rng, with_bn=True, backend=backend, comm=comm)
     bn.copy_weights_from(plain)
     x_train, y_train = xp.asarray(data.x_train), xp.asarray(data.y_train)
     x_test, y_test = xp.asarray(data.x_test), xp.asarray(data.y_test)
@@ -131,6 +150,7 @@ def run(data: Dataset, *, steps: int, batch_size: int = 60, lr: float = 0.5, see
     eval_every = eval_every or max(1, steps // 100)
     curves = Curves()
     batches = BatchOrder(len(data.x_train), batch_size, rng)
+    rows = slice(None) if comm is None else shard_of(batch_size, comm)
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
             curves.steps.append(step)
@@ -140,10 +160,10 @@ def run(data: Dataset, *, steps: int, batch_size: int = 60, lr: float = 0.5, see
                 curves.percentiles[name].append([float(v) for v in pct])
         if step == steps:
             break
-        idx = xp.asarray(batches.next())  # both networks see the same batches
+        idx = xp.asarray(batches.next()[rows])  # both networks see the same batches
         x, y = x_train[idx], y_train[idx]
-        plain.sgd_step(x, y, lr)
-        bn.sgd_step(x, y, lr)
+        plain.sgd_step(x, y, lr, batch_size)
+        bn.sgd_step(x, y, lr, batch_size)
         if progress is not None:
             progress(step + 1)
     return curves
