@@ -77,7 +77,7 @@ class Network:
         logits, cache = self.forward(x)
         loss, g = softmax_cross_entropy(logits, labels, xp)
         if self.comm is not None:
-            g *= len(x) / batch_size  # this shard's share of the whole batch's mean
+            g *= len(x) / (batch_size or len(x))  # this shard's share of the whole batch's mean
         grads_w = [cache[-1][2].T @ g]
         grads_b = [g.sum(axis=0)]
         grads_bn = []
