@@ -80,7 +80,7 @@ class Network:
             g *= len(x) / (batch_size or len(x))  # this shard's share of the whole batch's mean
         grads_w = [cache[-1][2].T @ g]
         grads_b = [g.sum(axis=0)]
-        grads_bn = []
+        grads_bn: list = []
         g = g @ self.weights[-1].T
         for k in range(len(cache) - 1, -1, -1):
             h, _, a = cache[k]
