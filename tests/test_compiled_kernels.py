@@ -59,6 +59,20 @@ def test_a_float32_forward_or_backward_is_one_call_into_c(monkeypatch, shape, ax
 
 
 @needs_compiled
+@pytest.mark.parametrize("shape, axis", [((60, 100), 1), ((32, 64, 8, 8), 1), ((32, 8, 8, 64), -1)])
+def test_a_synchronised_float32_forward_or_backward_is_two_calls_into_c(monkeypatch, shape, axis):
+    from cupybn.distributed import ThreadWorld
+
+    counting = _Counting(_numpy_compiled._c)
+    monkeypatch.setattr(_numpy_compiled, "_c", counting)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    _, saved = cupybn.batch_norm(x, axis=axis, comm=ThreadWorld(1).comm(0))
+    cupybn.batch_norm_backward(x, saved)
+    # each side of the exchange: the shard's sums, then the elementwise pass
+    assert counting.calls == ["moments", "forward_infer", "grad_sums", "grad_apply"]
+
+
+@needs_compiled
 @pytest.mark.parametrize("view", ["every other channel", "reversed batch", "every other column",
                                   "2-d reversed batch", "2-d every other row", "channels-last reversed batch"])
 def test_a_strided_view_gives_the_bits_of_its_contiguous_copy(view):
@@ -137,7 +151,9 @@ spec.loader.exec_module(module)
 sys.modules["cupybn._batch_norm_cpu"] = module
 import cupybn
 from cupybn.backends import _numpy_compiled as nc
+from cupybn.distributed import ThreadWorld
 assert nc._c is module
+world = ThreadWorld(1)
 rng = np.random.default_rng(0)
 calls = 0
 shapes = [((5, 3), 1), ((2, 1), 1), ((1, 7, 3), 1), ((4, 3, 40), 1), ((3, 5, 7, 2), -1), ((33, 4, 5), 1),
@@ -159,6 +175,9 @@ for shape, axis in shapes:
             if x.size // c >= 2:
                 y, saved = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, axis=axis,
                                              backend=backend)
+                cupybn.batch_norm_backward(dy, saved)
+                # the synchronised pieces (moments, grad_sums, grad_apply), a world of one rank
+                y, saved = cupybn.batch_norm(x, gamma, beta, axis=axis, backend=backend, comm=world.comm(0))
                 cupybn.batch_norm_backward(dy, saved)
             y, saved = cupybn.batch_norm(x, gamma, None, running_mean=rm, running_var=rv, axis=axis,
                                          training=False, backend=backend)

@@ -90,3 +90,29 @@ def backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training, threads=1, emp
     if not _call(_c.backward, (dy3, x3), dx3, rest):
         return None
     return dx3, grads[0], grads[1]
+
+
+# ---- synchronised Batch Normalization's pieces (cupybn.distributed) ----------------
+def moments(x3, threads=1):
+    """float64 per-channel ``(mean, m2)`` of a non-empty x3 (m2: the sum of squared
+    deviations from the mean); None when a sum is not finite."""
+    out = np.empty((2, x3.shape[1]), _F64)
+    if not _call(_c.moments, (x3,), out, _work(x3, threads)):
+        return None
+    return out[0], out[1]
+
+
+def grad_sums(dy3, x3, mean_hi, threads=1):
+    """float64 per-channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))``; None when not finite."""
+    out = np.empty((2, x3.shape[1]), _F64)
+    if not _call(_c.grad_sums, (dy3, x3), out, (mean_hi, *_work(x3, threads))):
+        return None
+    return out[0], out[1]
+
+
+def grad_apply(dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count, threads=1, empty=np.empty):
+    """Training-mode dx from per-channel sums over ``count`` values per channel."""
+    dx3 = empty(x3.shape, _F32)
+    sums = np.ascontiguousarray(np.stack([sum_dy, sum_dyc]), _F64)
+    _call(_c.grad_apply, (dy3, x3), dx3, (mean_hi, mean_lo, inv_std, gamma, sums, float(count), *_work(x3, threads)))
+    return dx3

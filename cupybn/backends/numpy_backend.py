@@ -659,36 +659,59 @@ class NumpyBackend:
 
     # ---- synchronised statistics (cupybn.distributed) -----------------------------------
     # A shard's moments, y from statistics merged over ranks, a shard's gradient sums
-    # and dx from sums added over ranks: the blocked path's pieces, for any size.
-    @quiet
+    # and dx from sums added over ranks: the compiled kernels for float32 (where they
+    # take the arrays and the sums are finite), else the blocked path, for any size.
     def shard_moments(self, x3):
         """Per-channel ``(mean_hi, mean_lo, m2)`` of a non-empty x3: the mean as a hi/lo
         pair in the compute dtype, m2 the float64 sum of squared deviations from it."""
+        if self._compiled_takes(x3, ()):
+            done = _compiled.moments(x3, self.threads)
+            if done is not None:
+                mean, m2 = done
+                mean_hi = mean.astype(np.float32)
+                return mean_hi, (mean - mean_hi).astype(np.float32), m2
+        return self._numpy_shard_moments(x3)
+
+    @quiet
+    def _numpy_shard_moments(self, x3):
         mean_hi, mean_lo, var = self.batch_stats(x3)
         return mean_hi, mean_lo, var * (x3.shape[0] * x3.shape[2])
 
-    @quiet
     def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
         """Training-mode y for float64 statistics computed elsewhere (the mean as a pair
         ``mean + mean_lo``, ``var`` biased); returns ``y3, mean_hi, mean_lo, var,
         inv_std`` as :meth:`forward_train` does."""
+        mean, mean_lo, var = (np.asarray(a, np.float64) for a in (mean, mean_lo, var))
+        if self._compiled_takes(x3, (gamma, beta)):  # float64 carries a float32 pair's 48 bits
+            return _compiled.forward_infer(x3, gamma, beta, mean + mean_lo, var, eps, self.threads,
+                                           self._outputs.empty)
+        return self._numpy_normalize(x3, mean, mean_lo, var, gamma, beta, eps)
+
+    @quiet
+    def _numpy_normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
         cdt = compute_dtype(x3.dtype)
-        var = np.asarray(var, np.float64)
         mean_hi = mean.astype(cdt)
         mean_lo = ((mean - mean_hi) + mean_lo).astype(cdt)
         inv_std = 1.0 / np.sqrt(var + eps)
         y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=bool(np.all(var > 0)))
         return y3, mean_hi, mean_lo, var.astype(cdt), inv_std.astype(cdt)
 
-    @quiet
     def gradient_sums(self, dy3, x3, mean_hi, mean_lo, var):
         """float64 per channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))`` (training mode)."""
-        return self._gradient_sums(dy3, x3, mean_hi, mean_lo, var, True)
+        if dy3.dtype == x3.dtype and dy3.flags.aligned and self._compiled_takes(x3, (mean_hi,)):
+            done = _compiled.grad_sums(dy3, x3, mean_hi, self.threads)
+            if done is not None:
+                return done
+        return quiet(self._gradient_sums)(dy3, x3, mean_hi, mean_lo, var, True)
 
-    @quiet
     def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count):
-        return self._input_gradient(dy3, x3, mean_hi, mean_lo, inv_std, gamma, np.asarray(sum_dy, np.float64),
-                                    np.asarray(sum_dyc, np.float64), count)
+        """Training-mode dx from per-channel sums over ``count`` values per channel."""
+        sum_dy, sum_dyc = np.asarray(sum_dy, np.float64), np.asarray(sum_dyc, np.float64)
+        if dy3.dtype == x3.dtype and dy3.flags.aligned and self._compiled_takes(x3, (mean_hi, mean_lo, inv_std,
+                                                                                      gamma)):
+            return _compiled.grad_apply(dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count,
+                                        self.threads, self._outputs.empty)
+        return quiet(self._input_gradient)(dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count)
 
 
 def _in_dtype_of(result, param):

@@ -727,6 +727,28 @@ static void sample_means(const Arr3 *x, float *k, double *t)
     }
 }
 
+/* Per channel sum(x - k) and sum((x - k)^2) into w->s1, w->s2, the shift w->k a
+   sampled guess of the mean; sums about a shift more than a standard deviation
+   from the mean lose bits to cancellation, so those are taken again about the
+   mean (once).  -1 when out of memory. */
+static int shifted_sums(const Arr3 *x, int fam, Scratch *w, long threads, Py_ssize_t block)
+{
+    double count = (double)(x->outer * x->inner);
+    sample_means(x, w->k, w->s1);
+    Sums s = {x, NULL, w->k, w->s1, w->s2, block};
+    if (sums(fam, &s, threads) < 0)
+        return -1;
+    int retry = 0;
+    for (Py_ssize_t c = 0; c < x->channels; c++) {
+        double m1 = w->s1[c] / count;
+        if (m1 * m1 > w->s2[c] / count - m1 * m1) {
+            retry = 1;
+            w->k[c] = (float)((double)w->k[c] + m1);
+        }
+    }
+    return retry ? sums(fam, &s, threads) : 0;
+}
+
 static int check_out(const Arr3 *y, const Arr3 *x, const char *name)
 {
     if (y->outer != x->outer || y->channels != x->channels || y->inner != x->inner || y->s_inner != 4 ||
@@ -745,6 +767,20 @@ static void write_stats(float *out, Py_ssize_t channels, Py_ssize_t c, double me
     out[channels + c] = (float)(mean - (double)hi);
     out[2 * channels + c] = (float)var;
     out[3 * channels + c] = (float)inv;
+}
+
+/* A C-contiguous float64 (rows, C) array, held in *b: 0, or -1 with an error set. */
+static int get_f64_rows(PyObject *o, Py_buffer *b, Py_ssize_t rows, Py_ssize_t C, const char *name)
+{
+    if (PyObject_GetBuffer(o, b, PyBUF_RECORDS) < 0)
+        return -1;
+    if (b->ndim != 2 || b->shape[0] != rows || b->shape[1] != C || !is_kind(b, 'd', 8) ||
+        !PyBuffer_IsContiguous(b, 'C')) {
+        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous float64 array of shape (%zd, C)", name, rows);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
 }
 
 /* Scalar arguments, each checked before the next is converted. */
@@ -863,21 +899,7 @@ static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t
     int failed = 0, nonfinite = 0;
     Py_BEGIN_ALLOW_THREADS
     double count = (double)(x->outer * x->inner);
-    sample_means(x, w.k, w.s1);
-    Sums s = {x, NULL, w.k, w.s1, w.s2, block};
-    failed = sums(fam, &s, threads) < 0;
-    /* Sums about a shift more than a standard deviation from the mean lose bits
-       to cancellation: take them again about the mean (once). */
-    int retry = 0;
-    for (Py_ssize_t c = 0; c < C && !failed; c++) {
-        double m1 = w.s1[c] / count;
-        if (m1 * m1 > w.s2[c] / count - m1 * m1) {
-            retry = 1;
-            w.k[c] = (float)((double)w.k[c] + m1);
-        }
-    }
-    if (retry && !failed)
-        failed = sums(fam, &s, threads) < 0;
+    failed = shifted_sums(x, fam, &w, threads, block) < 0;
     nonfinite = !failed && !all_finite(w.s1, w.s2, C);
     for (Py_ssize_t c = 0; c < C && !failed && !nonfinite; c++) {
         double m1 = w.s1[c] / count, var = w.s2[c] / count - m1 * m1;
@@ -988,14 +1010,9 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
         goto release_dy;
     if (get_arr3(args[2], &bdx, &dx, 1, "dx3") < 0)
         goto release_x;
-    if (PyObject_GetBuffer(args[3], &bg, PyBUF_RECORDS) < 0)
-        goto release_dx;
     Py_ssize_t C = x.channels;
-    if (bg.ndim != 2 || bg.shape[0] != 2 || bg.shape[1] != C || !is_kind(&bg, 'd', 8) ||
-        !PyBuffer_IsContiguous(&bg, 'C')) {
-        PyErr_SetString(PyExc_ValueError, "grads must be a C-contiguous float64 array of shape (2, C)");
-        goto release_g;
-    }
+    if (get_f64_rows(args[3], &bg, 2, C, "grads") < 0)
+        goto release_dx;
     if (dy.outer != x.outer || dy.channels != C || dy.inner != x.inner) {
         PyErr_SetString(PyExc_ValueError, "dy3 must be shaped like x3");
         goto release_g;
@@ -1075,10 +1092,260 @@ release_dy:
     return result;
 }
 
+/* ---- synchronised Batch Normalization's pieces (cupybn.distributed) ---------- */
+
+/* moments(x3, out, threads, block_values)
+   out: float64 (2, C) output: per channel the mean and M2, the sum of squared
+   deviations from it.  True; False when a sum is not finite; None when x3's
+   layout is neither family (nothing written either way but True). */
+static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "moments takes 4 arguments");
+        return NULL;
+    }
+    long threads;
+    Py_ssize_t block;
+    if (arg_work(args[2], args[3], &threads, &block) < 0)
+        return NULL;
+    Py_buffer bx, bo;
+    Arr3 x;
+    PyObject *result = NULL;
+    if (get_arr3(args[0], &bx, &x, 0, "x3") < 0)
+        return NULL;
+    Py_ssize_t C = x.channels;
+    if (get_f64_rows(args[1], &bo, 2, C, "out") < 0)
+        goto release_x;
+    if (x.outer == 0 || C == 0 || x.inner == 0) {
+        PyErr_SetString(PyExc_ValueError, "x3 must not be empty");
+        goto release_out;
+    }
+    int fam = family(&x, NULL);
+    if (fam < 0) {
+        result = Py_NewRef(Py_None);
+        goto release_out;
+    }
+    Scratch w;
+    if (scratch_alloc(&w, C) < 0)
+        goto release_out;
+    int failed = 0, nonfinite = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double count = (double)(x.outer * x.inner), *out = (double *)bo.buf;
+    failed = shifted_sums(&x, fam, &w, threads, block) < 0;
+    nonfinite = !failed && !all_finite(w.s1, w.s2, C);
+    for (Py_ssize_t c = 0; c < C && !failed && !nonfinite; c++) {
+        double m1 = w.s1[c] / count, var = w.s2[c] / count - m1 * m1;
+        out[c] = (double)w.k[c] + m1;
+        out[C + c] = (var < 0.0 ? 0.0 : var) * count;
+    }
+    Py_END_ALLOW_THREADS
+    scratch_free(&w);
+    if (failed)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(nonfinite ? Py_False : Py_True);
+release_out:
+    PyBuffer_Release(&bo);
+release_x:
+    PyBuffer_Release(&bx);
+    return result;
+}
+
+/* The arrays of grad_sums and grad_apply: dy3, x3 (args[0..1]) and, for
+   grad_apply, dx3 (args[2]). */
+typedef struct {
+    Py_buffer bdy, bx, bdx;
+    int held;
+    Arr3 dy, x, dx;
+} GradArrays;
+
+static void grad_release(GradArrays *g)
+{
+    if (g->held > 2)
+        PyBuffer_Release(&g->bdx);
+    if (g->held > 1)
+        PyBuffer_Release(&g->bx);
+    if (g->held > 0)
+        PyBuffer_Release(&g->bdy);
+    g->held = 0;
+}
+
+/* 0, or -1 with an error set and nothing held. */
+static int grad_acquire(PyObject *const *args, int with_dx, GradArrays *g)
+{
+    memset(g, 0, sizeof *g);
+    if (get_arr3(args[0], &g->bdy, &g->dy, 0, "dy3") < 0)
+        return -1;
+    g->held = 1;
+    if (get_arr3(args[1], &g->bx, &g->x, 0, "x3") < 0)
+        goto fail;
+    g->held = 2;
+    if (with_dx) {
+        if (get_arr3(args[2], &g->bdx, &g->dx, 1, "dx3") < 0)
+            goto fail;
+        g->held = 3;
+        if (check_out(&g->dx, &g->x, "dx3") < 0)
+            goto fail;
+    }
+    if (g->dy.outer != g->x.outer || g->dy.channels != g->x.channels || g->dy.inner != g->x.inner) {
+        PyErr_SetString(PyExc_ValueError, "dy3 must be shaped like x3");
+        goto fail;
+    }
+    if (g->x.outer == 0 || g->x.channels == 0 || g->x.inner == 0) {
+        PyErr_SetString(PyExc_ValueError, "x3 must not be empty");
+        goto fail;
+    }
+    return 0;
+fail:
+    grad_release(g);
+    return -1;
+}
+
+/* grad_sums(dy3, x3, out, mean_hi, threads, block_values)
+   out: float64 (2, C) output: sum(dy) and sum(dy * (x - mean_hi)) per channel.
+   True, False (a sum not finite) or None (no common family), as backward. */
+static PyObject *grad_sums(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "grad_sums takes 6 arguments");
+        return NULL;
+    }
+    long threads;
+    Py_ssize_t block;
+    if (arg_work(args[4], args[5], &threads, &block) < 0)
+        return NULL;
+    GradArrays g;
+    if (grad_acquire(args, 0, &g) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t C = g.x.channels;
+    Py_buffer bo;
+    Vec hi = {0};
+    if (get_f64_rows(args[2], &bo, 2, C, "out") < 0)
+        goto release;
+    if (get_vec(args[3], &hi, C, 0, "mean_hi") < 0)
+        goto release_out;
+    if (!hi.present) {
+        PyErr_SetString(PyExc_ValueError, "mean_hi is required");
+        goto release_out;
+    }
+    int fam = family(&g.x, &g.dy);
+    if (fam < 0) {
+        result = Py_NewRef(Py_None);
+        goto release_out;
+    }
+    Scratch w;
+    if (scratch_alloc(&w, C) < 0)
+        goto release_out;
+    int failed = 0, nonfinite = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t c = 0; c < C; c++)
+        w.k[c] = (float)vec_get(&hi, c);
+    Sums s = {&g.x, &g.dy, w.k, w.s1, w.s2, block};
+    failed = sums(fam, &s, threads) < 0;
+    nonfinite = !failed && !all_finite(w.s1, w.s2, C);
+    double *out = (double *)bo.buf;
+    for (Py_ssize_t c = 0; c < C && !failed && !nonfinite; c++) {
+        out[c] = w.s1[c];
+        out[C + c] = w.s2[c];
+    }
+    Py_END_ALLOW_THREADS
+    scratch_free(&w);
+    if (failed)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(nonfinite ? Py_False : Py_True);
+release_out:
+    release_vec(&hi);
+    PyBuffer_Release(&bo);
+release:
+    grad_release(&g);
+    return result;
+}
+
+/* grad_apply(dy3, x3, dx3, mean_hi, mean_lo, inv_std, gamma, sums, count, threads,
+   block_values)
+   Training-mode dx from per-channel sums over `count` values per channel (a
+   whole distributed batch's): sums is float64 (2, C), sum(dy) and
+   sum(dy * (x - mean_hi)).  True, or None (no common family). */
+static PyObject *grad_apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "grad_apply takes 11 arguments");
+        return NULL;
+    }
+    double count;
+    long threads;
+    Py_ssize_t block;
+    if (arg_double(args[8], &count) < 0 || arg_work(args[9], args[10], &threads, &block) < 0)
+        return NULL;
+    if (!(count >= 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "count must be at least 1");
+        return NULL;
+    }
+    GradArrays g;
+    if (grad_acquire(args, 1, &g) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t C = g.x.channels;
+    Py_buffer bs;
+    Vec hi = {0}, lo = {0}, is = {0}, ga = {0};
+    if (get_f64_rows(args[7], &bs, 2, C, "sums") < 0)
+        goto release;
+    if (get_vec(args[3], &hi, C, 0, "mean_hi") < 0 || get_vec(args[4], &lo, C, 0, "mean_lo") < 0 ||
+        get_vec(args[5], &is, C, 0, "inv_std") < 0 || get_vec(args[6], &ga, C, 0, "gamma") < 0)
+        goto release_vecs;
+    if (!hi.present || !lo.present || !is.present) {
+        PyErr_SetString(PyExc_ValueError, "mean_hi, mean_lo and inv_std are required");
+        goto release_vecs;
+    }
+    int fam = family(&g.x, &g.dy);
+    if (fam < 0) {
+        result = Py_NewRef(Py_None);
+        goto release_vecs;
+    }
+    Scratch w;
+    if (scratch_alloc(&w, C) < 0)
+        goto release_vecs;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const double *sum = (const double *)bs.buf;
+    for (Py_ssize_t c = 0; c < C; c++) { /* as backward's training branch */
+        double inv = vec_get(&is, c), lo_c = vec_get(&lo, c);
+        double dbeta = sum[c], dgamma = (sum[C + c] - lo_c * dbeta) * inv;
+        double a = ga.present ? inv * vec_get(&ga, c) : inv;
+        double b = a * inv * dgamma / -count, c0 = a * dbeta / -count;
+        w.centre[c] = (float)vec_get(&hi, c);
+        w.bscale[c] = (float)a;
+        w.fscale[c] = (float)b;
+        w.shift[c] = (float)(c0 - lo_c * b);
+    }
+    Affine t = {&g.x, &g.dy, (float *)g.bdx.buf, w.centre, w.fscale, w.shift, w.bscale};
+    failed = affine(fam, &t, threads) < 0;
+    Py_END_ALLOW_THREADS
+    scratch_free(&w);
+    if (failed)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(Py_True);
+release_vecs:
+    release_vec(&hi);
+    release_vec(&lo);
+    release_vec(&is);
+    release_vec(&ga);
+    PyBuffer_Release(&bs);
+release:
+    grad_release(&g);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"forward_train", (PyCFunction)(void (*)(void))forward_train, METH_FASTCALL, NULL},
     {"forward_infer", (PyCFunction)(void (*)(void))forward_infer, METH_FASTCALL, NULL},
     {"backward", (PyCFunction)(void (*)(void))backward, METH_FASTCALL, NULL},
+    {"moments", (PyCFunction)(void (*)(void))moments, METH_FASTCALL, NULL},
+    {"grad_sums", (PyCFunction)(void (*)(void))grad_sums, METH_FASTCALL, NULL},
+    {"grad_apply", (PyCFunction)(void (*)(void))grad_apply, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 
