@@ -35,6 +35,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import cases  # noqa: E402 - the benchmark cases live there
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def timed_round(mpi, fn) -> float:
     """Seconds from a barrier until the slowest rank has run ``fn``."""
     mpi.Barrier()
@@ -109,7 +117,7 @@ def main() -> int:
     if args.save:
         path = Path(args.save)
         saved = json.loads(path.read_text()) if path.exists() else {
-            "machine": f"{platform.machine()}, {cores} cores, {platform.processor() or platform.platform()}",
+            "machine": f"{cpu_model()}, {cores} cores available, {platform.platform()}",
             "date": datetime.date.today().isoformat(), "numpy": np.__version__, "cupybn": cupybn.__version__,
             "command": "mpiexec -n N python benchmarks/bench_distributed.py --save FILE", "runs": []}
         saved["runs"] = [r for r in saved["runs"] if r["ranks"] != comm.size] + [entry]
