@@ -246,6 +246,9 @@ def prepare(args, outputs):
 def run_demo(args) -> int:
     backend, data = prepare(args, OUTPUTS)
     comm = _distributed_demo.communicator(args) if args.distributed else None
+    if comm is not None and args.batch_size < comm.size:  # the same on every rank: all exit
+        args.error(f"argument --batch-size: {args.batch_size} rows cannot be shared by {comm.size} ranks; "
+                   f"give at least one per rank")
     lead = comm is None or comm.rank == 0  # the rank that reports and writes
     settings = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, backend=backend)
     if lead:

@@ -302,7 +302,7 @@ def _synchronised_forward(x, gamma, beta, running_mean, running_var, training, m
     try:
         call = _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, backend,
                             synchronised=True)
-    except (TypeError, ValueError) as error:
+    except Exception as error:  # whatever it is, the other ranks must hear of it
         _distributed.announce_failure(comm, _distributed.STATISTICS, error)
         raise
     be, layout, x3 = call.backend, call.layout, call.layout.to3d(x)
@@ -349,6 +349,8 @@ def batch_norm_backward(dy, saved, *, backend=None):
         raise TypeError(f"saved must be the BatchNormSaved returned by batch_norm, got {type(saved).__name__}")
     if saved.comm is None or not saved.training:
         be = _check_backward(dy, saved, backend)
+        if saved.x.size == 0:  # a synchronised inference call's empty shard: nothing to compute
+            return _empty_gradients(be, dy, saved)
         layout = saved.layout
         # dgamma and dbeta come back in gamma's and beta's dtypes (None where absent).
         dx3, dgamma, dbeta = be.backward(layout.to3d(dy), layout.to3d(saved.x), saved.mean,
@@ -357,7 +359,7 @@ def batch_norm_backward(dy, saved, *, backend=None):
         return layout.from3d(dx3), dgamma, dbeta
     try:
         be = _check_backward(dy, saved, backend)
-    except (TypeError, ValueError, RuntimeError) as error:
+    except Exception as error:
         _distributed.announce_failure(saved.comm, _distributed.GRADIENTS, error)
         raise
     layout = saved.layout
@@ -365,9 +367,16 @@ def batch_norm_backward(dy, saved, *, backend=None):
     return layout.from3d(dx3), dgamma, dbeta
 
 
+def _empty_gradients(be, dy, saved):
+    zeros = [None if p is None else be.xp.zeros(p.shape, p.dtype) for p in (saved.gamma, saved.beta)]
+    return be.xp.empty(dy.shape, dy.dtype), zeros[0], zeros[1]
+
+
 def _check_backward(dy, saved, backend):
     """The backend for a backward call, once dy and x (unchanged) have been checked."""
     be = backend if backend is not None else saved.backend
+    if not hasattr(dy, "shape") or not hasattr(dy, "dtype"):
+        raise TypeError(f"dy must be a NumPy or CuPy array, got {type(dy).__name__}")
     _backends.backend_for({"dy": dy, "x (saved)": saved.x}, be)
     if tuple(dy.shape) != tuple(saved.x.shape):
         raise ValueError(f"dy must have the shape of x, {tuple(saved.x.shape)}, got {tuple(dy.shape)}")

@@ -111,7 +111,9 @@ class BatchNorm:
         return y
 
     def _check_input(self, x):
-        channels = x.shape[self.axis] if hasattr(x, "shape") and x.ndim >= 2 and -x.ndim <= self.axis < x.ndim else None
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"x must be a NumPy or CuPy array, got {type(x).__name__}")
+        channels = x.shape[self.axis] if x.ndim >= 2 and -x.ndim <= self.axis < x.ndim else None
         if channels is not None and channels != self.num_features:
             raise ValueError(f"x has {channels} channels on axis {self.axis}, the layer was built for "
                              f"num_features={self.num_features}")
@@ -125,7 +127,7 @@ class BatchNorm:
         other ranks raise too.  Backward exchanges only after batch statistics."""
         try:
             check(*args)
-        except (TypeError, ValueError, RuntimeError) as error:
+        except Exception as error:  # whatever it is, the other ranks must hear of it
             if self.comm is not None and (phase == STATISTICS or self.training or not self.track_running_stats):
                 announce_failure(self.comm, phase, error)
             raise

@@ -251,3 +251,9 @@ def test_backward_accepts_an_x_rewritten_with_the_same_values():
 def test_numpy_backend_route_limits_must_be_counts(name, value):
     with pytest.raises(ValueError, match=rf"^{name} must be an int >= 0 or None, got {re.escape(repr(value))}"):
         cupybn.NumpyBackend(**{name: value})
+
+
+def test_a_backend_that_is_not_one_is_named_in_the_error():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match="backend must be a cupybn backend .* got str"):
+        cupybn.batch_norm(x, backend="numpy")

@@ -126,8 +126,8 @@ def test_each_call_is_one_exchange_of_a_few_values_per_channel():
         return after_forward, (comm.collectives, comm.bytes_sent)
 
     for forward, both in run_ranks([0, 4, 8], rank):
-        assert forward == (1, 8 * (7 + 3 * 5))  # header, then mean hi/lo and m2
-        assert both == (2, forward[1] + 8 * (7 + 2 * 5))  # header, then the two gradient sums
+        assert forward == (1, 8 * (12 + 3 * 5))  # a header of 12 values, then mean hi/lo and m2
+        assert both == (2, forward[1] + 8 * (12 + 2 * 5))  # the header, then the two gradient sums
 
 
 def test_dgamma_and_dbeta_are_each_ranks_own_sums():
@@ -160,7 +160,7 @@ def test_inference_exchanges_only_to_check_that_the_ranks_agree():
 
     ranks = run_ranks([0, 3, 6], rank)
     assert np.concatenate([y for y, _ in ranks]).tobytes() == want.tobytes()
-    assert all(sent == 8 * 7 for _, sent in ranks)  # a header, no statistics
+    assert all(sent == 8 * 12 for _, sent in ranks)  # a header, no statistics
 
 
 # ---- bad input: every rank raises, within the time-out, and nothing changes ------------------
@@ -171,7 +171,7 @@ def every_rank_raises(make_args, match, backward_dy=None):
     statistics unchanged."""
     def rank(comm, r):
         args, kwargs = make_args(r)
-        rm, rv = kwargs["running_mean"], kwargs["running_var"]
+        rm, rv = kwargs.get("running_mean", np.zeros(0)), kwargs.get("running_var", np.zeros(0))
         before = (rm.copy(), rv.copy())
         try:
             if backward_dy is None:
@@ -179,7 +179,7 @@ def every_rank_raises(make_args, match, backward_dy=None):
             else:
                 _, saved = cupybn.batch_norm(*args, comm=comm, **kwargs)
                 cupybn.batch_norm_backward(backward_dy(r, saved), saved)
-        except (ValueError, TypeError, RuntimeError) as error:
+        except Exception as error:
             changed = backward_dy is None and not (np.array_equal(rm, before[0]) and np.array_equal(rv, before[1]))
             return str(error), changed
         return None, False
@@ -211,11 +211,28 @@ MISMATCHES = {
              "disagree on training (rank 0: True, rank 1: False, rank 2: True)"),
     "one value in all": (lambda r: ((X[:1, :, :1] if r == 0 else X[:0],), stats()),
                          "at least 2 values per channel over all ranks to estimate a variance; the whole batch has 1"),
+    "eps": (lambda r: ((X,), {**stats(), "eps": 1e-3 if r == 1 else 1e-5}),
+            "disagree on eps (rank 0: 1e-05, rank 1: 0.001, rank 2: 1e-05)"),
+    "momentum": (lambda r: ((X,), {**stats(), "momentum": 0.5 if r == 2 else 0.1}), "disagree on momentum"),
+    "gamma on some ranks": (lambda r: ((X, np.ones(3, np.float32) if r else None), stats()),
+                            "disagree on gamma (rank 0: None, rank 1: given, rank 2: given)"),
+    "running statistics on some ranks": (lambda r: ((X,), stats() if r else {}), "disagree on running"),
     "bad argument on one rank": (lambda r: ((X, np.ones(4 if r == 1 else 3, np.float32)), stats()),
                                  "rank 1: ValueError: gamma must have shape (3,)"),
+    "not a backend on one rank": (lambda r: ((X,), {**stats(), "backend": "numpy" if r == 0 else None}),
+                                  "rank 0: TypeError: backend must be a cupybn backend"),
+    "backend failing on one rank": (lambda r: ((X,), {**stats(), "backend": FailingBackend() if r == 1 else None}),
+                                    "rank 1: MemoryError: no memory left on this rank"),
     "not an array on one rank": (lambda r: ((X.tolist() if r == 2 else X,), stats()),
                                  "rank 2: TypeError: x must be a NumPy or CuPy array"),
 }
+
+
+class FailingBackend(cupybn.NumpyBackend):
+    """Fails in its own work before the exchange, as a rank out of memory would."""
+
+    def shard_moments(self, x3):
+        raise MemoryError("no memory left on this rank")
 
 
 @pytest.mark.parametrize("case", list(MISMATCHES))
@@ -234,6 +251,38 @@ def test_a_bad_dy_on_one_rank_makes_every_rank_raise_in_backward():
 
     every_rank_raises(lambda r: ((X[r:r + 2],), stats()),
                       lambda r: "dy must have the shape of x" if r == 1 else "rank 1: ValueError: dy must have", dy)
+
+
+def test_a_dy_that_is_not_an_array_on_one_rank_makes_every_rank_raise_in_backward():
+    def dy(r, saved):
+        return None if r == 2 else np.ones(saved.shape, np.float32)
+
+    every_rank_raises(lambda r: ((X[r:r + 2],), stats()),
+                      lambda r: "dy must be a NumPy or CuPy array" if r == 2 else "rank 2: TypeError: dy must be", dy)
+
+
+def test_a_layer_given_something_else_than_an_array_on_one_rank_makes_every_rank_raise():
+    def rank(comm, r):
+        layer = cupybn.BatchNorm(3, comm=comm)
+        with pytest.raises(TypeError if r == 1 else ValueError, match="x must be a NumPy or CuPy array"):
+            layer(X.tolist() if r == 1 else X)
+        return layer.running_mean.tolist(), layer.num_batches_tracked
+
+    assert run_ranks([0, 1, 2, 3], rank, timeout=20) == [([0.0, 0.0, 0.0], 0)] * 3
+
+
+def test_an_empty_shard_of_an_inference_call_gives_empty_gradients():
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+
+    def rank(comm, r):
+        y, saved = cupybn.batch_norm(X[:0] if r == 0 else X, gamma, beta, running_mean=rm, running_var=rv,
+                                     training=False, comm=comm)
+        return cupybn.batch_norm_backward(np.ones_like(y), saved)
+
+    (dx0, dg0, db0), (dx1, dg1, db1) = run_ranks([0, 1, 2], rank)
+    assert dx0.shape == (0, 3, 2) and dg0.tolist() == db0.tolist() == [0.0] * 3 and dg0.dtype == np.float32
+    assert dx1.shape == X.shape and db1.tolist() == [8.0] * 3
 
 
 def test_x_changed_on_one_rank_makes_every_rank_raise_in_backward():

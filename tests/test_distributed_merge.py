@@ -112,3 +112,35 @@ def test_gradient_sums_are_added_in_rank_order(sizes, seed):
     for a, b in parts:  # left to right: the bits are fixed by the rank order
         want_dy, want_dyc = want_dy + a, want_dyc + b
     assert sum_dy.tobytes() == want_dy.tobytes() and sum_dyc.tobytes() == want_dyc.tobytes()
+
+
+def exact_pair(values):
+    """The mean of ``values`` as an exact Fraction and as the nearest float64 pair."""
+    from fractions import Fraction
+
+    exact = sum(map(Fraction, values)) / len(values)
+    hi = float(exact)
+    return exact, hi, float(exact - Fraction(hi))
+
+
+@given(sizes=splits, offset=st.sampled_from([1e6, 1e9, 1e12]), seed=st.integers(0, 2**16))
+def test_the_merged_mean_pair_carries_float64_data_beyond_float64(sizes, offset, seed):
+    # float64 data far from zero: the mean needs more than a float64 to be exact
+    # to the data's spread, and the merge must carry it as a pair
+    from fractions import Fraction
+
+    x = offset + np.random.default_rng(seed).standard_normal(sum(sizes))
+    vectors = []
+    for shard in np.split(x, np.cumsum(sizes)[:-1]):
+        if shard.size == 0:
+            vectors.append(_merge.pack(_merge.STATISTICS, 0, [np.zeros(1)] * 3, channels=1, dtype="float64",
+                                       axis=1, training=True))
+            continue
+        _, hi, lo = exact_pair(shard)
+        m2 = float(sum((Fraction(v) - Fraction(hi) - Fraction(lo)) ** 2 for v in shard))
+        vectors.append(_merge.pack(_merge.STATISTICS, shard.size, ([hi], [lo], [m2]), channels=1, dtype="float64",
+                                   axis=1, training=True))
+    merged = _merge.merge(vectors)
+    exact, _, _ = exact_pair(x)
+    error = abs(Fraction(merged.mean[0]) + Fraction(merged.mean_lo[0]) - exact)
+    assert error <= 1e-14 * max(float(np.std(x)), 1e-3)

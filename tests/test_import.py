@@ -45,7 +45,7 @@ class OnlyNumpy(importlib.abc.MetaPathFinder):
     (the standard library probes a few, e.g. "org" for Jython) fail as usual.
     \"\"\"
 
-    optional = {"cupy", "cupy_backends", "cupyx", "ml_dtypes", "torch", "hypothesis", "scipy"}
+    optional = {"cupy", "cupy_backends", "cupyx", "ml_dtypes", "torch", "hypothesis", "scipy", "mpi4py"}
 
     def find_spec(self, name, path=None, target=None):
         top = name.partition(".")[0]

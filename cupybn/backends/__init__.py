@@ -67,7 +67,10 @@ def backend_for(named_arrays, backend=None):
 
 
 def backend_accepts(backend, named_arrays) -> bool:
-    owns = backend.owns
+    owns = getattr(backend, "owns", None)
+    if owns is None:
+        raise TypeError(f"backend must be a cupybn backend (cupybn.NumpyBackend(), the CuPy backend) or None, got "
+                        f"{type(backend).__name__}")
     for a in named_arrays.values():  # a loop, not all(genexpr): this runs on every call
         if a is not None and not owns(a):
             return False

@@ -452,9 +452,9 @@ class CupyBackend:
         return mean_hi, ((mean - mean_hi) + rounding).astype(acc), m2
 
     def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
-        """Training-mode y for float64 statistics computed elsewhere (the mean as a pair
-        ``mean + mean_lo``): the coefficients in double, then the general path's affine
-        kernel, ``y = (x - mean_hi) * scale + offset``."""
+        """Training-mode y3 for float64 statistics computed elsewhere (the mean as a
+        pair ``mean + mean_lo``): the coefficients in double, then the general path's
+        affine kernel, ``y = (x - mean_hi) * scale + offset``."""
         xp = self.xp
         acc = self._acc(x3.dtype)
         mean_hi = mean.astype(acc)
@@ -466,7 +466,7 @@ class CupyBackend:
         y3 = xp.empty(x3.shape, x3.dtype)
         self._general.affine(x3, mean_hi.reshape(per_channel), scale.astype(acc).reshape(per_channel),
                              offset.astype(acc).reshape(per_channel), y3)
-        return y3, mean_hi, lo.astype(acc), var.astype(acc), inv_std.astype(acc)
+        return y3
 
     def gradient_sums(self, dy3, x3, mean_hi, mean_lo, var):
         """float64 per channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))``."""

@@ -678,13 +678,12 @@ class NumpyBackend:
         return mean_hi, mean_lo, var * (x3.shape[0] * x3.shape[2])
 
     def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
-        """Training-mode y for float64 statistics computed elsewhere (the mean as a pair
-        ``mean + mean_lo``, ``var`` biased); returns ``y3, mean_hi, mean_lo, var,
-        inv_std`` as :meth:`forward_train` does."""
+        """Training-mode y3 for float64 statistics computed elsewhere (the mean as a
+        pair ``mean + mean_lo``, ``var`` biased)."""
         mean, mean_lo, var = (np.asarray(a, np.float64) for a in (mean, mean_lo, var))
         if self._compiled_takes(x3, (gamma, beta)):  # float64 carries a float32 pair's 48 bits
             return _compiled.forward_infer(x3, gamma, beta, mean + mean_lo, var, eps, self.threads,
-                                           self._outputs.empty)
+                                           self._outputs.empty)[0]
         return self._numpy_normalize(x3, mean, mean_lo, var, gamma, beta, eps)
 
     @quiet
@@ -693,8 +692,7 @@ class NumpyBackend:
         mean_hi = mean.astype(cdt)
         mean_lo = ((mean - mean_hi) + mean_lo).astype(cdt)
         inv_std = 1.0 / np.sqrt(var + eps)
-        y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=bool(np.all(var > 0)))
-        return y3, mean_hi, mean_lo, var.astype(cdt), inv_std.astype(cdt)
+        return self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=bool(np.all(var > 0)))
 
     def gradient_sums(self, dy3, x3, mean_hi, mean_lo, var):
         """float64 per channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))`` (training mode)."""

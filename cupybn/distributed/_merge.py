@@ -2,7 +2,8 @@
 
 Every call sends, from every rank, one float64 vector through one all-gather:
 
-    header  [FORMAT, phase, channels, dtype code, axis, training, count]
+    header  [FORMAT, phase, channels, dtype code, axis, training, eps, momentum,
+             gamma given, beta given, running statistics given, count]
     body    statistics phase (training):   mean_hi, mean_lo, m2   (C values each)
             statistics phase (inference):  nothing
             gradient phase:                sum_dy, sum_dyc         (C values each)
@@ -18,6 +19,9 @@ computes identical bits.  A rank that could not take part (its arguments failed
 the checks) sends a failure vector instead, its error message as bytes; then, as
 when the headers disagree (phase, channels, dtype, axis or mode), every rank
 raises the same ValueError after the one collective and none is left waiting.
+The settings that shape the results (eps, momentum, which of gamma, beta and the
+running statistics are given) travel in the header too: ranks that differ there
+would otherwise compute different statistics without a word.
 """
 from __future__ import annotations
 
@@ -25,8 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT = 2.0  # bumped when the layout of the vector changes
-HEADER = ("format", "phase", "channels", "dtype", "axis", "training", "count")
+FORMAT = 3.0  # bumped when the layout of the vector changes
+HEADER = ("format", "phase", "channels", "dtype", "axis", "training", "eps", "momentum", "gamma", "beta", "running",
+          "count")
+# what every rank must agree on, in the order the checks name them
+AGREED = HEADER[:-1]
+_FLAGS = ("gamma", "beta", "running")
 STATISTICS, GRADIENTS = 1.0, 2.0
 PHASES = {STATISTICS: "forward (statistics)", GRADIENTS: "backward (gradient sums)"}
 DTYPE_CODES = {"float16": 1.0, "bfloat16": 2.0, "float32": 3.0, "float64": 4.0}
@@ -34,13 +42,15 @@ _FAILED = -1.0  # in the channels slot: the rest of the vector is an error messa
 _MESSAGE_BYTES = 400
 
 
-def pack(phase: float, count: int, body, *, channels: int, dtype: str, axis: int, training: bool) -> np.ndarray:
+def pack(phase: float, count: int, body, *, channels: int, dtype: str, axis: int, training: bool, eps: float = 0.0,
+         momentum: float = 0.0, gamma: bool = False, beta: bool = False, running: bool = False) -> np.ndarray:
     """One rank's contribution: its header and per-channel vectors as one float64 vector."""
     parts = [np.asarray(a, np.float64).ravel() for a in body]
     if any(p.shape != (channels,) for p in parts):
         raise ValueError(f"every per-channel vector must have {channels} values, got shapes "
                          f"{[p.shape for p in parts]}")
-    header = [FORMAT, phase, channels, DTYPE_CODES[dtype], axis, 1.0 if training else 0.0, count]
+    header = [FORMAT, phase, channels, DTYPE_CODES[dtype], axis, float(training), eps, momentum, float(gamma),
+              float(beta), float(running), count]
     return np.concatenate([np.asarray(header, np.float64), *parts])
 
 
@@ -48,7 +58,7 @@ def pack_failure(phase: float, error: BaseException, max_bytes: int = _MESSAGE_B
     """The vector of a rank whose call failed before the exchange: its error, as
     (at most ``max_bytes``) bytes."""
     message = f"{type(error).__name__}: {error}".encode()[:max_bytes]
-    header = [FORMAT, phase, _FAILED, 0.0, 0.0, 0.0, 0.0]
+    header = [FORMAT, phase, _FAILED] + [0.0] * (len(HEADER) - 3)
     return np.concatenate([np.asarray(header, np.float64), np.frombuffer(message, np.uint8).astype(np.float64)])
 
 
@@ -92,19 +102,24 @@ def _checked(gathered, phase: float) -> tuple[list[np.ndarray], list[dict]]:
                          f"the {PHASES.get(headers[failed[0]]['phase'], 'unknown')} exchange, so no rank went on "
                          f"({reasons})")
     names = {v: k for k, v in DTYPE_CODES.items()}
-    for field in ("format", "phase", "channels", "dtype", "axis", "training"):
+    for field in AGREED:
         values = [h[field] for h in headers]
         if len(set(values)) > 1:
+            shown: list
             if field == "phase":
                 shown = [PHASES.get(v, v) for v in values]
             elif field == "dtype":
                 shown = [names.get(v, v) for v in values]
             elif field == "training":
                 shown = [bool(v) for v in values]
+            elif field in _FLAGS:
+                shown = ["given" if v else "None" for v in values]
+            elif field in ("eps", "momentum"):
+                shown = values
             else:
                 shown = [int(v) for v in values]
             per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
-            what = "call" if field == "phase" else field
+            what = "call" if field == "phase" else field + (" (given or None)" if field in _FLAGS else "")
             raise ValueError(f"synchronised batch_norm: the ranks disagree on {field} ({per_rank}); every rank "
                              f"must make the same {what}" + (" in the same order" if field == "phase" else ""))
     if headers[0]["phase"] != phase:

@@ -50,6 +50,16 @@ def split_mean(mean, mean_lo, cdt):
     return hi, ((mean - hi) + mean_lo).astype(cdt)
 
 
+def _guarded(comm, phase, work, *args):
+    """``work(*args)``, the local work before an exchange: if it raises (out of
+    memory, say), this rank still takes part in the exchange, with its error."""
+    try:
+        return work(*args)
+    except Exception as error:
+        announce_failure(comm, phase, error)
+        raise
+
+
 def forward(be, x3, gamma, beta, eps, running_mean, running_var, momentum, training, comm, *, axis):
     """The synchronised forward pass; returns ``(y3, mean_hi, mean_lo, var, inv_std, count)``
     with the merged statistics and the whole batch's count per channel, or None in
@@ -58,21 +68,25 @@ def forward(be, x3, gamma, beta, eps, running_mean, running_var, momentum, train
     xp = be.xp
     channels = x3.shape[1]
     count = x3.shape[0] * x3.shape[2]
-    header = dict(channels=channels, dtype=x3.dtype.name, axis=axis, training=training)
+    header = dict(channels=channels, dtype=x3.dtype.name, axis=axis, training=training, eps=eps,
+                  momentum=momentum if training else 0.0, gamma=gamma is not None, beta=beta is not None,
+                  running=running_mean is not None)
     if not training:
         _merge.check_agreement(comm.allgather(_merge.pack(_merge.STATISTICS, count, (), **header)))
         return None
-    body = [_host(a) for a in be.shard_moments(x3)] if count else [np.zeros(channels)] * 3
-    merged = _merge.merge(comm.allgather(_merge.pack(_merge.STATISTICS, count, body, **header)))
+
+    def shard():
+        body = [_host(a) for a in be.shard_moments(x3)] if count else [np.zeros(channels)] * 3
+        return _merge.pack(_merge.STATISTICS, count, body, **header)
+
+    merged = _merge.merge(comm.allgather(_guarded(comm, _merge.STATISTICS, shard)))
     mean, mean_lo, var = xp.asarray(merged.mean), xp.asarray(merged.mean_lo), xp.asarray(merged.var)
-    if count:
-        y3, mean_hi, mean_lo_c, var_c, inv_std = be.normalize(x3, mean, mean_lo, var, gamma, beta, eps)
-    else:  # an empty shard: nothing to normalise, but the statistics every rank holds
-        hi, lo = split_mean(merged.mean, merged.mean_lo, _compute_dtype(x3.dtype))
-        mean_hi, mean_lo_c = xp.asarray(hi), xp.asarray(lo)
-        var_c = xp.asarray(merged.var.astype(hi.dtype))
-        inv_std = xp.asarray((1.0 / np.sqrt(merged.var + eps)).astype(hi.dtype))
-        y3 = xp.empty(x3.shape, x3.dtype)
+    y3 = be.normalize(x3, mean, mean_lo, var, gamma, beta, eps) if count else xp.empty(x3.shape, x3.dtype)
+    # What backward uses, the same bits on every rank whatever route its y took.
+    hi, lo = split_mean(merged.mean, merged.mean_lo, _compute_dtype(x3.dtype))
+    mean_hi, mean_lo_c = xp.asarray(hi), xp.asarray(lo)
+    var_c = xp.asarray(merged.var.astype(hi.dtype))
+    inv_std = xp.asarray((1.0 / np.sqrt(merged.var + eps)).astype(hi.dtype))
     if running_mean is not None:
         update_running(xp, running_mean, running_var, mean, mean_lo, var, momentum, merged.count)
     return y3, mean_hi, mean_lo_c, var_c, inv_std, merged.count
@@ -84,12 +98,17 @@ def backward(be, dy3, x3, saved, comm):
     xp = be.xp
     channels = x3.shape[1]
     count = x3.shape[0] * x3.shape[2]
-    if count:
-        sum_dy, sum_dyc = (_host(a) for a in be.gradient_sums(dy3, x3, saved.mean, saved.mean_lo, saved.var))
-    else:
-        sum_dy = sum_dyc = np.zeros(channels)
-    vector = _merge.pack(_merge.GRADIENTS, count, (sum_dy, sum_dyc), channels=channels, dtype=x3.dtype.name,
-                         axis=saved.axis, training=True)
+
+    def shard():
+        if count:
+            sums = tuple(_host(a) for a in be.gradient_sums(dy3, x3, saved.mean, saved.mean_lo, saved.var))
+        else:
+            sums = (np.zeros(channels), np.zeros(channels))
+        return sums, _merge.pack(_merge.GRADIENTS, count, sums, channels=channels, dtype=x3.dtype.name,
+                                 axis=saved.axis, training=True, eps=saved.eps, gamma=saved.gamma is not None,
+                                 beta=saved.beta is not None)
+
+    (sum_dy, sum_dyc), vector = _guarded(comm, _merge.GRADIENTS, shard)
     total_dy, total_dyc = _merge.add_gradient_sums(comm.allgather(vector))
     if count:
         dx3 = be.input_gradient(dy3, x3, saved.mean, saved.mean_lo, saved.inv_std, saved.gamma,
@@ -101,4 +120,7 @@ def backward(be, dy3, x3, saved, comm):
 
 
 def _as_param(xp, result, param):
-    return None if param is None else xp.asarray(result.astype(param.dtype))
+    if param is None:
+        return None
+    with np.errstate(all="ignore"):  # beyond float16's range: Inf, as without comm
+        return xp.asarray(result.astype(param.dtype))

@@ -4,10 +4,11 @@
 makes one per process, the unique id sent by MPI; ``NCCL.single()`` is the world
 of one rank on the current GPU).  Each exchange is one ``ncclAllGather`` on the
 current stream.  NCCL needs the same count from every rank, so each rank's vector
-travels in a slot of fixed width, ``1 + 7 + 3 * max_channels`` float64 values:
+travels in a slot of fixed width, ``1 + 12 + 3 * max_channels`` float64 values:
 its length, then the vector, then padding.  A vector that does not fit (more
 than ``max_channels`` channels) is replaced by a failure report, so every rank
-raises instead of some waiting.
+raises instead of some waiting.  Every rank must make its ``NCCL`` with the same
+``max_channels`` (NCCL cannot tell a rank that sends another count: it waits).
 
 The exchange's result is read on the host (a copy of ``size`` slots), because
 the checks that make every rank raise together (ranks that disagree, a rank that
@@ -62,13 +63,21 @@ class NCCL:
         return cls(nccl.NcclCommunicator(1, nccl.get_unique_id(), 0), **kwargs)
 
     @classmethod
-    def over_mpi(cls, mpi_comm=None, **kwargs) -> NCCL:
-        """One rank per MPI process, on each process's current GPU; rank 0's NCCL
-        unique id reaches the others through MPI."""
+    def over_mpi(cls, mpi_comm=None, *, choose_device: bool = True, **kwargs) -> NCCL:
+        """One rank per MPI process; rank 0's NCCL unique id reaches the others
+        through MPI.  ``choose_device`` makes each process use GPU ``local rank %
+        GPUs`` (its rank among the processes of its node), as NCCL needs one GPU per
+        rank; False keeps each process's current device.  Every rank must give the
+        same ``max_channels``: NCCL needs the same count from all."""
+        import cupy  # noqa: PLC0415
         from cupy.cuda import nccl  # noqa: PLC0415
         from mpi4py import MPI as _mpi  # noqa: PLC0415
 
         mpi_comm = _mpi.COMM_WORLD if mpi_comm is None else mpi_comm
+        if choose_device:
+            local = mpi_comm.Split_type(_mpi.COMM_TYPE_SHARED)
+            cupy.cuda.Device(local.Get_rank() % cupy.cuda.runtime.getDeviceCount()).use()
+            local.Free()
         uid = mpi_comm.bcast(nccl.get_unique_id() if mpi_comm.Get_rank() == 0 else None, root=0)
         return cls(nccl.NcclCommunicator(mpi_comm.Get_size(), uid, mpi_comm.Get_rank()), **kwargs)
 
