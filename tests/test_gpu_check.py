@@ -574,8 +574,10 @@ def test_the_test_step_selects_the_gpu_tests_only():
     command = gc.pytest_command("--collect-only")
     listed = subprocess.run(command, cwd=gc.tests_dir().parent, capture_output=True, text=True, check=False).stdout
     ids = [line for line in listed.splitlines() if "::" in line]
-    assert ids and all("cupy-gpu" in i or "test_cupy_gpu.py" in i for i in ids), ids[:5]
+    # the GPU tests: test_cupy_gpu.py, the cupy-gpu backend of every property, and tests named *_cupy_gpu
+    assert ids and all("cupy-gpu" in i or "cupy_gpu" in i for i in ids), ids[:5]
     assert any("test_cupy_gpu.py" in i for i in ids) and any("[cupy-gpu" in i or "-cupy-gpu" in i for i in ids)
+    assert any("test_distributed_nccl.py" in i for i in ids)  # NCCL, a world of one GPU
 
 
 def _wait_until_gone(pid):

@@ -985,6 +985,56 @@ done:
     return result;
 }
 
+/* The arrays of the gradient entry points: dy3, x3 (args[0..1]) and, for
+   backward and grad_apply, dx3 (args[2]). */
+typedef struct {
+    Py_buffer bdy, bx, bdx;
+    int held;
+    Arr3 dy, x, dx;
+} GradArrays;
+
+static void grad_release(GradArrays *g)
+{
+    if (g->held > 2)
+        PyBuffer_Release(&g->bdx);
+    if (g->held > 1)
+        PyBuffer_Release(&g->bx);
+    if (g->held > 0)
+        PyBuffer_Release(&g->bdy);
+    g->held = 0;
+}
+
+/* 0, or -1 with an error set and nothing held. */
+static int grad_acquire(PyObject *const *args, int with_dx, GradArrays *g)
+{
+    memset(g, 0, sizeof *g);
+    if (get_arr3(args[0], &g->bdy, &g->dy, 0, "dy3") < 0)
+        return -1;
+    g->held = 1;
+    if (get_arr3(args[1], &g->bx, &g->x, 0, "x3") < 0)
+        goto fail;
+    g->held = 2;
+    if (with_dx) {
+        if (get_arr3(args[2], &g->bdx, &g->dx, 1, "dx3") < 0)
+            goto fail;
+        g->held = 3;
+        if (check_out(&g->dx, &g->x, "dx3") < 0)
+            goto fail;
+    }
+    if (g->dy.outer != g->x.outer || g->dy.channels != g->x.channels || g->dy.inner != g->x.inner) {
+        PyErr_SetString(PyExc_ValueError, "dy3 must be shaped like x3");
+        goto fail;
+    }
+    if (g->x.outer == 0 || g->x.channels == 0 || g->x.inner == 0) {
+        PyErr_SetString(PyExc_ValueError, "x3 must not be empty");
+        goto fail;
+    }
+    return 0;
+fail:
+    grad_release(g);
+    return -1;
+}
+
 /* backward(dy3, x3, dx3, grads, mean_hi, mean_lo, inv_std, gamma, training)
    dx3: float32 output (C-contiguous); grads: float64 (2, C) output (dgamma,
    dbeta).  dx = a*dy + b*(x - mean) + c per channel in training, a*dy in
@@ -1000,26 +1050,18 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_ssize_t block;
     if ((training = PyObject_IsTrue(args[8])) < 0 || arg_work(args[9], args[10], &threads, &block) < 0)
         return NULL;
-    Py_buffer bdy, bx, bdx, bg;
-    Arr3 dy, x, dx;
+    GradArrays ga;
+    if (grad_acquire(args, 1, &ga) < 0)
+        return NULL;
+    const Arr3 x = ga.x, dy = ga.dy;
+    Py_ssize_t C = x.channels;
+    Py_buffer bg;
     Vec hi = {0}, lo = {0}, is = {0}, g = {0};
     PyObject *result = NULL;
-    if (get_arr3(args[0], &bdy, &dy, 0, "dy3") < 0)
-        return NULL;
-    if (get_arr3(args[1], &bx, &x, 0, "x3") < 0)
-        goto release_dy;
-    if (get_arr3(args[2], &bdx, &dx, 1, "dx3") < 0)
-        goto release_x;
-    Py_ssize_t C = x.channels;
     if (get_f64_rows(args[3], &bg, 2, C, "grads") < 0)
-        goto release_dx;
-    if (dy.outer != x.outer || dy.channels != C || dy.inner != x.inner) {
-        PyErr_SetString(PyExc_ValueError, "dy3 must be shaped like x3");
-        goto release_g;
-    }
-    if (check_out(&dx, &x, "dx3") < 0 || get_vec(args[4], &hi, C, 0, "mean_hi") < 0 ||
-        get_vec(args[5], &lo, C, 0, "mean_lo") < 0 || get_vec(args[6], &is, C, 0, "inv_std") < 0 ||
-        get_vec(args[7], &g, C, 0, "gamma") < 0)
+        goto release;
+    if (get_vec(args[4], &hi, C, 0, "mean_hi") < 0 || get_vec(args[5], &lo, C, 0, "mean_lo") < 0 ||
+        get_vec(args[6], &is, C, 0, "inv_std") < 0 || get_vec(args[7], &g, C, 0, "gamma") < 0)
         goto release_vecs;
     if (!hi.present || !lo.present || !is.present) {
         PyErr_SetString(PyExc_ValueError, "mean_hi, mean_lo and inv_std are required");
@@ -1028,10 +1070,6 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
     int fam = family(&x, &dy);
     if (fam < 0) {
         result = Py_NewRef(Py_None);
-        goto release_vecs;
-    }
-    if (x.outer == 0 || C == 0 || x.inner == 0) {
-        PyErr_SetString(PyExc_ValueError, "x3 must not be empty");
         goto release_vecs;
     }
     Scratch w;
@@ -1066,8 +1104,8 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
     }
     if (!failed && !nonfinite) {
-        Affine t = training ? (Affine){&x, &dy, (float *)bdx.buf, w.centre, w.fscale, w.shift, w.bscale}
-                            : (Affine){&dy, NULL, (float *)bdx.buf, w.centre, w.fscale, w.shift, NULL};
+        Affine t = training ? (Affine){&x, &dy, (float *)ga.bdx.buf, w.centre, w.fscale, w.shift, w.bscale}
+                            : (Affine){&dy, NULL, (float *)ga.bdx.buf, w.centre, w.fscale, w.shift, NULL};
         failed = affine(training ? fam : family(&dy, NULL), &t, threads) < 0;
     }
     Py_END_ALLOW_THREADS
@@ -1081,14 +1119,9 @@ release_vecs:
     release_vec(&lo);
     release_vec(&is);
     release_vec(&g);
-release_g:
     PyBuffer_Release(&bg);
-release_dx:
-    PyBuffer_Release(&bdx);
-release_x:
-    PyBuffer_Release(&bx);
-release_dy:
-    PyBuffer_Release(&bdy);
+release:
+    grad_release(&ga);
     return result;
 }
 
@@ -1149,56 +1182,6 @@ release_out:
 release_x:
     PyBuffer_Release(&bx);
     return result;
-}
-
-/* The arrays of grad_sums and grad_apply: dy3, x3 (args[0..1]) and, for
-   grad_apply, dx3 (args[2]). */
-typedef struct {
-    Py_buffer bdy, bx, bdx;
-    int held;
-    Arr3 dy, x, dx;
-} GradArrays;
-
-static void grad_release(GradArrays *g)
-{
-    if (g->held > 2)
-        PyBuffer_Release(&g->bdx);
-    if (g->held > 1)
-        PyBuffer_Release(&g->bx);
-    if (g->held > 0)
-        PyBuffer_Release(&g->bdy);
-    g->held = 0;
-}
-
-/* 0, or -1 with an error set and nothing held. */
-static int grad_acquire(PyObject *const *args, int with_dx, GradArrays *g)
-{
-    memset(g, 0, sizeof *g);
-    if (get_arr3(args[0], &g->bdy, &g->dy, 0, "dy3") < 0)
-        return -1;
-    g->held = 1;
-    if (get_arr3(args[1], &g->bx, &g->x, 0, "x3") < 0)
-        goto fail;
-    g->held = 2;
-    if (with_dx) {
-        if (get_arr3(args[2], &g->bdx, &g->dx, 1, "dx3") < 0)
-            goto fail;
-        g->held = 3;
-        if (check_out(&g->dx, &g->x, "dx3") < 0)
-            goto fail;
-    }
-    if (g->dy.outer != g->x.outer || g->dy.channels != g->x.channels || g->dy.inner != g->x.inner) {
-        PyErr_SetString(PyExc_ValueError, "dy3 must be shaped like x3");
-        goto fail;
-    }
-    if (g->x.outer == 0 || g->x.channels == 0 || g->x.inner == 0) {
-        PyErr_SetString(PyExc_ValueError, "x3 must not be empty");
-        goto fail;
-    }
-    return 0;
-fail:
-    grad_release(g);
-    return -1;
 }
 
 /* grad_sums(dy3, x3, out, mean_hi, threads, block_values)
