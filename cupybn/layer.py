@@ -8,6 +8,7 @@ import numpy as np
 from . import _state
 from .api import _check_real, _is_float_dtype, batch_norm, batch_norm_backward, param_dtype_name
 from .distributed._sync import GRADIENTS, STATISTICS, announce_failure, check_comm
+from .folding import fold_batch_norm
 
 
 class BatchNorm:
@@ -174,6 +175,15 @@ class BatchNorm:
         self.backend = backend
         self._saved = None
         return self
+
+    def fold(self, weight, bias=None, *, axis=0):
+        """``(weight', bias')``: the linear or convolution layer ``weight``/``bias``
+        before this layer, with this layer's inference-mode BN folded in (see
+        :func:`cupybn.fold_batch_norm`; ``axis`` is the weight's output-channel axis)."""
+        if not self.track_running_stats:
+            raise ValueError("fold needs running statistics: this layer was built with track_running_stats=False")
+        return fold_batch_norm(weight, bias, running_mean=self.running_mean, running_var=self.running_var,
+                               gamma=self.gamma, beta=self.beta, eps=self.eps, axis=axis)
 
     # ---- what a training loop reaches for ---------------------------------------------------
 
