@@ -324,12 +324,8 @@ def _synchronised_forward(x, gamma, beta, running_mean, running_var, training, m
 def _empty_inference(be, x3, running_mean, running_var, eps):
     """forward_infer's results for an empty shard, without calling the backend on it."""
     xp = be.xp
-    cdt = np.float64 if x3.dtype == np.float64 else np.float32
-    mean = xp.asarray(running_mean, np.float64)
-    var = xp.asarray(running_var, np.float64)
-    hi = mean.astype(cdt)
-    return (xp.empty(x3.shape, x3.dtype), hi, (mean - hi).astype(cdt), var.astype(cdt),
-            (1.0 / xp.sqrt(var + eps)).astype(cdt))
+    return (xp.empty(x3.shape, x3.dtype), *_distributed.saved_statistics(
+        xp, xp.asarray(running_mean, np.float64), 0.0, xp.asarray(running_var, np.float64), eps, x3.dtype))
 
 
 def batch_norm_backward(dy, saved, *, backend=None):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._layout import canonical_axis
-from .api import _check_real, _is_float_dtype, _positive
+from .api import _check_real, _check_vector, _is_float_dtype, _positive
 from .backends import _is_cupy_array
 
 
@@ -29,13 +29,14 @@ def _module(a):
     return np
 
 
-def _check_array(name, a, shape=None):
-    if not hasattr(a, "dtype") or not hasattr(a, "shape"):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
-    if not _is_float_dtype(a.dtype):
-        raise TypeError(f"{name} must have a floating dtype, got {a.dtype}")
-    if shape is not None and tuple(a.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} (one value per output channel), got {tuple(a.shape)}")
+def _check_weight(weight):
+    if not hasattr(weight, "dtype") or not hasattr(weight, "shape"):
+        raise TypeError(f"weight must be a NumPy or CuPy array, got {type(weight).__name__}")
+    if not _is_float_dtype(weight.dtype):
+        raise TypeError(f"weight must have a floating dtype, got {weight.dtype}")
+    if weight.ndim < 2:
+        raise ValueError(f"weight must have at least 2 dimensions (output and input channels), got shape "
+                         f"{tuple(weight.shape)}")
 
 
 def fold_batch_norm(weight, bias=None, *, running_mean, running_var, gamma=None, beta=None, eps=1e-5, axis=0):
@@ -47,22 +48,19 @@ def fold_batch_norm(weight, bias=None, *, running_mean, running_var, gamma=None,
     bias; gamma/beta None mean 1 and 0.  The results have the weight's dtype
     and array module (NumPy or CuPy); the bias is always returned.
     """
-    _check_array("weight", weight)
-    if weight.ndim < 2:
-        raise ValueError(f"weight must have at least 2 dimensions (output and input channels), got shape "
-                         f"{tuple(weight.shape)}")
+    _check_weight(weight)
     ax = canonical_axis(axis, weight.ndim)
     channels = weight.shape[ax]
-    for name, v in (("running_mean", running_mean), ("running_var", running_var), ("gamma", gamma),
-                    ("beta", beta), ("bias", bias)):
-        if v is not None or name.startswith("running"):
-            _check_array(name, v, (channels,))
-    eps = _check_real("eps", eps, _positive, "a finite number > 0")
     xp = _module(weight)
-    for name, v in (("running_mean", running_mean), ("running_var", running_var), ("gamma", gamma),
-                    ("beta", beta), ("bias", bias)):
+    vectors = {"running_mean": running_mean, "running_var": running_var, "gamma": gamma, "beta": beta,
+               "bias": bias}
+    for name, v in vectors.items():
+        if v is None and name.startswith("running"):
+            raise TypeError(f"{name} must be an array of shape ({channels},), got None")
+        _check_vector(name, v, channels)
         if v is not None and _module(v) is not xp:
             raise TypeError(f"{name} and weight must come from the same array library")
+    eps = _check_real("eps", eps, _positive, "a finite number > 0")
     var = xp.asarray(running_var, np.float64)
     if bool(xp.any(var < 0)):
         raise ValueError("running_var must not be negative: it is a variance (a standard deviation squared)")

@@ -118,7 +118,7 @@ class BatchNorm:
         if channels is not None and channels != self.num_features:
             raise ValueError(f"x has {channels} channels on axis {self.axis}, the layer was built for "
                              f"num_features={self.num_features}")
-        if _is_float_dtype(getattr(x, "dtype", self.dtype)) and x.dtype != self.dtype:
+        if _is_float_dtype(x.dtype) and x.dtype != self.dtype:
             raise TypeError(f"x has dtype {x.dtype}, the layer takes {self.dtype.name} data (dtype={self.dtype.name}): "
                             f"cast x, or build the layer with dtype={x.dtype}")
 

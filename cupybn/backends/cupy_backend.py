@@ -23,7 +23,7 @@ import numpy as np
 from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, CHANNEL_KINDS, VECTOR_BYTES
 from ._cupy_general import GeneralPath
 from ._running import update_running
-from .numpy_backend import quiet
+from .numpy_backend import compute_dtype, quiet, split_mean
 
 # Per-channel kernels (general path) run one thread per channel in blocks of this size.
 _CHANNEL_BLOCK = 128
@@ -435,12 +435,9 @@ class CupyBackend:
     # ---- synchronised statistics (cupybn.distributed) -----------------------------------
     # The general path's kernels (any strides, double sums): a shard's moments and
     # gradient sums, then y and dx from what was merged over the ranks.
-    def _acc(self, dtype):
-        return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
-
     def shard_moments(self, x3):
         """Per-channel ``(mean_hi, mean_lo, m2)`` of a non-empty x3 (see NumpyBackend)."""
-        acc = self._acc(x3.dtype)
+        acc = compute_dtype(x3.dtype)
         per_channel = (1, x3.shape[1], 1)
         shift = x3[0, :, 0].astype(acc)
         offset = self._general.shifted_sum(x3, shift.reshape(per_channel), axis=(0, 2)) / (x3.shape[0] * x3.shape[2])
@@ -448,17 +445,16 @@ class CupyBackend:
         mean = shift + offset  # and what its rounding lost (two-sum): float64 data need it at large offsets
         rounding = (shift - (mean - (mean - shift))) + (offset - (mean - shift))
         m2 = self._general.squared_deviations(x3, mean.reshape(per_channel), axis=(0, 2))
-        mean_hi = mean.astype(acc)
-        return mean_hi, ((mean - mean_hi) + rounding).astype(acc), m2
+        return (*split_mean(mean, rounding, acc), m2)
 
     def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
         """Training-mode y3 for float64 statistics computed elsewhere (the mean as a
         pair ``mean + mean_lo``): the coefficients in double, then the general path's
         affine kernel, ``y = (x - mean_hi) * scale + offset``."""
         xp = self.xp
-        acc = self._acc(x3.dtype)
+        acc = compute_dtype(x3.dtype)
         mean_hi = mean.astype(acc)
-        lo = (mean - mean_hi) + mean_lo
+        lo = (mean - mean_hi) + mean_lo  # kept in double: the offset below needs it so
         inv_std = 1.0 / xp.sqrt(var + eps)
         scale = inv_std if gamma is None else inv_std * xp.asarray(gamma, np.float64)
         offset = -lo * scale if beta is None else xp.asarray(beta, np.float64) - lo * scale
@@ -471,7 +467,7 @@ class CupyBackend:
     def gradient_sums(self, dy3, x3, mean_hi, mean_lo, var):
         """float64 per channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))``."""
         del mean_lo, var  # centred on mean_hi, as the fused kernels are
-        centre = self._as_acc(mean_hi, self._acc(x3.dtype)).reshape(1, x3.shape[1], 1)
+        centre = self._as_acc(mean_hi, compute_dtype(x3.dtype)).reshape(1, x3.shape[1], 1)
         return (self._general.sum(dy3, axis=(0, 2)),
                 self._general.centred_product_sum(dy3, x3, centre, axis=(0, 2)))
 
@@ -479,7 +475,7 @@ class CupyBackend:
         """Training-mode dx from per-channel sums over ``count`` values per channel."""
         xp = self.xp
         channels = x3.shape[1]
-        acc = self._acc(x3.dtype)
+        acc = compute_dtype(x3.dtype)
         mean_hi, mean_lo, inv_std = (self._as_acc(a, acc) for a in (mean_hi, mean_lo, inv_std))
         sum_dy, sum_dyc = (self._as_acc(a, np.float64) for a in (sum_dy, sum_dyc))
         coef = xp.empty((_COEF_ROWS, channels), acc)

@@ -71,6 +71,14 @@ def compute_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+def split_mean(mean, mean_lo, cdt):
+    """A float64 pair ``mean + mean_lo`` (NumPy or CuPy arrays; ``mean_lo`` may be a
+    scalar) as a pair in the compute dtype ``cdt``: the leading part, and the rest
+    rounded once."""
+    hi = mean.astype(cdt)
+    return hi, ((mean - hi) + mean_lo).astype(cdt)
+
+
 def quiet(method):
     """NaN and Inf in the data propagate to the results without warnings or
     FloatingPointError, whatever the caller's ``np.seterr`` (NumPy arithmetic
@@ -668,8 +676,7 @@ class NumpyBackend:
             done = _compiled.moments(x3, self.threads)
             if done is not None:
                 mean, m2 = done
-                mean_hi = mean.astype(np.float32)
-                return mean_hi, (mean - mean_hi).astype(np.float32), m2
+                return (*split_mean(mean, 0.0, np.float32), m2)
         return self._numpy_shard_moments(x3)
 
     @quiet
@@ -688,9 +695,7 @@ class NumpyBackend:
 
     @quiet
     def _numpy_normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
-        cdt = compute_dtype(x3.dtype)
-        mean_hi = mean.astype(cdt)
-        mean_lo = ((mean - mean_hi) + mean_lo).astype(cdt)
+        mean_hi, mean_lo = split_mean(mean, mean_lo, compute_dtype(x3.dtype))
         inv_std = 1.0 / np.sqrt(var + eps)
         return self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=bool(np.all(var > 0)))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends._running import update_running
+from ..backends.numpy_backend import compute_dtype, split_mean
 from . import _merge
 
 STATISTICS, GRADIENTS = _merge.STATISTICS, _merge.GRADIENTS
@@ -39,15 +40,12 @@ def _host(a) -> np.ndarray:
     return np.asarray(a if isinstance(a, np.ndarray) else a.get(), np.float64)
 
 
-def _compute_dtype(dtype) -> np.dtype:
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
-
-
-def split_mean(mean, mean_lo, cdt):
-    """A float64 pair ``mean + mean_lo`` as the backends' pair in the compute dtype
-    (NumPy or CuPy arrays): the leading part, and the rest rounded once."""
-    hi = mean.astype(cdt)
-    return hi, ((mean - hi) + mean_lo).astype(cdt)
+def saved_statistics(xp, mean, mean_lo, var, eps, dtype):
+    """``(mean_hi, mean_lo, var, inv_std)`` in the compute dtype of data of ``dtype``,
+    as a forward pass saves them, from float64 statistics (arrays of ``xp``)."""
+    cdt = compute_dtype(dtype)
+    hi, lo = split_mean(mean, mean_lo, cdt)
+    return hi, lo, var.astype(cdt), (1.0 / xp.sqrt(var + eps)).astype(cdt)
 
 
 def _guarded(comm, phase, work, *args):
@@ -83,13 +81,10 @@ def forward(be, x3, gamma, beta, eps, running_mean, running_var, momentum, train
     mean, mean_lo, var = xp.asarray(merged.mean), xp.asarray(merged.mean_lo), xp.asarray(merged.var)
     y3 = be.normalize(x3, mean, mean_lo, var, gamma, beta, eps) if count else xp.empty(x3.shape, x3.dtype)
     # What backward uses, the same bits on every rank whatever route its y took.
-    hi, lo = split_mean(merged.mean, merged.mean_lo, _compute_dtype(x3.dtype))
-    mean_hi, mean_lo_c = xp.asarray(hi), xp.asarray(lo)
-    var_c = xp.asarray(merged.var.astype(hi.dtype))
-    inv_std = xp.asarray((1.0 / np.sqrt(merged.var + eps)).astype(hi.dtype))
+    saved = [xp.asarray(a) for a in saved_statistics(np, merged.mean, merged.mean_lo, merged.var, eps, x3.dtype)]
     if running_mean is not None:
         update_running(xp, running_mean, running_var, mean, mean_lo, var, momentum, merged.count)
-    return y3, mean_hi, mean_lo_c, var_c, inv_std, merged.count
+    return (y3, *saved, merged.count)
 
 
 def backward(be, dy3, x3, saved, comm):
