@@ -1035,6 +1035,50 @@ fail:
     return -1;
 }
 
+/* The per-channel vectors of the gradient entry points: mean_hi, mean_lo,
+   inv_std (required) and gamma (optional), four consecutive arguments. */
+typedef struct {
+    Vec hi, lo, is, g;
+} CentreVecs;
+
+static void centre_release(CentreVecs *v)
+{
+    release_vec(&v->hi);
+    release_vec(&v->lo);
+    release_vec(&v->is);
+    release_vec(&v->g);
+}
+
+/* 0, or -1 with an error set (what was taken is released by centre_release). */
+static int centre_acquire(PyObject *const *args, Py_ssize_t C, CentreVecs *v)
+{
+    memset(v, 0, sizeof *v);
+    if (get_vec(args[0], &v->hi, C, 0, "mean_hi") < 0 || get_vec(args[1], &v->lo, C, 0, "mean_lo") < 0 ||
+        get_vec(args[2], &v->is, C, 0, "inv_std") < 0 || get_vec(args[3], &v->g, C, 0, "gamma") < 0)
+        return -1;
+    if (!v->hi.present || !v->lo.present || !v->is.present) {
+        PyErr_SetString(PyExc_ValueError, "mean_hi, mean_lo and inv_std are required");
+        return -1;
+    }
+    return 0;
+}
+
+/* Channel c's training-mode coefficients, dx = dy * a + ((x - hi) * b + (c0 - lo * b)),
+   from sum(dy) and sum(dy * (x - hi)) over `count` values; returns dgamma. */
+static double set_grad_coefficients(Scratch *w, Py_ssize_t c, const CentreVecs *v, double sum_dy, double sum_dyc,
+                                    double count)
+{
+    double inv = vec_get(&v->is, c), lo_c = vec_get(&v->lo, c);
+    double dgamma = (sum_dyc - lo_c * sum_dy) * inv;
+    double a = v->g.present ? inv * vec_get(&v->g, c) : inv;
+    double b = a * inv * dgamma / -count, c0 = a * sum_dy / -count;
+    w->centre[c] = (float)vec_get(&v->hi, c);
+    w->bscale[c] = (float)a;
+    w->fscale[c] = (float)b;
+    w->shift[c] = (float)(c0 - lo_c * b);
+    return dgamma;
+}
+
 /* backward(dy3, x3, dx3, grads, mean_hi, mean_lo, inv_std, gamma, training)
    dx3: float32 output (C-contiguous); grads: float64 (2, C) output (dgamma,
    dbeta).  dx = a*dy + b*(x - mean) + c per channel in training, a*dy in
@@ -1056,17 +1100,12 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
     const Arr3 x = ga.x, dy = ga.dy;
     Py_ssize_t C = x.channels;
     Py_buffer bg;
-    Vec hi = {0}, lo = {0}, is = {0}, g = {0};
+    CentreVecs v;
     PyObject *result = NULL;
     if (get_f64_rows(args[3], &bg, 2, C, "grads") < 0)
         goto release;
-    if (get_vec(args[4], &hi, C, 0, "mean_hi") < 0 || get_vec(args[5], &lo, C, 0, "mean_lo") < 0 ||
-        get_vec(args[6], &is, C, 0, "inv_std") < 0 || get_vec(args[7], &g, C, 0, "gamma") < 0)
+    if (centre_acquire(args + 4, C, &v) < 0)
         goto release_vecs;
-    if (!hi.present || !lo.present || !is.present) {
-        PyErr_SetString(PyExc_ValueError, "mean_hi, mean_lo and inv_std are required");
-        goto release_vecs;
-    }
     int fam = family(&x, &dy);
     if (fam < 0) {
         result = Py_NewRef(Py_None);
@@ -1080,26 +1119,18 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
     double count = (double)(x.outer * x.inner);
     /* Sums about mean_hi: sum(dy * (x - mean)) = sum(dy * (x - hi)) - lo * sum(dy). */
     for (Py_ssize_t c = 0; c < C; c++)
-        w.k[c] = (float)vec_get(&hi, c);
+        w.k[c] = (float)vec_get(&v.hi, c);
     Sums s = {&x, &dy, w.k, w.s1, w.s2, block};
     failed = sums(fam, &s, threads) < 0;
     nonfinite = !failed && !all_finite(w.s1, w.s2, C);
     double *grads = (double *)bg.buf;
     for (Py_ssize_t c = 0; c < C && !failed && !nonfinite; c++) {
-        double inv = vec_get(&is, c), lo_c = vec_get(&lo, c);
-        double dbeta = w.s1[c], dgamma = (w.s2[c] - lo_c * dbeta) * inv;
-        double a = g.present ? inv * vec_get(&g, c) : inv;
-        double b = a * inv * dgamma / -count, c0 = a * dbeta / -count;
-        grads[c] = dgamma;
-        grads[C + c] = dbeta;
-        if (training) { /* dx = dy * a + ((x - hi) * b + (c0 - lo * b)) */
-            w.centre[c] = w.k[c];
-            w.bscale[c] = (float)a;
-            w.fscale[c] = (float)b;
-            w.shift[c] = (float)(c0 - lo_c * b);
-        } else { /* dx = (dy - 0) * a + (-0): both exact, signed zeros kept */
+        /* the training coefficients give dgamma in either mode */
+        grads[c] = set_grad_coefficients(&w, c, &v, w.s1[c], w.s2[c], count);
+        grads[C + c] = w.s1[c];
+        if (!training) { /* dx = (dy - 0) * a + (-0): both exact, signed zeros kept */
             w.centre[c] = 0.0f;
-            w.fscale[c] = (float)a;
+            w.fscale[c] = w.bscale[c];
             w.shift[c] = -0.0f;
         }
     }
@@ -1115,10 +1146,7 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
     else
         result = Py_NewRef(nonfinite ? Py_False : Py_True);
 release_vecs:
-    release_vec(&hi);
-    release_vec(&lo);
-    release_vec(&is);
-    release_vec(&g);
+    centre_release(&v);
     PyBuffer_Release(&bg);
 release:
     grad_release(&ga);
@@ -1272,16 +1300,11 @@ static PyObject *grad_apply(PyObject *self, PyObject *const *args, Py_ssize_t na
     PyObject *result = NULL;
     Py_ssize_t C = g.x.channels;
     Py_buffer bs;
-    Vec hi = {0}, lo = {0}, is = {0}, ga = {0};
+    CentreVecs v;
     if (get_f64_rows(args[7], &bs, 2, C, "sums") < 0)
         goto release;
-    if (get_vec(args[3], &hi, C, 0, "mean_hi") < 0 || get_vec(args[4], &lo, C, 0, "mean_lo") < 0 ||
-        get_vec(args[5], &is, C, 0, "inv_std") < 0 || get_vec(args[6], &ga, C, 0, "gamma") < 0)
+    if (centre_acquire(args + 3, C, &v) < 0)
         goto release_vecs;
-    if (!hi.present || !lo.present || !is.present) {
-        PyErr_SetString(PyExc_ValueError, "mean_hi, mean_lo and inv_std are required");
-        goto release_vecs;
-    }
     int fam = family(&g.x, &g.dy);
     if (fam < 0) {
         result = Py_NewRef(Py_None);
@@ -1293,16 +1316,8 @@ static PyObject *grad_apply(PyObject *self, PyObject *const *args, Py_ssize_t na
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
     const double *sum = (const double *)bs.buf;
-    for (Py_ssize_t c = 0; c < C; c++) { /* as backward's training branch */
-        double inv = vec_get(&is, c), lo_c = vec_get(&lo, c);
-        double dbeta = sum[c], dgamma = (sum[C + c] - lo_c * dbeta) * inv;
-        double a = ga.present ? inv * vec_get(&ga, c) : inv;
-        double b = a * inv * dgamma / -count, c0 = a * dbeta / -count;
-        w.centre[c] = (float)vec_get(&hi, c);
-        w.bscale[c] = (float)a;
-        w.fscale[c] = (float)b;
-        w.shift[c] = (float)(c0 - lo_c * b);
-    }
+    for (Py_ssize_t c = 0; c < C; c++)
+        set_grad_coefficients(&w, c, &v, sum[c], sum[C + c], count);
     Affine t = {&g.x, &g.dy, (float *)g.bdx.buf, w.centre, w.fscale, w.shift, w.bscale};
     failed = affine(fam, &t, threads) < 0;
     Py_END_ALLOW_THREADS
@@ -1312,10 +1327,7 @@ static PyObject *grad_apply(PyObject *self, PyObject *const *args, Py_ssize_t na
     else
         result = Py_NewRef(Py_True);
 release_vecs:
-    release_vec(&hi);
-    release_vec(&lo);
-    release_vec(&is);
-    release_vec(&ga);
+    centre_release(&v);
     PyBuffer_Release(&bs);
 release:
     grad_release(&g);
