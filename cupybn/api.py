@@ -70,6 +70,11 @@ class BatchNormSaved:
       comm      the communicator of a synchronised call, else None
       total_count  values per channel the statistics came from: x's own, or
                 the whole batch's over every rank of a synchronised call
+      residual  True if a residual was added (backward then also returns dz)
+      activation  the activation of the call's epilogue: None or "relu"
+      y         the call's output (a reference) when activation is "relu":
+                the ReLU's gradient is read from it
+      y_sample  as x_sample, for y
 
     The parameter dtype is float32 for float16/bfloat16/float32 data and
     float64 for float64 data.
@@ -90,6 +95,10 @@ class BatchNormSaved:
     x_sample: bytes | None = None
     comm: Any = None
     total_count: int = 0
+    residual: bool = False
+    activation: str | None = None
+    y: Any = None
+    y_sample: bytes | None = None
 
     @property
     def shape(self):
@@ -216,11 +225,15 @@ def _check_x_unchanged(saved) -> None:
         raise RuntimeError("x was changed in place after the forward call (its values differ from those the "
                            "forward pass saw): the gradients would be wrong; keep x unchanged until "
                            "batch_norm_backward, or pass a copy to batch_norm")
+    if saved.y_sample is not None and _x_sample(saved.y) != saved.y_sample:
+        raise RuntimeError("y was changed in place after the forward call: with activation='relu' the backward "
+                           "pass reads the ReLU's gradient from y; keep y unchanged until batch_norm_backward")
 
 
 # ---- public functions ------------------------------------------------------
 def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
-               training=True, momentum=0.1, eps=1e-5, axis=1, backend=None, comm=None):
+               training=True, momentum=0.1, eps=1e-5, axis=1, residual=None, activation=None,
+               backend=None, comm=None):
     """Batch Normalization of ``x`` over every axis except ``axis``.
 
     Returns ``(y, saved)``; ``y`` has x's shape, dtype and memory layout, and
@@ -233,6 +246,13 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
     variance ``var * m / (m - 1)``.  training=False normalises with the running
     statistics, which are then required.
 
+    The epilogue ``y = activation(BN(x) + residual)`` is fused into the same
+    passes: ``residual`` (None, or an array of x's shape and dtype, any
+    layout) is added and ``activation`` (None or ``"relu"``) applied before y
+    is rounded to x's dtype.  ReLU maps every value <= 0 (-0.0 included) to
+    +0.0 and keeps NaN; its gradient is taken from y, zero where y == 0
+    (docs/epilogue.md).
+
     ``comm`` (a :mod:`cupybn.distributed` communicator) makes the call
     collective: every rank of ``comm`` calls it with its shard of the batch,
     and the statistics are those of the whole batch (x may then have an empty
@@ -240,33 +260,42 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
     """
     if comm is not None:
         return _synchronised_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis,
-                                     backend, _distributed.check_comm(comm))
-    call = _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, backend)
-    be, x3 = call.backend, call.layout.to3d(x)
+                                     residual, activation, backend, _distributed.check_comm(comm))
+    call = _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, residual,
+                        activation, backend)
+    be, layout, x3 = call.backend, call.layout, call.layout.to3d(x)
+    z3 = None if residual is None else layout.to3d(residual)
     # The per-channel results come back in the parameter dtype; the backend
     # updates the running statistics itself (in training), after its work is done.
     if call.training:
         y3, mean_hi, mean_lo, var, inv_std = be.forward_train(x3, gamma, beta, call.eps, running_mean, running_var,
-                                                              call.momentum)
+                                                              call.momentum, **call.epilogue(z3))
     else:
-        y3, mean_hi, mean_lo, var, inv_std = be.forward_infer(x3, gamma, beta, running_mean, running_var, call.eps)
+        y3, mean_hi, mean_lo, var, inv_std = be.forward_infer(x3, gamma, beta, running_mean, running_var, call.eps,
+                                                              **call.epilogue(z3))
+    y = layout.from3d(y3)
     saved = _new_saved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma, beta=beta,
-                       training=call.training, axis=call.axis, eps=call.eps, layout=call.layout, backend=be,
-                       x_sample=_x_sample(x), comm=None, total_count=call.layout.count)
-    return call.layout.from3d(y3), saved
+                       training=call.training, axis=call.axis, eps=call.eps, layout=layout, backend=be,
+                       x_sample=_x_sample(x), comm=None, total_count=layout.count, **call.saved_epilogue(y))
+    return y, saved
 
 
 class _ForwardCall:
     """The checked arguments of a forward call (every check runs here, before any work)."""
 
-    __slots__ = ("backend", "axis", "layout", "training", "eps", "momentum")
+    __slots__ = ("backend", "axis", "layout", "training", "eps", "momentum", "residual", "relu")
 
-    def __init__(self, x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, backend,
-                 synchronised=False):
-        named = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var}
+    def __init__(self, x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, residual,
+                 activation, backend, synchronised=False):
+        named = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var,
+                 "residual": residual}
         be = self.backend = _backends.backend_for(named, backend)
         _check_x(x, may_be_empty=synchronised)
         _check_backend_dtype(be, x.dtype)
+        self.relu = _check_activation(activation)
+        self.residual = residual is not None
+        if residual is not None:
+            _check_residual(residual, x)
         ax = self.axis = canonical_axis(axis, x.ndim)
         channels = x.shape[ax]
         if channels == 0:
@@ -295,30 +324,66 @@ class _ForwardCall:
         elif running_mean is None:
             raise ValueError("training=False needs running_mean and running_var")
 
+    def epilogue(self, z3) -> dict:
+        """The backend's epilogue arguments (none without an epilogue, so that
+        backends and calls without one stay as they were)."""
+        return {"residual": z3, "relu": True} if self.relu else {"residual": z3} if self.residual else {}
 
-def _synchronised_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, backend, comm):
+    def saved_epilogue(self, y) -> dict:
+        """The BatchNormSaved fields of the epilogue, for the output ``y``."""
+        if not self.relu:
+            return {"residual": self.residual, "activation": None, "y": None, "y_sample": None}
+        return {"residual": self.residual, "activation": "relu", "y": y, "y_sample": _x_sample(y)}
+
+
+ACTIVATIONS = (None, "relu")
+
+
+def _check_activation(activation) -> bool:
+    """Whether ``activation`` is ReLU (it must be None or "relu")."""
+    if activation is None:
+        return False
+    if isinstance(activation, str) and activation == "relu":
+        return True
+    raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+
+
+def _check_residual(residual, x):
+    if not hasattr(residual, "shape") or not hasattr(residual, "dtype"):
+        raise TypeError(f"residual must be a NumPy or CuPy array shaped like x, got {type(residual).__name__}")
+    _check_plain("residual", residual)
+    if tuple(residual.shape) != tuple(x.shape):
+        raise ValueError(f"residual must have the shape of x, {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual must have the dtype of x, {x.dtype}, got {residual.dtype}")
+
+
+def _synchronised_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, residual,
+                          activation, backend, comm):
     """batch_norm with ``comm``: a rank whose arguments fail the checks still takes
     part in the exchange (with its error), so that every rank raises."""
     try:
-        call = _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, backend,
-                            synchronised=True)
+        call = _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, residual,
+                            activation, backend, synchronised=True)
     except Exception as error:  # whatever it is, the other ranks must hear of it
         _distributed.announce_failure(comm, _distributed.STATISTICS, error)
         raise
     be, layout, x3 = call.backend, call.layout, call.layout.to3d(x)
+    epilogue = call.epilogue(None if residual is None else layout.to3d(residual))
     done = _distributed.forward(be, x3, gamma, beta, call.eps, running_mean, running_var, call.momentum,
-                                call.training, comm, axis=call.axis)
+                                call.training, comm, epilogue, axis=call.axis)
     if done is None:  # inference: the ranks agreed, and the statistics are the running ones
-        y3, mean_hi, mean_lo, var, inv_std = (be.forward_infer(x3, gamma, beta, running_mean, running_var, call.eps)
-                                              if x.size else _empty_inference(be, x3, running_mean, running_var,
-                                                                              call.eps))
+        y3, mean_hi, mean_lo, var, inv_std = (
+            be.forward_infer(x3, gamma, beta, running_mean, running_var, call.eps, **epilogue) if x.size
+            else _empty_inference(be, x3, running_mean, running_var, call.eps))
         total_count = layout.count
     else:
         y3, mean_hi, mean_lo, var, inv_std, total_count = done
+    y = layout.from3d(y3)
     saved = _new_saved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma, beta=beta,
                        training=call.training, axis=call.axis, eps=call.eps, layout=layout, backend=be,
-                       x_sample=_x_sample(x), comm=comm, total_count=total_count)
-    return layout.from3d(y3), saved
+                       x_sample=_x_sample(x), comm=comm, total_count=total_count, **call.saved_epilogue(y))
+    return y, saved
 
 
 def _empty_inference(be, x3, running_mean, running_var, eps):
@@ -329,12 +394,16 @@ def _empty_inference(be, x3, running_mean, running_var, eps):
 
 
 def batch_norm_backward(dy, saved, *, backend=None):
-    """Gradients of Batch Normalization: returns ``(dx, dgamma, dbeta)``.
+    """Gradients of Batch Normalization: returns ``(dx, dgamma, dbeta)``, and
+    ``(dx, dgamma, dbeta, dz)`` when the forward call had a ``residual``.
 
     In training mode dx includes the paths through the batch mean and
     variance (the paper's formulas); in inference mode the statistics are
     constants and ``dx = dy * gamma * inv_std``.  dgamma/dbeta are None when
-    gamma/beta were None in the forward call.
+    gamma/beta were None in the forward call.  After ``activation="relu"``
+    the gradient reaching BN (and the residual) is ``dy`` where y > 0 and
+    zero where y == 0, read from the saved y; dz is that gradient (``dy``
+    itself, not a copy, without an activation).
 
     After a synchronised training call (``comm``), every rank calls this too:
     dx flows through the whole batch's statistics, and dgamma/dbeta are this
@@ -348,24 +417,37 @@ def batch_norm_backward(dy, saved, *, backend=None):
         if saved.x.size == 0:  # a synchronised inference call's empty shard: nothing to compute
             return _empty_gradients(be, dy, saved)
         layout = saved.layout
+        relu_y3 = None if saved.y is None else layout.to3d(saved.y)
         # dgamma and dbeta come back in gamma's and beta's dtypes (None where absent).
-        dx3, dgamma, dbeta = be.backward(layout.to3d(dy), layout.to3d(saved.x), saved.mean,
-                                         saved.mean_lo, saved.var, saved.inv_std, saved.gamma, saved.beta,
-                                         saved.training)
-        return layout.from3d(dx3), dgamma, dbeta
-    try:
-        be = _check_backward(dy, saved, backend)
-    except Exception as error:
-        _distributed.announce_failure(saved.comm, _distributed.GRADIENTS, error)
-        raise
-    layout = saved.layout
-    dx3, dgamma, dbeta = _distributed.backward(be, layout.to3d(dy), layout.to3d(saved.x), saved, saved.comm)
-    return layout.from3d(dx3), dgamma, dbeta
+        done = be.backward(layout.to3d(dy), layout.to3d(saved.x), saved.mean, saved.mean_lo, saved.var,
+                           saved.inv_std, saved.gamma, saved.beta, saved.training,
+                           **_backward_epilogue(relu_y3, saved.residual))
+    else:
+        try:
+            be = _check_backward(dy, saved, backend)
+        except Exception as error:
+            _distributed.announce_failure(saved.comm, _distributed.GRADIENTS, error)
+            raise
+        layout = saved.layout
+        done = _distributed.backward(be, layout.to3d(dy), layout.to3d(saved.x), saved, saved.comm,
+                                     None if saved.y is None else layout.to3d(saved.y))
+    dx = layout.from3d(done[0])
+    if not saved.residual:
+        return dx, done[1], done[2]
+    # without an activation the residual's gradient is dy itself
+    return dx, done[1], done[2], dy if saved.y is None else layout.from3d(done[3])
+
+
+def _backward_epilogue(relu_y3, residual) -> dict:
+    """The backend's backward epilogue arguments (none without a ReLU, so that
+    backends and calls without one stay as they were)."""
+    return {} if relu_y3 is None else {"relu_y": relu_y3, "want_dz": residual}
 
 
 def _empty_gradients(be, dy, saved):
     zeros = [None if p is None else be.xp.zeros(p.shape, p.dtype) for p in (saved.gamma, saved.beta)]
-    return be.xp.empty(dy.shape, dy.dtype), zeros[0], zeros[1]
+    empty = be.xp.empty(dy.shape, dy.dtype)
+    return (empty, zeros[0], zeros[1]) + ((dy,) if saved.residual else ())
 
 
 def _check_backward(dy, saved, backend):

@@ -127,27 +127,37 @@ class GpuThroughNumpy:
     def _out(self, *arrays):
         return tuple(self._cp.asnumpy(a) for a in arrays)
 
-    def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1):
+    def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1, residual=None,
+                      relu=False):
         running = self._in(running_mean, running_var)
-        out = self._out(*self._gpu.forward_train(*self._in(x3, gamma, beta), eps, *running, momentum))
+        (z3,) = self._in(residual)
+        out = self._out(*self._gpu.forward_train(*self._in(x3, gamma, beta), eps, *running, momentum, z3, relu))
         for host, device in zip((running_mean, running_var), running, strict=True):
             if host is not None:
                 host[...] = self._cp.asnumpy(device)
         return out
 
-    def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
-        return self._out(*self._gpu.forward_infer(*self._in(x3, gamma, beta, running_mean, running_var), eps))
+    def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps, residual=None, relu=False):
+        (z3,) = self._in(residual)
+        return self._out(*self._gpu.forward_infer(*self._in(x3, gamma, beta, running_mean, running_var), eps, z3,
+                                                  relu))
 
-    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training):
+    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y=None, want_dz=False):
         arrays = self._in(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta)
-        return tuple(None if a is None else self._cp.asnumpy(a) for a in self._gpu.backward(*arrays, training))
+        (y3,) = self._in(relu_y)
+        return tuple(None if a is None else self._cp.asnumpy(a)
+                     for a in self._gpu.backward(*arrays, training, y3, want_dz))
+
+    def relu_gradient(self, dy3, y3):
+        return self._cp.asnumpy(self._gpu.relu_gradient(*self._in(dy3, y3)))
 
     # synchronised BN's pieces (cupybn.distributed)
     def shard_moments(self, x3):
         return self._out(*self._gpu.shard_moments(*self._in(x3)))
 
-    def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
-        return self._cp.asnumpy(self._gpu.normalize(*self._in(x3, mean, mean_lo, var, gamma, beta), eps))
+    def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps, residual=None, relu=False):
+        return self._cp.asnumpy(self._gpu.normalize(*self._in(x3, mean, mean_lo, var, gamma, beta), eps,
+                                                    *self._in(residual), relu))
 
     def gradient_sums(self, dy3, x3, mean_hi, mean_lo, var):
         return self._out(*self._gpu.gradient_sums(*self._in(dy3, x3, mean_hi, mean_lo, var)))

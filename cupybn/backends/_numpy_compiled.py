@@ -32,14 +32,18 @@ _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 
 
-def takes(x3, vectors) -> bool:
-    """Whether the compiled kernels take these arrays: aligned native float32 data,
-    and per-channel vectors of native float32 or float64 (or None; the kernels read
-    and write vectors whatever their alignment)."""
+def takes(x3, vectors, arrays=()) -> bool:
+    """Whether the compiled kernels take these arrays: aligned native float32 data
+    (x3 and the ``arrays`` shaped like it, None where absent), and per-channel
+    vectors of native float32 or float64 (or None; the kernels read and write
+    vectors whatever their alignment)."""
     if not AVAILABLE or x3.dtype != _F32 or not x3.flags.aligned:
         return False
     for v in vectors:  # a loop, not all(genexpr): this runs on every call
         if v is not None and v.dtype != _F32 and v.dtype != _F64:
+            return False
+    for a in arrays:
+        if a is not None and (a.dtype != _F32 or not a.flags.aligned):
             return False
     return True
 
@@ -49,47 +53,58 @@ def _work(x3, threads):
     return (threads if x3.size >= PARALLEL_VALUES else 1), BLOCK_VALUES
 
 
-def _call(kernel, inputs, out, rest):
-    """Run ``kernel(*inputs, out, *rest)``; when it cannot walk an input's layout
-    (it returns None, having written nothing), again on C-contiguous copies.
-    Returns False when sums were not finite."""
-    done = kernel(*inputs, out, *rest)
+def _call(kernel, inputs, out, rest, late=()):
+    """Run ``kernel(*inputs, out, *rest, *late)``; when it cannot walk an input's
+    layout (it returns None, having written nothing), again on C-contiguous copies
+    of the inputs and of the ``late`` inputs (None where absent).  Returns False
+    when sums were not finite."""
+    done = kernel(*inputs, out, *rest, *late)
     if done is None:
-        done = kernel(*(np.ascontiguousarray(a) for a in inputs), out, *rest)
+        done = kernel(*_contiguous(inputs), out, *rest, *_contiguous(late))
         if done is None:
             raise AssertionError("the compiled kernels refused C-contiguous arrays")
     return done
 
 
-def forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, threads=1, empty=np.empty):
+def _contiguous(arrays):
+    return [None if a is None else np.ascontiguousarray(a) for a in arrays]
+
+
+def forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, threads=1, empty=np.empty,
+                  residual=None, relu=False):
     """As ``_numpy_tiny.forward_train``; ``threads`` share out large arrays, ``empty``
-    allocates y (the backend's recycling allocator).  None (nothing written) when
-    the statistics are not finite: Inf or NaN in x, or values whose float32
-    squares overflow; the NumPy routes take those."""
+    allocates y (the backend's recycling allocator); ``residual`` and ``relu``: the
+    fused epilogue.  None (nothing written) when the statistics are not finite: Inf
+    or NaN in x, or values whose float32 squares overflow; the NumPy routes take those."""
     y3 = empty(x3.shape, _F32)
     stats = np.empty((4, x3.shape[1]), _F32)
-    rest = (stats, gamma, beta, running_mean, running_var, eps, momentum, *_work(x3, threads))
-    if not _call(_c.forward_train, (x3,), y3, rest):
+    rest = (stats, gamma, beta, running_mean, running_var, eps, momentum, relu, *_work(x3, threads))
+    if not _call(_c.forward_train, (x3, residual), y3, rest):
         return None
     return y3, stats[0], stats[1], stats[2], stats[3]
 
 
-def forward_infer(x3, gamma, beta, running_mean, running_var, eps, threads=1, empty=np.empty):
+def forward_infer(x3, gamma, beta, running_mean, running_var, eps, threads=1, empty=np.empty, residual=None,
+                  relu=False):
     y3 = empty(x3.shape, _F32)
     stats = np.empty((4, x3.shape[1]), _F32)
-    _call(_c.forward_infer, (x3,), y3, (stats, gamma, beta, running_mean, running_var, eps, *_work(x3, threads)))
+    _call(_c.forward_infer, (x3, residual), y3,
+          (stats, gamma, beta, running_mean, running_var, eps, relu, *_work(x3, threads)))
     return y3, stats[0], stats[1], stats[2], stats[3]
 
 
-def backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training, threads=1, empty=np.empty):
-    """``dx3`` and float64 ``(dgamma, dbeta)``; None (nothing written) when the
-    gradient sums are not finite, as for :func:`forward_train`."""
+def backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training, threads=1, empty=np.empty, relu_y=None,
+             want_dz=False):
+    """``dx3``, float64 ``(dgamma, dbeta)`` and dz3 (the gradient through the ReLU
+    whose output was ``relu_y``, when ``want_dz``; else None); None (nothing
+    written) when the gradient sums are not finite, as for :func:`forward_train`."""
     dx3 = empty(x3.shape, _F32)
+    dz3 = empty(x3.shape, _F32) if want_dz and relu_y is not None else None
     grads = np.empty((2, x3.shape[1]), _F64)
-    rest = (grads, mean_hi, mean_lo, inv_std, gamma, training, *_work(x3, threads))
-    if not _call(_c.backward, (dy3, x3), dx3, rest):
+    rest = (grads, mean_hi, mean_lo, inv_std, gamma, training, *_work(x3, threads), dz3)
+    if not _call(_c.backward, (dy3, x3), dx3, rest, (relu_y,)):
         return None
-    return dx3, grads[0], grads[1]
+    return dx3, grads[0], grads[1], dz3
 
 
 # ---- synchronised Batch Normalization's pieces (cupybn.distributed) ----------------

@@ -143,7 +143,10 @@ class Small:
         return out
 
     # ---- the three operations -------------------------------------------
-    def forward_train(self, x3, gamma, beta, eps, running_mean, running_var, momentum, offset_is_small):
+    def forward_train(self, x3, gamma, beta, eps, running_mean, running_var, momentum, offset_is_small,
+                      y_dtype=None):
+        """``y_dtype``: what y is rounded to (x3's dtype by default; float32 where an
+        epilogue follows)."""
         g = _shape(x3.shape, self._min_planar_inner)
         xw = self._widened(0, x3)
         guess, spread = g.sample_moments(xw)
@@ -172,9 +175,10 @@ class Small:
         y3 = self._affine_into(self._output(x3.shape), g, d, scale, _constant(beta, offset, scale))
         if running_mean is not None:
             update_running(np, running_mean, running_var, mean_hi, mean_lo, var, momentum, g.count)
-        return self._narrowed(y3, x3.dtype), mean_hi, mean_lo.astype(_F32), var.astype(_F32), inv_std.astype(_F32)
+        return (self._narrowed(y3, x3.dtype if y_dtype is None else y_dtype), mean_hi, mean_lo.astype(_F32),
+                var.astype(_F32), inv_std.astype(_F32))
 
-    def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps, offset_is_small):
+    def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps, offset_is_small, y_dtype=None):
         g = _shape(x3.shape, self._min_planar_inner)
         mean = running_mean.astype(_F64)
         mean_hi = mean.astype(_F32)
@@ -185,7 +189,7 @@ class Small:
         centre = np.zeros(len(mean)) if offset_is_small(mean, scale) else mean_hi.astype(_F64)
         d = self._centred(g, self._widened(0, x3), centre)
         y3 = self._affine_into(self._output(x3.shape), g, d, scale, _constant(beta, mean - centre, scale))
-        return (self._narrowed(y3, x3.dtype), mean_hi, (mean - mean_hi).astype(_F32), var.astype(_F32),
+        return (self._narrowed(y3, x3.dtype if y_dtype is None else y_dtype), mean_hi, (mean - mean_hi).astype(_F32), var.astype(_F32),
                 inv_std.astype(_F32))
 
     def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training):

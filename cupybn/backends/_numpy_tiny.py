@@ -58,7 +58,9 @@ def _affine(g, d, inv_std, gamma, beta, dtype):
     return _rounded(d, dtype)
 
 
-def forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum):
+def forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, y_dtype=None):
+    """``y_dtype``: what y is rounded to (x3's dtype by default; float32 where an
+    epilogue follows)."""
     g = shape_of(x3)
     count = g.count
     d = x3.astype(_F64, order="C")
@@ -67,13 +69,13 @@ def forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum):
     dv -= g.lay(mean, _F64)
     var = _dot(d, d) / count
     inv_std = 1.0 / np.sqrt(var + eps)
-    y3 = _affine(g, d, inv_std, gamma, beta, x3.dtype)
+    y3 = _affine(g, d, inv_std, gamma, beta, x3.dtype if y_dtype is None else y_dtype)
     if running_mean is not None:
         update_running(np, running_mean, running_var, mean, 0.0, var, momentum, count)
     return _outputs(y3, mean, var, inv_std)
 
 
-def forward_infer(x3, gamma, beta, running_mean, running_var, eps):
+def forward_infer(x3, gamma, beta, running_mean, running_var, eps, y_dtype=None):
     mean = running_mean.astype(_F64)
     var = running_var.astype(_F64)
     inv_std = 1.0 / np.sqrt(var + eps)
@@ -81,7 +83,8 @@ def forward_infer(x3, gamma, beta, running_mean, running_var, eps):
     d = x3.astype(_F64, order="C")
     dv = g.view(d)
     dv -= g.lay(mean, _F64)
-    return _outputs(_affine(g, d, inv_std, gamma, beta, x3.dtype), mean, var, inv_std)
+    return _outputs(_affine(g, d, inv_std, gamma, beta, x3.dtype if y_dtype is None else y_dtype), mean, var,
+                    inv_std)
 
 
 def backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training):

@@ -38,6 +38,7 @@ from . import _numpy_compiled as _compiled
 from . import _numpy_small as _small
 from . import _numpy_tiny as _tiny
 from ._dots import GROUP, column_dots, row_dots
+from ._epilogue import add_epilogue, gate_in_place
 from ._float16 import narrow_to_half, widen_half
 from ._running import update_running
 
@@ -287,9 +288,11 @@ class NumpyBackend:
                          if value is not None)
         return f"NumpyBackend(threads={self.threads}, output_cache_bytes={self._outputs.limit}{limits})"
 
-    def _compiled_takes(self, x3, vectors) -> bool:
+    def _compiled_takes(self, x3, vectors, *arrays) -> bool:
+        """Whether the compiled kernels take x3, the per-channel ``vectors`` and
+        the other arrays shaped like x3 (None where absent)."""
         limit = COMPILED_VALUES if self.compiled_values is None else self.compiled_values
-        return x3.size <= limit and _compiled.takes(x3, vectors)
+        return x3.size <= limit and _compiled.takes(x3, vectors, arrays)
 
     def _route(self, x3):
         """The module that computes ``x3`` whole (_numpy_tiny or _numpy_small), or None for
@@ -467,9 +470,10 @@ class NumpyBackend:
         return mean_hi, mean_lo, var
 
     # ---- elementwise ----------------------------------------------------------
-    def affine(self, x3, centre, scale, shift, out_dtype):
+    def affine(self, x3, centre, scale, shift, out_dtype, residual=None, relu=False):
         """``y = (x - centre) * scale + shift`` per channel (``x * scale + shift``
-        when centre is None), computed in the compute dtype."""
+        when centre is None), computed in the compute dtype, then the epilogue:
+        ``residual`` added and ReLU applied (see ``_epilogue``)."""
         cdt = compute_dtype(x3.dtype)
         plan = _plan(x3.shape)
         y3 = self._outputs.empty(x3.shape, out_dtype)
@@ -478,16 +482,19 @@ class NumpyBackend:
         def block(b):
             xw = self._widen(0, x3[b], cdt)
             res = self._result(2, y3[b], cdt)
-            (xv, rv), (kscale, kshift, *kcentre) = plan.operands(b, [xw, res], ks)
+            views = [xw, res] if residual is None else [xw, res, self._widen(7, residual[b], cdt)]
+            (xv, rv, *zv), (kscale, kshift, *kcentre) = plan.operands(b, views, ks)
             d = _scaled(xv, kscale, kcentre[0] if kcentre else None, self._scratch(1, xv.shape, cdt))
             np.add(d, kshift, out=rv)
+            add_epilogue(rv, zv[0] if zv else None, relu)
             self._store(y3[b], res)
 
         self._map(block, plan.blocks)
         return y3
 
-    def _normalize(self, x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=True):
-        """``y = (x - mean) * inv_std * gamma + beta`` without losing the offset.
+    def _normalize(self, x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=True, residual=None, relu=False):
+        """``y = (x - mean) * inv_std * gamma + beta`` without losing the offset
+        (then the epilogue).
 
         ``may_fuse=False`` keeps the centred form, which makes ``y == beta``
         exactly for a constant channel.
@@ -496,107 +503,158 @@ class NumpyBackend:
         scale = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
         shift = np.zeros_like(scale) if beta is None else np.asarray(beta, np.float64)
         if may_fuse and _offset_is_small(mean, scale):
-            return self.affine(x3, None, scale, shift - mean * scale, x3.dtype)
-        return self.affine(x3, mean_hi, scale, shift - np.asarray(mean_lo, np.float64) * scale, x3.dtype)
+            return self.affine(x3, None, scale, shift - mean * scale, x3.dtype, residual, relu)
+        return self.affine(x3, mean_hi, scale, shift - np.asarray(mean_lo, np.float64) * scale, x3.dtype, residual,
+                           relu)
+
+    def _whole_epilogue(self, y3, residual, relu, dtype):
+        """The epilogue over a whole-array route's y (new, in the compute dtype),
+        then y rounded once to ``dtype``."""
+        add_epilogue(y3, None if residual is None else self._widen(7, residual, y3.dtype), relu)
+        if y3.dtype == dtype:
+            return y3
+        out = self._outputs.empty(y3.shape, dtype)
+        self._store(out, y3)
+        return out
 
     # ---- the three operations -------------------------------------------------
     # Each goes to the compiled kernels when they take the arrays (C raises no
     # floating-point warnings, so no np.errstate is needed), else to the NumPy paths.
-    def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1):
+    def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1,
+                      residual=None, relu=False):
         """Training forward pass; updates the running statistics (if given) in place.
 
         Returns ``y3, mean_hi, mean_lo, var, inv_std`` (var biased), the
-        per-channel arrays in the compute dtype.
+        per-channel arrays in the compute dtype.  ``residual`` (shaped like x3)
+        and ``relu``: the epilogue, ``y = act(BN(x) + residual)`` (``_epilogue``).
         """
-        if self._compiled_takes(x3, (gamma, beta, running_mean, running_var)):
+        if self._compiled_takes(x3, (gamma, beta, running_mean, running_var), residual):
             done = _compiled.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, self.threads,
-                                           self._outputs.empty)
+                                           self._outputs.empty, residual, relu)
             if done is not None:  # None: statistics not finite, for the NumPy route
                 return done
-        return self._numpy_forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum)
+        return self._numpy_forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, residual, relu)
 
     @quiet
-    def _numpy_forward_train(self, x3, gamma, beta, eps, running_mean, running_var, momentum):
+    def _numpy_forward_train(self, x3, gamma, beta, eps, running_mean, running_var, momentum, residual=None,
+                             relu=False):
         route = self._route(x3)
-        if route is _tiny:
-            return _tiny.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum)
-        if route is _small:
-            return self._whole.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum,
-                                             _offset_is_small)
+        if route is not None:
+            epilogue = residual is not None or relu
+            y_dtype = compute_dtype(x3.dtype) if epilogue else x3.dtype
+            if route is _tiny:
+                y3, *stats = _tiny.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, y_dtype)
+            else:
+                y3, *stats = self._whole.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum,
+                                                       _offset_is_small, y_dtype)
+            return (self._whole_epilogue(y3, residual, relu, x3.dtype) if epilogue else y3, *stats)
         mean_hi, mean_lo, var = self.batch_stats(x3)
         inv_std = 1.0 / np.sqrt(var + eps)
-        y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=bool(np.all(var > 0)))
+        y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, bool(np.all(var > 0)), residual, relu)
         if running_mean is not None:
             update_running(np, running_mean, running_var, mean_hi, mean_lo, var, momentum,
                            x3.shape[0] * x3.shape[2])
         cdt = mean_hi.dtype
         return y3, mean_hi, mean_lo, var.astype(cdt), inv_std.astype(cdt)
 
-    def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
-        """Inference forward pass with the running statistics.
+    def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps, residual=None, relu=False):
+        """Inference forward pass with the running statistics (and the epilogue).
 
         Returns ``y3, mean_hi, mean_lo, var, inv_std``: the running mean as a
         hi/lo pair, the running variance, in the compute dtype.
         """
-        if self._compiled_takes(x3, (gamma, beta, running_mean, running_var)):
+        if self._compiled_takes(x3, (gamma, beta, running_mean, running_var), residual):
             return _compiled.forward_infer(x3, gamma, beta, running_mean, running_var, eps, self.threads,
-                                           self._outputs.empty)
-        return self._numpy_forward_infer(x3, gamma, beta, running_mean, running_var, eps)
+                                           self._outputs.empty, residual, relu)
+        return self._numpy_forward_infer(x3, gamma, beta, running_mean, running_var, eps, residual, relu)
 
     @quiet
-    def _numpy_forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
+    def _numpy_forward_infer(self, x3, gamma, beta, running_mean, running_var, eps, residual=None, relu=False):
         route = self._route(x3)
-        if route is _tiny:
-            return _tiny.forward_infer(x3, gamma, beta, running_mean, running_var, eps)
-        if route is _small:
-            return self._whole.forward_infer(x3, gamma, beta, running_mean, running_var, eps, _offset_is_small)
+        if route is not None:
+            epilogue = residual is not None or relu
+            y_dtype = compute_dtype(x3.dtype) if epilogue else x3.dtype
+            if route is _tiny:
+                y3, *stats = _tiny.forward_infer(x3, gamma, beta, running_mean, running_var, eps, y_dtype)
+            else:
+                y3, *stats = self._whole.forward_infer(x3, gamma, beta, running_mean, running_var, eps,
+                                                       _offset_is_small, y_dtype)
+            return (self._whole_epilogue(y3, residual, relu, x3.dtype) if epilogue else y3, *stats)
         cdt = compute_dtype(x3.dtype)
         var = np.asarray(running_var, np.float64)
         inv_std = 1.0 / np.sqrt(var + eps)
         mean = np.asarray(running_mean, np.float64)
         mean_hi = mean.astype(cdt)
         mean_lo = mean - mean_hi
-        y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta)
+        y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, True, residual, relu)
         return y3, mean_hi, mean_lo.astype(cdt), var.astype(cdt), inv_std.astype(cdt)
 
-    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training):
-        """Gradients for the (outer, C, inner) view; returns ``dx3, dgamma, dbeta``.
+    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y=None, want_dz=False):
+        """Gradients for the (outer, C, inner) view; returns ``dx3, dgamma, dbeta``
+        (and ``dz3`` after them when ``want_dz``).
 
         dgamma/dbeta are ``sum(dy * x_hat)`` and ``sum(dy)`` (in double, rounded
         to gamma's and beta's dtypes; None where those are None); in
         training mode dx also flows through the batch statistics:
-        ``dx = a*dy + b*(x - mean) + c`` per channel.
+        ``dx = a*dy + b*(x - mean) + c`` per channel.  ``relu_y``: the forward
+        pass's y3 after a ReLU, whose gradient ``g = y <= 0 ? 0 : dy`` then
+        replaces dy throughout; dz3 is g (dy3 itself without relu_y).
         """
-        if dy3.dtype == x3.dtype and dy3.flags.aligned and self._compiled_takes(x3, (mean_hi, mean_lo, inv_std, gamma)):
+        if (dy3.dtype == x3.dtype and dy3.flags.aligned
+                and self._compiled_takes(x3, (mean_hi, mean_lo, inv_std, gamma), relu_y)):
             done = _compiled.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training, self.threads,
-                                      self._outputs.empty)
+                                      self._outputs.empty, relu_y, want_dz)
             if done is not None:  # None: gradient sums not finite, for the NumPy route
-                dx3, dgamma, dbeta = done
-                return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
-        return self._numpy_backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training)
+                dx3, dgamma, dbeta, dz3 = done
+                return _gradients(dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta), want_dz,
+                                  dy3 if dz3 is None else dz3)
+        return self._numpy_backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y, want_dz)
 
     @quiet
-    def _numpy_backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training):
+    def _numpy_backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y=None,
+                        want_dz=False):
         route = self._route(x3)
-        if route is not None:
+        if route is not None:  # small arrays: the ReLU's gradient formed whole, first
+            g3 = dy3 if relu_y is None else self.relu_gradient(dy3, relu_y)
             if route is _tiny:
-                dx3, dgamma, dbeta = _tiny.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training)
+                dx3, dgamma, dbeta = _tiny.backward(g3, x3, mean_hi, mean_lo, inv_std, gamma, training)
             else:
-                dx3, dgamma, dbeta = self._whole.backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training)
-            return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta)
+                dx3, dgamma, dbeta = self._whole.backward(g3, x3, mean_hi, mean_lo, var, inv_std, gamma, training)
+            return _gradients(dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta), want_dz, g3)
         inv = np.asarray(inv_std, np.float64)
         lo = np.asarray(mean_lo, np.float64)
-        sum_dy, sum_dyc = self._gradient_sums(dy3, x3, mean_hi, mean_lo, var, training)
+        sum_dy, sum_dyc = self._gradient_sums(dy3, x3, mean_hi, mean_lo, var, training, relu_y)
         dgamma = inv * (sum_dyc - lo * sum_dy)
+        dz3 = self._outputs.empty(x3.shape, dy3.dtype) if want_dz and relu_y is not None else None
         if training:
             dx3 = self._input_gradient(dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc,
-                                       x3.shape[0] * x3.shape[2])
+                                       x3.shape[0] * x3.shape[2], relu_y, dz3)
         else:
-            dx3 = self._scaled_gradient(dy3, x3, inv if gamma is None else inv * np.asarray(gamma, np.float64))
-        return dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(sum_dy, beta)
+            dx3 = self._scaled_gradient(dy3, x3, inv if gamma is None else inv * np.asarray(gamma, np.float64),
+                                        relu_y, dz3)
+        return _gradients(dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(sum_dy, beta), want_dz,
+                          dy3 if dz3 is None else dz3)
 
-    def _gradient_sums(self, dy3, x3, mean_hi, mean_lo, var, training):
-        """float64 per channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))``."""
+    def relu_gradient(self, dy3, y3):
+        """A new array ``g = y <= 0 ? 0 : dy``: the gradient through a ReLU whose output was y."""
+        g3 = self._outputs.empty(dy3.shape, dy3.dtype)
+        np.copyto(g3, dy3)
+        gate_in_place(g3, y3)
+        return g3
+
+    def _gradient_block(self, dy3, relu_y, b, cdt):
+        """A block of dy in the compute dtype, through the ReLU's gate where there is one."""
+        dyw = self._widen(3, dy3[b], cdt)
+        if relu_y is None:
+            return dyw
+        g = self._scratch(8, dyw.shape, cdt)
+        np.copyto(g, dyw)
+        gate_in_place(g, relu_y[b])
+        return g
+
+    def _gradient_sums(self, dy3, x3, mean_hi, mean_lo, var, training, relu_y=None):
+        """float64 per channel ``sum(g)`` and ``sum(g * (x - mean_hi))``, g = dy
+        through the ReLU's gate (``relu_y``) where there is one."""
         cdt = compute_dtype(x3.dtype)
         plan = _plan(x3.shape)
         hi, lo = np.asarray(mean_hi, np.float64), np.asarray(mean_lo, np.float64)
@@ -607,7 +665,7 @@ class NumpyBackend:
         (kcentre,) = plan.expand([hi], cdt)
 
         def sums(b):
-            dyw = self._widen(3, dy3[b], cdt)
+            dyw = self._gradient_block(dy3, relu_y, b, cdt)
             xw = self._widen(0, x3[b], cdt)
             d = xw if unshifted else self._centred(plan, b, xw, kcentre, cdt)
             return plan.dots(dyw), plan.dots(dyw, d, self._scratch(2, d.shape, cdt))
@@ -615,15 +673,18 @@ class NumpyBackend:
         sum_dy, sum_dyx = self._channel_sums(plan, sums, x3.shape[1])
         return sum_dy, sum_dyx - hi * sum_dy if unshifted else sum_dyx
 
-    def _scaled_gradient(self, dy3, x3, a):
-        """Inference-mode ``dx = a * dy`` per channel."""
+    def _scaled_gradient(self, dy3, x3, a, relu_y=None, dz3=None):
+        """Inference-mode ``dx = a * g`` per channel (g: dy through the ReLU's gate,
+        written to dz3 when given)."""
         cdt = compute_dtype(x3.dtype)
         plan = _plan(x3.shape)
         dx3 = self._outputs.empty(x3.shape, dy3.dtype)
         (ka,) = plan.expand([a], cdt)
 
         def scale_only(b):
-            dyw = self._widen(3, dy3[b], cdt)
+            dyw = self._gradient_block(dy3, relu_y, b, cdt)
+            if dz3 is not None:
+                self._store(dz3[b], dyw)
             res = self._result(2, dx3[b], cdt)
             (dyv, rv), (kab,) = plan.operands(b, [dyw, res], [ka])
             np.multiply(dyv, kab, out=rv)
@@ -632,10 +693,12 @@ class NumpyBackend:
         self._map(scale_only, plan.blocks)
         return dx3
 
-    def _input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count):
+    def _input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count, relu_y=None,
+                        dz3=None):
         """Training-mode dx from the per-channel sums of ``count`` values per channel
         (this array's, or a whole distributed batch's): ``sum_dy`` and ``sum_dyc`` =
-        ``sum(dy * (x - mean_hi))``."""
+        ``sum(dy * (x - mean_hi))``; dy through the ReLU's gate (``relu_y``) where
+        there is one, written to dz3 when given."""
         cdt = compute_dtype(x3.dtype)
         plan = _plan(x3.shape)
         inv = np.asarray(inv_std, np.float64)
@@ -652,7 +715,9 @@ class NumpyBackend:
 
         def elementwise(blk):
             xw = self._widen(0, x3[blk], cdt)
-            dyw = self._widen(3, dy3[blk], cdt)
+            dyw = self._gradient_block(dy3, relu_y, blk, cdt)
+            if dz3 is not None:
+                self._store(dz3[blk], dyw)
             res = self._result(2, dx3[blk], cdt)
             (xv, dyv, rv), (ka, kb, kc, *kcen) = plan.operands(blk, [xw, dyw, res], ks)
             d = _scaled(xv, kb, kcen[0] if kcen else None, self._scratch(1, xv.shape, cdt))
@@ -684,20 +749,20 @@ class NumpyBackend:
         mean_hi, mean_lo, var = self.batch_stats(x3)
         return mean_hi, mean_lo, var * (x3.shape[0] * x3.shape[2])
 
-    def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
+    def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps, residual=None, relu=False):
         """Training-mode y3 for float64 statistics computed elsewhere (the mean as a
-        pair ``mean + mean_lo``, ``var`` biased)."""
+        pair ``mean + mean_lo``, ``var`` biased), with the epilogue."""
         mean, mean_lo, var = (np.asarray(a, np.float64) for a in (mean, mean_lo, var))
-        if self._compiled_takes(x3, (gamma, beta)):  # float64 carries a float32 pair's 48 bits
+        if self._compiled_takes(x3, (gamma, beta), residual):  # float64 carries a float32 pair's 48 bits
             return _compiled.forward_infer(x3, gamma, beta, mean + mean_lo, var, eps, self.threads,
-                                           self._outputs.empty)[0]
-        return self._numpy_normalize(x3, mean, mean_lo, var, gamma, beta, eps)
+                                           self._outputs.empty, residual, relu)[0]
+        return self._numpy_normalize(x3, mean, mean_lo, var, gamma, beta, eps, residual, relu)
 
     @quiet
-    def _numpy_normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
+    def _numpy_normalize(self, x3, mean, mean_lo, var, gamma, beta, eps, residual, relu):
         mean_hi, mean_lo = split_mean(mean, mean_lo, compute_dtype(x3.dtype))
         inv_std = 1.0 / np.sqrt(var + eps)
-        return self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, may_fuse=bool(np.all(var > 0)))
+        return self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, bool(np.all(var > 0)), residual, relu)
 
     def gradient_sums(self, dy3, x3, mean_hi, mean_lo, var):
         """float64 per channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))`` (training mode)."""
@@ -719,6 +784,11 @@ class NumpyBackend:
 
 def _in_dtype_of(result, param):
     return None if param is None else result.astype(param.dtype)
+
+
+def _gradients(dx3, dgamma, dbeta, want_dz, dz3):
+    """A backward call's results: ``dz3`` after the others when it was asked for."""
+    return (dx3, dgamma, dbeta, dz3) if want_dz else (dx3, dgamma, dbeta)
 
 
 def _scaled(x, scale, centre, out):

@@ -58,11 +58,12 @@ def _guarded(comm, phase, work, *args):
         raise
 
 
-def forward(be, x3, gamma, beta, eps, running_mean, running_var, momentum, training, comm, *, axis):
+def forward(be, x3, gamma, beta, eps, running_mean, running_var, momentum, training, comm, epilogue, *, axis):
     """The synchronised forward pass; returns ``(y3, mean_hi, mean_lo, var, inv_std, count)``
     with the merged statistics and the whole batch's count per channel, or None in
     inference, where the exchange only checks that the ranks agree and the caller
-    runs the local inference pass."""
+    runs the local inference pass.  ``epilogue``: the backend's epilogue arguments
+    (residual, relu), fused into y's pass."""
     xp = be.xp
     channels = x3.shape[1]
     count = x3.shape[0] * x3.shape[2]
@@ -79,7 +80,8 @@ def forward(be, x3, gamma, beta, eps, running_mean, running_var, momentum, train
 
     merged = _merge.merge(comm.allgather(_guarded(comm, _merge.STATISTICS, shard)))
     mean, mean_lo, var = xp.asarray(merged.mean), xp.asarray(merged.mean_lo), xp.asarray(merged.var)
-    y3 = be.normalize(x3, mean, mean_lo, var, gamma, beta, eps) if count else xp.empty(x3.shape, x3.dtype)
+    y3 = be.normalize(x3, mean, mean_lo, var, gamma, beta, eps, **epilogue) if count else xp.empty(x3.shape,
+                                                                                                  x3.dtype)
     # What backward uses, the same bits on every rank whatever route its y took.
     saved = [xp.asarray(a) for a in saved_statistics(np, merged.mean, merged.mean_lo, merged.var, eps, x3.dtype)]
     if running_mean is not None:
@@ -87,12 +89,16 @@ def forward(be, x3, gamma, beta, eps, running_mean, running_var, momentum, train
     return (y3, *saved, merged.count)
 
 
-def backward(be, dy3, x3, saved, comm):
+def backward(be, dy3, x3, saved, comm, relu_y3=None):
     """The synchronised training backward pass; returns ``(dx3, dgamma, dbeta)`` with
-    this rank's own dgamma and dbeta (see docs/distributed.md)."""
+    this rank's own dgamma and dbeta (see docs/distributed.md), and dz3 after when
+    the forward call had a residual.  After a ReLU (``relu_y3``, the saved y) the
+    gradient that reaches BN is formed once, before the sums (not fused here)."""
     xp = be.xp
     channels = x3.shape[1]
     count = x3.shape[0] * x3.shape[2]
+    if relu_y3 is not None and count:
+        dy3 = _guarded(comm, _merge.GRADIENTS, be.relu_gradient, dy3, relu_y3)
 
     def shard():
         if count:
@@ -111,7 +117,8 @@ def backward(be, dy3, x3, saved, comm):
     else:
         dx3 = xp.empty(x3.shape, dy3.dtype)
     dgamma = _host(saved.inv_std) * (sum_dyc - _host(saved.mean_lo) * sum_dy)
-    return dx3, _as_param(xp, dgamma, saved.gamma), _as_param(xp, sum_dy, saved.beta)
+    return (dx3, _as_param(xp, dgamma, saved.gamma), _as_param(xp, sum_dy, saved.beta)) + (
+        (dy3,) if saved.residual else ())
 
 
 def _as_param(xp, result, param):

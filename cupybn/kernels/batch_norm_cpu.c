@@ -269,6 +269,29 @@ static void set_failed(int *flag)
  */
 typedef float v8f __attribute__((vector_size(32)));
 #define FLUSH 16
+/* Values of the fused epilogue's stack buffers: runs are taken this many at a
+   time (a multiple of 16, so that the planar lanes see the same order). */
+#define CHUNK 1024
+
+/* The gradient through a ReLU whose output was y: g = y <= 0 ? 0 : d (a NaN y
+   lets d through).  The fused epilogue's one definition, with epilogue_run. */
+HOT static void gate_run(float *restrict g, const float *restrict d, const float *restrict y, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        g[i] = y[i] <= 0.0f ? 0.0f : d[i];
+}
+
+/* The forward epilogue on a run of y: y = act(y + z), z optional; ReLU maps
+   every value <= 0 (-0 too) to +0 and keeps NaN. */
+HOT static void epilogue_run(float *restrict y, const float *restrict z, Py_ssize_t n, int relu)
+{
+    if (z)
+        for (Py_ssize_t i = 0; i < n; i++)
+            y[i] = y[i] + z[i];
+    if (relu)
+        for (Py_ssize_t i = 0; i < n; i++)
+            y[i] = y[i] <= 0.0f ? 0.0f : y[i];
+}
 
 static inline __attribute__((always_inline)) v8f load8(const float *p)
 {
@@ -281,7 +304,8 @@ typedef struct {
     const Arr3 *a, *b;
     const float *k;
     double *s1, *s2;
-    Py_ssize_t block; /* values per item of work (at least one row) */
+    Py_ssize_t block;  /* values per item of work (at least one row) */
+    const Arr3 *gate;  /* with b (dy): the forward's y, b then read through gate_run */
 } Sums;
 
 /* Planar family: per channel, float32 lanes over 16 values at a time, flushed
@@ -347,8 +371,20 @@ HOT static void planar_sums_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
         Py_ssize_t c = it / w->pieces, o0 = it % w->pieces * w->rows;
         Py_ssize_t o1 = o0 + w->rows < a->outer ? o0 + w->rows : a->outer;
         Lanes l = {0};
-        for (Py_ssize_t o = o0; o < o1; o++)
-            run_sums(&l, row_of(a, o, c), b ? row_of(b, o, c) : NULL, a->inner, w->t->k[c]);
+        const Arr3 *gate = w->t->gate;
+        for (Py_ssize_t o = o0; o < o1; o++) {
+            if (!gate) {
+                run_sums(&l, row_of(a, o, c), b ? row_of(b, o, c) : NULL, a->inner, w->t->k[c]);
+                continue;
+            }
+            const float *p = row_of(a, o, c), *q = row_of(b, o, c), *r = row_of(gate, o, c);
+            float g[CHUNK];
+            for (Py_ssize_t j = 0; j < a->inner; j += CHUNK) {
+                Py_ssize_t n = a->inner - j < CHUNK ? a->inner - j : CHUNK;
+                gate_run(g, q + j, r + j, n);
+                run_sums(&l, p + j, g, n, w->t->k[c]);
+            }
+        }
         lanes_flush(&l);
         double s1 = 0.0, s2 = 0.0;
         for (int j = 0; j < 8; j++) {
@@ -424,6 +460,16 @@ HOT static void row1(const float *restrict p, const float *restrict q, const flo
     }
 }
 
+/* One step of the rows sums: four block rows (taken == 4) or one. */
+static inline void rows_step(const float *const *p, const float *const *q, int taken, const float *kk, float *fa,
+                             float *fb, Py_ssize_t m)
+{
+    if (taken == 4)
+        rows4(p, q, kk, fa, fb, m);
+    else
+        row1(p[0], q ? q[0] : NULL, kk, fa, fb, m);
+}
+
 HOT static void flush(float *restrict fa, float *restrict fb, double *restrict da, double *restrict db, Py_ssize_t m)
 {
     for (Py_ssize_t j = 0; j < m; j++) {
@@ -460,7 +506,8 @@ static void rows_sums_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
     for (Py_ssize_t j = 0; j < len; j++)
         kk[j] = w->t->k[(j % width) / inner];
     memset(fa, 0, sizeof(float) * 2 * (size_t)len);
-    int adjacent = rows_adjacent(a, b);
+    const Arr3 *gate = w->t->gate;
+    int adjacent = rows_adjacent(a, b) && (!gate || rows_adjacent(gate, NULL));
     for (Py_ssize_t blk = lo; blk < hi; blk++) {
         Py_ssize_t o0 = blk * w->block_rows;
         Py_ssize_t o_end = o0 + w->block_rows < a->outer ? o0 + w->block_rows : a->outer;
@@ -473,15 +520,27 @@ static void rows_sums_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
             Py_ssize_t rows = four ? group : (o_end - o < group ? o_end - o : group);
             for (Py_ssize_t r = 0; r < (adjacent ? 1 : rows); r++) {
                 Py_ssize_t m = adjacent ? rows * width : width, at = adjacent ? 0 : r * width;
-                if (four) {
-                    const float *p[4], *q[4];
-                    for (int k = 0; k < 4; k++) {
-                        p[k] = row_of(a, o + k * group + r, 0);
-                        q[k] = b ? row_of(b, o + k * group + r, 0) : NULL;
+                int taken = four ? 4 : 1;
+                const float *p[4], *q[4], *y[4];
+                for (int k = 0; k < taken; k++) {
+                    p[k] = row_of(a, o + k * group + r, 0);
+                    q[k] = b ? row_of(b, o + k * group + r, 0) : NULL;
+                    y[k] = gate ? row_of(gate, o + k * group + r, 0) : NULL;
+                }
+                if (!gate) {
+                    rows_step(p, b ? q : NULL, taken, kk + at, fa + at, fb + at, m);
+                    continue;
+                }
+                float g[4][CHUNK];
+                for (Py_ssize_t j = 0; j < m; j += CHUNK) { /* positions are independent: any cut will do */
+                    Py_ssize_t n = m - j < CHUNK ? m - j : CHUNK;
+                    const float *pj[4], *gj[4];
+                    for (int k = 0; k < taken; k++) {
+                        gate_run(g[k], q[k] + j, y[k] + j, n);
+                        pj[k] = p[k] + j;
+                        gj[k] = g[k];
                     }
-                    rows4(p, b ? q : NULL, kk + at, fa + at, fb + at, m);
-                } else {
-                    row1(row_of(a, o + r, 0), b ? row_of(b, o + r, 0) : NULL, kk + at, fa + at, fb + at, m);
+                    rows_step(pj, gj, taken, kk + at + j, fa + at + j, fb + at + j, n);
                 }
             }
             o += four ? 4 * group : group;
@@ -544,11 +603,19 @@ static int sums(int fam, const Sums *t, long threads)
 /* ---- elementwise ----------------------------------------------------------
  * out = (a - centre[c]) * scale[c] + shift[c], or with b:
  * out = b * bscale[c] + ((a - centre[c]) * scale[c] + shift[c]), in float32.
+ * The fused epilogue: forward, out = act(out + z) (epilogue_run); backward, the
+ * gradient operand (b, or a without b) read through the ReLU's gate and, where
+ * asked, written to `gated` (dz).  Runs with an epilogue are taken CHUNK values
+ * at a time, so that what a chunk writes is still in cache when it is read.
  */
 typedef struct {
     const Arr3 *a, *b;
     float *out;
     const float *centre, *scale, *shift, *bscale;
+    const Arr3 *z;    /* forward: the residual, or NULL */
+    int relu;         /* forward: ReLU on out */
+    const Arr3 *gate; /* backward: the forward's y after a ReLU, or NULL */
+    float *gated;     /* backward: where the gated gradient goes (C-contiguous like out), or NULL */
 } Affine;
 
 HOT static void affine_run(const float *restrict p, const float *restrict q, float *restrict y, Py_ssize_t n,
@@ -560,19 +627,6 @@ HOT static void affine_run(const float *restrict p, const float *restrict q, flo
     } else {
         for (Py_ssize_t i = 0; i < n; i++)
             y[i] = (p[i] - m) * s + h;
-    }
-}
-
-/* Planar family: items are runs (o, c). */
-static void affine_planar_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
-{
-    const Affine *t = arg;
-    const Arr3 *a = t->a;
-    Py_ssize_t n = a->inner;
-    for (Py_ssize_t it = lo; it < hi; it++) {
-        Py_ssize_t o = it / a->channels, c = it % a->channels;
-        affine_run(row_of(a, o, c), t->b ? row_of(t->b, o, c) : NULL, t->out + it * n, n, t->centre[c],
-                   t->scale[c], t->shift[c], t->bscale ? t->bscale[c] : 0.0f);
     }
 }
 
@@ -589,6 +643,55 @@ HOT static void affine_row(const float *restrict p, const float *restrict q, flo
     }
 }
 
+/* The run of n values of every array of t that starts at row o, channel c
+   (written at `at` in out and gated), with its epilogue: the coefficients are
+   scalars (planar; m, s, h, bs point at them, step 0) or per position (rows, step 1). */
+static void affine_span(const Affine *t, Py_ssize_t o, Py_ssize_t c, Py_ssize_t at, Py_ssize_t n, const float *m,
+                        const float *s, const float *h, const float *bs, int step)
+{
+    const float *p = row_of(t->a, o, c), *q = t->b ? row_of(t->b, o, c) : NULL;
+    float *y = t->out + at;
+    if (!t->z && !t->relu && !t->gate) {
+        if (step)
+            affine_row(p, q, y, n, m, s, h, bs);
+        else
+            affine_run(p, q, y, n, *m, *s, *h, *bs);
+        return;
+    }
+    const float *z = t->z ? row_of(t->z, o, c) : NULL, *r = t->gate ? row_of(t->gate, o, c) : NULL;
+    float buf[CHUNK];
+    for (Py_ssize_t j = 0; j < n; j += CHUNK) {
+        Py_ssize_t len = n - j < CHUNK ? n - j : CHUNK, k = step ? j : 0;
+        const float *pj = p + j, *qj = q ? q + j : NULL;
+        if (r) { /* the gradient operand through the gate, into dz or the buffer */
+            float *g = t->gated ? t->gated + at + j : buf;
+            gate_run(g, q ? qj : pj, r + j, len);
+            if (q)
+                qj = g;
+            else
+                pj = g;
+        }
+        if (step)
+            affine_row(pj, qj, y + j, len, m + k, s + k, h + k, bs + k);
+        else
+            affine_run(pj, qj, y + j, len, *m, *s, *h, *bs);
+        epilogue_run(y + j, z ? z + j : NULL, len, t->relu);
+    }
+}
+
+/* Planar family: items are runs (o, c). */
+static void affine_planar_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
+{
+    const Affine *t = arg;
+    const Arr3 *a = t->a;
+    Py_ssize_t n = a->inner;
+    for (Py_ssize_t it = lo; it < hi; it++) {
+        Py_ssize_t o = it / a->channels, c = it % a->channels;
+        float bs = t->bscale ? t->bscale[c] : 0.0f;
+        affine_span(t, o, c, it * n, n, &t->centre[c], &t->scale[c], &t->shift[c], &bs, 0);
+    }
+}
+
 /* Rows family: items are block rows, with the coefficients laid out along one. */
 typedef struct {
     const Affine *t;
@@ -600,7 +703,7 @@ static void affine_rows_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
 {
     RowsAffine *w = arg;
     const Affine *t = w->t;
-    const Arr3 *a = t->a, *b = t->b;
+    const Arr3 *a = t->a;
     Py_ssize_t width = a->channels * a->inner, inner = a->inner, group = w->group, len = w->len;
     float *work = malloc(sizeof(float) * 4 * (size_t)len);
     if (!work) {
@@ -617,7 +720,7 @@ static void affine_rows_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
     }
     for (Py_ssize_t it = lo; it < hi; it++) {
         Py_ssize_t o = it * group, n = (a->outer - o < group ? a->outer - o : group) * width;
-        affine_row(row_of(a, o, 0), b ? row_of(b, o, 0) : NULL, t->out + o * width, n, m, s, h, bs);
+        affine_span(t, o, 0, o * width, n, m, s, h, bs, 1);
     }
     free(work);
 }
@@ -629,7 +732,9 @@ static int affine(int fam, const Affine *t, long threads)
         parallel(threads, a->outer * a->channels, affine_planar_range, (void *)t);
         return 0;
     }
-    Py_ssize_t group = rows_adjacent(a, t->b) ? rows_per_group(a) : 1;
+    int adjacent = rows_adjacent(a, t->b) && (!t->z || rows_adjacent(t->z, NULL)) &&
+                   (!t->gate || rows_adjacent(t->gate, NULL));
+    Py_ssize_t group = adjacent ? rows_per_group(a) : 1;
     RowsAffine w = {t, group, group * a->channels * a->inner, 0};
     parallel(threads, (a->outer + group - 1) / group, affine_rows_range, &w);
     return w.failed ? -1 : 0;
@@ -783,6 +888,22 @@ static int get_f64_rows(PyObject *o, Py_buffer *b, Py_ssize_t rows, Py_ssize_t C
     return 0;
 }
 
+/* Whether a is shaped like x (else an error is set). */
+static int same_shape(const Arr3 *a, const Arr3 *x, const char *name)
+{
+    if (a->outer == x->outer && a->channels == x->channels && a->inner == x->inner)
+        return 1;
+    PyErr_Format(PyExc_ValueError, "%s must be shaped like x3", name);
+    return 0;
+}
+
+/* The family of x and, where present, the array z shaped like it, or -1. */
+static int family_with(const Arr3 *x, const Arr3 *z)
+{
+    int fam = family(x, NULL);
+    return z && family(x, z) != fam ? -1 : fam;
+}
+
 /* Scalar arguments, each checked before the next is converted. */
 static int arg_double(PyObject *o, double *v)
 {
@@ -803,12 +924,13 @@ static int arg_work(PyObject *threads_arg, PyObject *block_arg, long *threads, P
     return 0;
 }
 
-/* The arrays of both forward entry points: x3, y3, stats, gamma, beta,
-   running_mean, running_var (args[0..6]). */
+/* The arrays of both forward entry points: x3, residual (None or shaped like
+   x3), y3, stats, gamma, beta, running_mean, running_var (args[0..7]). */
 typedef struct {
-    Py_buffer bx, by, bs;
-    int held; /* how many of bx, by, bs are held */
-    Arr3 x, y;
+    Py_buffer bx, by, bs, bz;
+    int held;  /* how many of bx, by, bs are held */
+    int has_z; /* whether bz is held */
+    Arr3 x, y, z;
     Vec g, be, rm, rv;
 } ForwardArgs;
 
@@ -818,6 +940,9 @@ static void forward_release(ForwardArgs *f)
     release_vec(&f->be);
     release_vec(&f->rm);
     release_vec(&f->rv);
+    if (f->has_z)
+        PyBuffer_Release(&f->bz);
+    f->has_z = 0;
     if (f->held > 2)
         PyBuffer_Release(&f->bs);
     if (f->held > 1)
@@ -834,10 +959,10 @@ static int forward_acquire(PyObject *const *args, int running_writable, ForwardA
     if (get_arr3(args[0], &f->bx, &f->x, 0, "x3") < 0)
         return -1;
     f->held = 1;
-    if (get_arr3(args[1], &f->by, &f->y, 1, "y3") < 0)
+    if (get_arr3(args[2], &f->by, &f->y, 1, "y3") < 0)
         goto fail;
     f->held = 2;
-    if (PyObject_GetBuffer(args[2], &f->bs, PyBUF_RECORDS) < 0)
+    if (PyObject_GetBuffer(args[3], &f->bs, PyBUF_RECORDS) < 0)
         goto fail;
     f->held = 3;
     Py_ssize_t C = f->x.channels;
@@ -846,11 +971,18 @@ static int forward_acquire(PyObject *const *args, int running_writable, ForwardA
         PyErr_SetString(PyExc_ValueError, "stats must be a C-contiguous float32 array of shape (4, C)");
         goto fail;
     }
-    if (check_out(&f->y, &f->x, "y3") < 0 || get_vec(args[3], &f->g, C, 0, "gamma") < 0 ||
-        get_vec(args[4], &f->be, C, 0, "beta") < 0 ||
-        get_vec(args[5], &f->rm, C, running_writable, "running_mean") < 0 ||
-        get_vec(args[6], &f->rv, C, running_writable, "running_var") < 0)
+    if (check_out(&f->y, &f->x, "y3") < 0 || get_vec(args[4], &f->g, C, 0, "gamma") < 0 ||
+        get_vec(args[5], &f->be, C, 0, "beta") < 0 ||
+        get_vec(args[6], &f->rm, C, running_writable, "running_mean") < 0 ||
+        get_vec(args[7], &f->rv, C, running_writable, "running_var") < 0)
         goto fail;
+    if (args[1] != Py_None) {
+        if (get_arr3(args[1], &f->bz, &f->z, 0, "residual") < 0)
+            goto fail;
+        f->has_z = 1;
+        if (!same_shape(&f->z, &f->x, "residual"))
+            goto fail;
+    }
     if (f->rm.present != f->rv.present) {
         PyErr_SetString(PyExc_ValueError, "running_mean and running_var go together");
         goto fail;
@@ -865,22 +997,24 @@ fail:
     return -1;
 }
 
-/* forward_train(x3, y3, stats, gamma, beta, running_mean, running_var, eps, momentum,
-   threads, block_values)
+/* forward_train(x3, residual, y3, stats, gamma, beta, running_mean, running_var, eps,
+   momentum, relu, threads, block_values)
    y3: float32 output (C-contiguous, shaped like x3); stats: float32 (4, C) output
    (mean_hi, mean_lo, biased var, inv_std); the running statistics, when given,
-   are updated in place. */
+   are updated in place.  residual (or None) and relu: the epilogue,
+   y = act(BN(x) + residual). */
 static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "forward_train takes 11 arguments");
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "forward_train takes 13 arguments");
         return NULL;
     }
     double eps, momentum;
+    int relu;
     long threads;
     Py_ssize_t block;
-    if (arg_double(args[7], &eps) < 0 || arg_double(args[8], &momentum) < 0 ||
-        arg_work(args[9], args[10], &threads, &block) < 0)
+    if (arg_double(args[8], &eps) < 0 || arg_double(args[9], &momentum) < 0 ||
+        (relu = PyObject_IsTrue(args[10])) < 0 || arg_work(args[11], args[12], &threads, &block) < 0)
         return NULL;
     ForwardArgs f;
     if (forward_acquire(args, 1, &f) < 0)
@@ -888,7 +1022,7 @@ static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t
     PyObject *result = NULL;
     const Arr3 *x = &f.x;
     Py_ssize_t C = x->channels;
-    int fam = family(x, NULL);
+    int fam = family_with(x, f.has_z ? &f.z : NULL);
     Scratch w;
     if (fam < 0) {
         result = Py_NewRef(Py_None);
@@ -910,7 +1044,8 @@ static PyObject *forward_train(PyObject *self, PyObject *const *args, Py_ssize_t
         set_affine(&w, c, w.mean[c], scale, f.be.present ? vec_get(&f.be, c) : 0.0);
     }
     if (!failed && !nonfinite) {
-        Affine t = {x, NULL, (float *)f.by.buf, w.centre, w.fscale, w.shift, NULL};
+        Affine t = {x, NULL, (float *)f.by.buf, w.centre, w.fscale, w.shift, NULL, f.has_z ? &f.z : NULL, relu,
+                    NULL, NULL};
         failed = affine(fam, &t, threads) < 0;
     }
     /* Written only once nothing can fail. */
@@ -933,26 +1068,28 @@ done:
     return result;
 }
 
-/* forward_infer(x3, y3, stats, gamma, beta, running_mean, running_var, eps, threads,
-   block_values): as forward_train, with the running statistics as the mean and
-   variance. */
+/* forward_infer(x3, residual, y3, stats, gamma, beta, running_mean, running_var, eps,
+   relu, threads, block_values): as forward_train, with the running statistics as
+   the mean and variance. */
 static PyObject *forward_infer(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "forward_infer takes 10 arguments");
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "forward_infer takes 12 arguments");
         return NULL;
     }
     double eps;
+    int relu;
     long threads;
     Py_ssize_t block;
-    if (arg_double(args[7], &eps) < 0 || arg_work(args[8], args[9], &threads, &block) < 0)
+    if (arg_double(args[8], &eps) < 0 || (relu = PyObject_IsTrue(args[9])) < 0 ||
+        arg_work(args[10], args[11], &threads, &block) < 0)
         return NULL;
     ForwardArgs f;
     if (forward_acquire(args, 0, &f) < 0)
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t C = f.x.channels;
-    int fam = family(&f.x, NULL);
+    int fam = family_with(&f.x, f.has_z ? &f.z : NULL);
     Scratch w;
     if (!f.rm.present) {
         PyErr_SetString(PyExc_ValueError, "inference needs running_mean and running_var");
@@ -972,7 +1109,8 @@ static PyObject *forward_infer(PyObject *self, PyObject *const *args, Py_ssize_t
         set_affine(&w, c, mean, f.g.present ? inv * vec_get(&f.g, c) : inv,
                    f.be.present ? vec_get(&f.be, c) : 0.0);
     }
-    Affine t = {&f.x, NULL, (float *)f.by.buf, w.centre, w.fscale, w.shift, NULL};
+    Affine t = {&f.x, NULL, (float *)f.by.buf, w.centre, w.fscale, w.shift, NULL, f.has_z ? &f.z : NULL, relu,
+                NULL, NULL};
     failed = affine(fam, &t, threads) < 0;
     Py_END_ALLOW_THREADS
     scratch_free(&w);
@@ -1079,14 +1217,17 @@ static double set_grad_coefficients(Scratch *w, Py_ssize_t c, const CentreVecs *
     return dgamma;
 }
 
-/* backward(dy3, x3, dx3, grads, mean_hi, mean_lo, inv_std, gamma, training)
+/* backward(dy3, x3, dx3, grads, mean_hi, mean_lo, inv_std, gamma, training, threads,
+   block_values, dz3, relu_y3)
    dx3: float32 output (C-contiguous); grads: float64 (2, C) output (dgamma,
    dbeta).  dx = a*dy + b*(x - mean) + c per channel in training, a*dy in
-   inference.  Returns True, or None if dy3 and x3 share no family. */
+   inference.  relu_y3 (or None): the forward's y after a ReLU; dy is then read
+   through its gate (gate_run) everywhere, and written so to dz3 (a float32
+   output like dx3, or None).  Returns True, or None if the arrays share no family. */
 static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "backward takes 11 arguments");
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "backward takes 13 arguments");
         return NULL;
     }
     int training;
@@ -1099,15 +1240,38 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     const Arr3 x = ga.x, dy = ga.dy;
     Py_ssize_t C = x.channels;
-    Py_buffer bg;
-    CentreVecs v;
+    Py_buffer bg, bz = {0}, by = {0};
+    Arr3 dz, y;
+    int has_dz = 0, has_y = 0;
+    CentreVecs v = {0};
     PyObject *result = NULL;
     if (get_f64_rows(args[3], &bg, 2, C, "grads") < 0)
         goto release;
     if (centre_acquire(args + 4, C, &v) < 0)
         goto release_vecs;
+    if (args[12] != Py_None) {
+        if (get_arr3(args[12], &by, &y, 0, "relu_y3") < 0)
+            goto release_vecs;
+        has_y = 1;
+        if (!same_shape(&y, &x, "relu_y3"))
+            goto release_vecs;
+    }
+    if (args[11] != Py_None) {
+        if (get_arr3(args[11], &bz, &dz, 1, "dz3") < 0)
+            goto release_vecs;
+        has_dz = 1;
+        if (check_out(&dz, &x, "dz3") < 0)
+            goto release_vecs;
+        if (!has_y) {
+            PyErr_SetString(PyExc_ValueError, "dz3 is written only with relu_y3");
+            goto release_vecs;
+        }
+    }
     int fam = family(&x, &dy);
-    if (fam < 0) {
+    if (has_y && family(&x, &y) != fam)
+        fam = -1;
+    int dy_fam = has_y ? family_with(&dy, &y) : family(&dy, NULL); /* inference walks dy (and y) alone */
+    if (fam < 0 || dy_fam < 0) {
         result = Py_NewRef(Py_None);
         goto release_vecs;
     }
@@ -1120,7 +1284,7 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
     /* Sums about mean_hi: sum(dy * (x - mean)) = sum(dy * (x - hi)) - lo * sum(dy). */
     for (Py_ssize_t c = 0; c < C; c++)
         w.k[c] = (float)vec_get(&v.hi, c);
-    Sums s = {&x, &dy, w.k, w.s1, w.s2, block};
+    Sums s = {&x, &dy, w.k, w.s1, w.s2, block, has_y ? &y : NULL};
     failed = sums(fam, &s, threads) < 0;
     nonfinite = !failed && !all_finite(w.s1, w.s2, C);
     double *grads = (double *)bg.buf;
@@ -1135,9 +1299,13 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
     }
     if (!failed && !nonfinite) {
-        Affine t = training ? (Affine){&x, &dy, (float *)ga.bdx.buf, w.centre, w.fscale, w.shift, w.bscale}
-                            : (Affine){&dy, NULL, (float *)ga.bdx.buf, w.centre, w.fscale, w.shift, NULL};
-        failed = affine(training ? fam : family(&dy, NULL), &t, threads) < 0;
+        const Arr3 *gate = has_y ? &y : NULL;
+        float *gated = has_dz ? (float *)bz.buf : NULL;
+        Affine t = training ? (Affine){&x, &dy, (float *)ga.bdx.buf, w.centre, w.fscale, w.shift, w.bscale, NULL, 0,
+                                       gate, gated}
+                            : (Affine){&dy, NULL, (float *)ga.bdx.buf, w.centre, w.fscale, w.shift, NULL, NULL, 0,
+                                       gate, gated};
+        failed = affine(training ? fam : dy_fam, &t, threads) < 0;
     }
     Py_END_ALLOW_THREADS
     scratch_free(&w);
@@ -1147,6 +1315,10 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
         result = Py_NewRef(nonfinite ? Py_False : Py_True);
 release_vecs:
     centre_release(&v);
+    if (has_y)
+        PyBuffer_Release(&by);
+    if (has_dz)
+        PyBuffer_Release(&bz);
     PyBuffer_Release(&bg);
 release:
     grad_release(&ga);
