@@ -104,3 +104,10 @@ def data(name: str) -> Data:
         running_mean=(case.offset + 0.1 * rng.standard_normal(c)).astype(np.float32),
         running_var=(1 + 0.1 * rng.random(c)).astype(np.float32),
     )
+
+
+@functools.cache
+def residual(name: str) -> np.ndarray:
+    """A residual for the fused-epilogue benchmarks: N(0, 1), shaped and laid out like x."""
+    x = data(name).x
+    return np.random.default_rng(SEED + 2).standard_normal(x.shape, dtype=np.float32).astype(x.dtype)

@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from . import _state
-from .api import _check_real, _is_float_dtype, batch_norm, batch_norm_backward, param_dtype_name
+from .api import _check_activation, _check_real, _is_float_dtype, batch_norm, batch_norm_backward, param_dtype_name
 from .distributed._sync import GRADIENTS, STATISTICS, announce_failure, check_comm
 from .folding import fold_batch_norm
 
@@ -29,6 +29,11 @@ class BatchNorm:
     add to, the previous ones; :meth:`zero_grad` clears them).  In eval mode
     without running statistics the batch statistics are used, as in PyTorch.
 
+    ``activation="relu"`` fuses a ReLU after BN, and ``layer(x, residual=z)``
+    adds z before it: ``y = relu(BN(x) + z)`` in one pass (see
+    :func:`cupybn.batch_norm`); :meth:`backward` then returns ``(dx, dz)``
+    for a call that had a residual.
+
     Checkpoints: the layer pickles and deep-copies with its settings,
     parameters, statistics and gradients, but without the last forward pass
     (it holds that call's input): after restoring, call the layer again before
@@ -45,8 +50,10 @@ class BatchNorm:
     part of a checkpoint: a restored layer is local until ``comm`` is set.
     """
 
+    activation = None  # the class's default, for layers pickled before the setting existed
+
     def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, xp=np, backend=None, comm=None):
+                 track_running_stats=True, dtype=np.float32, xp=np, backend=None, comm=None, activation=None):
         if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be a positive int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -58,6 +65,7 @@ class BatchNorm:
         _check_real("eps", eps, lambda v: v > 0, "a finite number > 0")
         if np.dtype(dtype).name not in ("float16", "bfloat16", "float32", "float64"):
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {np.dtype(dtype)}")
+        _check_activation(activation)
         self.num_features = int(num_features)
         self.axis = int(axis)
         self.eps = eps
@@ -65,6 +73,7 @@ class BatchNorm:
         self.dtype = np.dtype(dtype)
         self.backend = backend
         self.comm = None if comm is None else check_comm(comm)
+        self.activation = activation
         self.training = True
         pdt = param_dtype_name(self.dtype)
         self.gamma = xp.ones(num_features, pdt) if affine else None
@@ -93,7 +102,7 @@ class BatchNorm:
     def eval(self) -> BatchNorm:
         return self.train(False)
 
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
         self._checked(STATISTICS, self._check_input, x)
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
@@ -105,7 +114,8 @@ class BatchNorm:
             running_mean=self.running_mean if (update or not use_batch_stats) else None,
             running_var=self.running_var if (update or not use_batch_stats) else None,
             training=use_batch_stats, momentum=momentum if momentum is not None else 0.1,
-            eps=self.eps, axis=self.axis, backend=self.backend, comm=self.comm)
+            eps=self.eps, axis=self.axis, residual=residual, activation=self.activation, backend=self.backend,
+            comm=self.comm)
         if update:
             self.num_batches_tracked += 1
         self._saved = saved
@@ -134,9 +144,10 @@ class BatchNorm:
             raise
 
     def backward(self, dy):
+        """dx, or ``(dx, dz)`` after a call with a residual; sets grad_gamma and grad_beta."""
         self._checked(GRADIENTS, self._check_forward_done)
-        dx, self.grad_gamma, self.grad_beta = batch_norm_backward(dy, self._saved, backend=self.backend)
-        return dx
+        dx, self.grad_gamma, self.grad_beta, *dz = batch_norm_backward(dy, self._saved, backend=self.backend)
+        return (dx, dz[0]) if dz else dx
 
     def _check_forward_done(self):
         if self._saved is None:
@@ -213,5 +224,7 @@ class BatchNorm:
             self.beta[...] = 0
 
     def __repr__(self) -> str:
+        activation = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, dtype={self.dtype.name})")
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, dtype={self.dtype.name}"
+                f"{activation})")
