@@ -45,6 +45,13 @@ class Layout:
             return a.reshape(self.shape3)
         return a.transpose(self.perm).reshape(self.shape3)
 
+    def mask3d(self, m):
+        """A mask shaped like x but for a channel axis of length 1, as (outer, 1, inner)
+        in the order of :meth:`to3d`'s view (a view where it can be, else a copy)."""
+        if self._in_order:
+            return m.reshape(self.outer, 1, self.inner)
+        return m.transpose(self.perm).reshape(self.outer, 1, self.inner)
+
     def from3d(self, a3):
         """Inverse of :meth:`to3d` for a C-contiguous (outer, C, inner) result.
 

@@ -75,6 +75,8 @@ class BatchNormSaved:
       y         the call's output (a reference) when activation is "relu":
                 the ReLU's gradient is read from it
       y_sample  as x_sample, for y
+      mask      the forward call's mask as the backend took it ((outer, 1,
+                inner) booleans), or None (no mask, or one that was all True)
 
     The parameter dtype is float32 for float16/bfloat16/float32 data and
     float64 for float64 data.
@@ -99,6 +101,7 @@ class BatchNormSaved:
     activation: str | None = None
     y: Any = None
     y_sample: bytes | None = None
+    mask: Any = None
 
     @property
     def shape(self):
@@ -232,7 +235,7 @@ def _check_x_unchanged(saved) -> None:
 
 # ---- public functions ------------------------------------------------------
 def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
-               training=True, momentum=0.1, eps=1e-5, axis=1, residual=None, activation=None,
+               training=True, momentum=0.1, eps=1e-5, axis=1, residual=None, activation=None, mask=None,
                backend=None, comm=None):
     """Batch Normalization of ``x`` over every axis except ``axis``.
 
@@ -253,6 +256,12 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
     +0.0 and keeps NaN; its gradient is taken from y, zero where y == 0
     (docs/epilogue.md).
 
+    ``mask`` (booleans broadcastable to x's shape without the channel axis,
+    e.g. (N, T) for an (N, C, T) x; True where a position counts) restricts
+    the batch statistics and the running-statistics update to the positions
+    it selects, in training; every position is normalised, and the backward
+    pass is the exact gradient of that (docs/masks.md).
+
     ``comm`` (a :mod:`cupybn.distributed` communicator) makes the call
     collective: every rank of ``comm`` calls it with its shard of the batch,
     and the statistics are those of the whole batch (x may then have an empty
@@ -260,35 +269,36 @@ def batch_norm(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
     """
     if comm is not None:
         return _synchronised_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis,
-                                     residual, activation, backend, _distributed.check_comm(comm))
+                                     residual, activation, mask, backend, _distributed.check_comm(comm))
     call = _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, residual,
-                        activation, backend)
+                        activation, mask, backend)
     be, layout, x3 = call.backend, call.layout, call.layout.to3d(x)
     z3 = None if residual is None else layout.to3d(residual)
     # The per-channel results come back in the parameter dtype; the backend
     # updates the running statistics itself (in training), after its work is done.
     if call.training:
         y3, mean_hi, mean_lo, var, inv_std = be.forward_train(x3, gamma, beta, call.eps, running_mean, running_var,
-                                                              call.momentum, **call.epilogue(z3))
+                                                              call.momentum, **call.epilogue(z3), **call.masked())
     else:
         y3, mean_hi, mean_lo, var, inv_std = be.forward_infer(x3, gamma, beta, running_mean, running_var, call.eps,
                                                               **call.epilogue(z3))
     y = layout.from3d(y3)
     saved = _new_saved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma, beta=beta,
                        training=call.training, axis=call.axis, eps=call.eps, layout=layout, backend=be,
-                       x_sample=_x_sample(x), comm=None, total_count=layout.count, **call.saved_epilogue(y))
+                       x_sample=_x_sample(x), comm=None, total_count=call.count, **call.saved_epilogue(y),
+                       mask=call.mask3)
     return y, saved
 
 
 class _ForwardCall:
     """The checked arguments of a forward call (every check runs here, before any work)."""
 
-    __slots__ = ("backend", "axis", "layout", "training", "eps", "momentum", "residual", "relu")
+    __slots__ = ("backend", "axis", "layout", "training", "eps", "momentum", "residual", "relu", "mask3", "count")
 
     def __init__(self, x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, residual,
-                 activation, backend, synchronised=False):
+                 activation, mask, backend, synchronised=False):
         named = {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var,
-                 "residual": residual}
+                 "residual": residual, "mask": mask}
         be = self.backend = _backends.backend_for(named, backend)
         _check_x(x, may_be_empty=synchronised)
         _check_backend_dtype(be, x.dtype)
@@ -312,17 +322,28 @@ class _ForwardCall:
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must be given together")
         layout = self.layout = make_layout(x.shape, x.strides, ax)
+        # the mask matters to the statistics only: an inference call checks it and drops it
+        if mask is not None:
+            _check_mask(mask, x, ax)
+        self.mask3, self.count = _mask3(mask, x, ax, layout, be) if training else (None, layout.count)
         if training:
             # a synchronised call counts the values of every rank, after the exchange
             if layout.count < 2 and not synchronised:
                 raise ValueError(
                     f"training needs at least 2 values per channel to estimate a variance; x of shape "
                     f"{tuple(x.shape)} has {layout.count} per channel (axis={ax}); use training=False")
+            if self.count < 2 and not synchronised:
+                raise ValueError(f"training needs at least 2 values per channel to estimate a variance; the mask "
+                                 f"selects {self.count} per channel; use training=False")
             if running_mean is not None:
                 _check_writable("running_mean", running_mean)
                 _check_writable("running_var", running_var)
         elif running_mean is None:
             raise ValueError("training=False needs running_mean and running_var")
+
+    def masked(self) -> dict:
+        """The backend's mask arguments (none without a mask)."""
+        return {} if self.mask3 is None else {"mask": self.mask3, "count": self.count}
 
     def epilogue(self, z3) -> dict:
         """The backend's epilogue arguments (none without an epilogue, so that
@@ -348,6 +369,38 @@ def _check_activation(activation) -> bool:
     raise ValueError(f"activation must be None or 'relu', got {activation!r}")
 
 
+def _check_mask(mask, x, axis):
+    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+        raise TypeError(f"mask must be a NumPy or CuPy array of booleans, got {type(mask).__name__}")
+    _check_plain("mask", mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask must have dtype bool (True where a position counts), got {mask.dtype}")
+    positions = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
+    try:
+        fits = np.broadcast_shapes(tuple(mask.shape), positions) == positions
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"mask must be broadcastable to x's shape without the channel axis, {positions} "
+                         f"(x {tuple(x.shape)}, axis={axis}), got {tuple(mask.shape)}")
+
+
+def _mask3(mask, x, axis, layout, be):
+    """``(mask3, count)``: a checked mask as (outer, 1, inner) booleans of the backend's
+    array module, and the positions it selects per channel; ``(None, all of them)``
+    without a mask or for one that selects every position (the same function as
+    none).  Counting reads one number back from a GPU."""
+    if mask is None:
+        return None, layout.count
+    xp = be.xp
+    positions = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
+    full = xp.expand_dims(xp.broadcast_to(mask, positions), axis)
+    count = int(xp.count_nonzero(full))
+    if count == layout.count:
+        return None, count
+    return xp.ascontiguousarray(layout.mask3d(full)), count
+
+
 def _check_residual(residual, x):
     if not hasattr(residual, "shape") or not hasattr(residual, "dtype"):
         raise TypeError(f"residual must be a NumPy or CuPy array shaped like x, got {type(residual).__name__}")
@@ -359,19 +412,19 @@ def _check_residual(residual, x):
 
 
 def _synchronised_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, residual,
-                          activation, backend, comm):
+                          activation, mask, backend, comm):
     """batch_norm with ``comm``: a rank whose arguments fail the checks still takes
     part in the exchange (with its error), so that every rank raises."""
     try:
         call = _ForwardCall(x, gamma, beta, running_mean, running_var, training, momentum, eps, axis, residual,
-                            activation, backend, synchronised=True)
+                            activation, mask, backend, synchronised=True)
     except Exception as error:  # whatever it is, the other ranks must hear of it
         _distributed.announce_failure(comm, _distributed.STATISTICS, error)
         raise
     be, layout, x3 = call.backend, call.layout, call.layout.to3d(x)
     epilogue = call.epilogue(None if residual is None else layout.to3d(residual))
     done = _distributed.forward(be, x3, gamma, beta, call.eps, running_mean, running_var, call.momentum,
-                                call.training, comm, epilogue, axis=call.axis)
+                                call.training, comm, epilogue, call.masked(), axis=call.axis)
     if done is None:  # inference: the ranks agreed, and the statistics are the running ones
         y3, mean_hi, mean_lo, var, inv_std = (
             be.forward_infer(x3, gamma, beta, running_mean, running_var, call.eps, **epilogue) if x.size
@@ -382,7 +435,8 @@ def _synchronised_forward(x, gamma, beta, running_mean, running_var, training, m
     y = layout.from3d(y3)
     saved = _new_saved(x=x, mean=mean_hi, mean_lo=mean_lo, var=var, inv_std=inv_std, gamma=gamma, beta=beta,
                        training=call.training, axis=call.axis, eps=call.eps, layout=layout, backend=be,
-                       x_sample=_x_sample(x), comm=comm, total_count=total_count, **call.saved_epilogue(y))
+                       x_sample=_x_sample(x), comm=comm, total_count=total_count, **call.saved_epilogue(y),
+                       mask=call.mask3)
     return y, saved
 
 
@@ -421,7 +475,7 @@ def batch_norm_backward(dy, saved, *, backend=None):
         # dgamma and dbeta come back in gamma's and beta's dtypes (None where absent).
         done = be.backward(layout.to3d(dy), layout.to3d(saved.x), saved.mean, saved.mean_lo, saved.var,
                            saved.inv_std, saved.gamma, saved.beta, saved.training,
-                           **_backward_epilogue(relu_y3, saved.residual))
+                           **_backward_epilogue(relu_y3, saved.residual), **_backward_mask(saved))
     else:
         try:
             be = _check_backward(dy, saved, backend)
@@ -436,6 +490,11 @@ def batch_norm_backward(dy, saved, *, backend=None):
         return dx, done[1], done[2]
     # without an activation the residual's gradient is dy itself
     return dx, done[1], done[2], dy if saved.y is None else layout.from3d(done[3])
+
+
+def _backward_mask(saved) -> dict:
+    """The backend's mask arguments of a backward call (none without a mask)."""
+    return {} if saved.mask is None else {"mask": saved.mask, "count": saved.total_count}
 
 
 def _backward_epilogue(relu_y3, residual) -> dict:

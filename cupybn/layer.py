@@ -32,7 +32,9 @@ class BatchNorm:
     ``activation="relu"`` fuses a ReLU after BN, and ``layer(x, residual=z)``
     adds z before it: ``y = relu(BN(x) + z)`` in one pass (see
     :func:`cupybn.batch_norm`); :meth:`backward` then returns ``(dx, dz)``
-    for a call that had a residual.
+    for a call that had a residual.  ``layer(x, mask=m)`` takes the batch
+    statistics (and updates the running ones) over the positions m selects
+    (see :func:`cupybn.batch_norm`).
 
     Checkpoints: the layer pickles and deep-copies with its settings,
     parameters, statistics and gradients, but without the last forward pass
@@ -102,7 +104,7 @@ class BatchNorm:
     def eval(self) -> BatchNorm:
         return self.train(False)
 
-    def __call__(self, x, residual=None):
+    def __call__(self, x, residual=None, mask=None):
         self._checked(STATISTICS, self._check_input, x)
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
@@ -114,8 +116,8 @@ class BatchNorm:
             running_mean=self.running_mean if (update or not use_batch_stats) else None,
             running_var=self.running_var if (update or not use_batch_stats) else None,
             training=use_batch_stats, momentum=momentum if momentum is not None else 0.1,
-            eps=self.eps, axis=self.axis, residual=residual, activation=self.activation, backend=self.backend,
-            comm=self.comm)
+            eps=self.eps, axis=self.axis, residual=residual, activation=self.activation, mask=mask,
+            backend=self.backend, comm=self.comm)
         if update:
             self.num_batches_tracked += 1
         self._saved = saved

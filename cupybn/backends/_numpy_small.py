@@ -189,8 +189,8 @@ class Small:
         centre = np.zeros(len(mean)) if offset_is_small(mean, scale) else mean_hi.astype(_F64)
         d = self._centred(g, self._widened(0, x3), centre)
         y3 = self._affine_into(self._output(x3.shape), g, d, scale, _constant(beta, mean - centre, scale))
-        return (self._narrowed(y3, x3.dtype if y_dtype is None else y_dtype), mean_hi, (mean - mean_hi).astype(_F32), var.astype(_F32),
-                inv_std.astype(_F32))
+        return (self._narrowed(y3, x3.dtype if y_dtype is None else y_dtype), mean_hi, (mean - mean_hi).astype(_F32),
+                var.astype(_F32), inv_std.astype(_F32))
 
     def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, training):
         """``dx3`` and float64 ``(dgamma, dbeta)``: ``dx = a*dy + b*(x - centre) + c`` per channel."""

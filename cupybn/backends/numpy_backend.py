@@ -405,42 +405,59 @@ class NumpyBackend:
         return d.reshape(xw.shape)
 
     # ---- statistics -------------------------------------------------------------
-    def _shifted_sums(self, x3, plan, shift, cdt):
-        """Per channel float64 ``sum(x - shift)`` and ``sum((x - shift)**2)``."""
+    def _shifted_sums(self, x3, plan, shift, cdt, mask=None):
+        """Per channel float64 ``sum(x - shift)`` and ``sum((x - shift)**2)``, over the
+        positions ``mask`` (booleans, (outer, 1, inner)) selects where there is one."""
         (k,) = plan.expand([shift], cdt)
         unshifted = not shift.any()
 
         def block(b):
             xw = self._widen(0, x3[b], cdt)
             d = xw if unshifted else self._centred(plan, b, xw, k, cdt)
+            if mask is not None:  # zeros where the mask is False, whatever x holds there (Inf, NaN)
+                kept = self._scratch(10, d.shape, cdt)
+                kept[...] = 0
+                np.copyto(kept, d, where=mask[b[0], :, b[2]])
+                d = kept
             return plan.dots(d), plan.dots(d, d, self._scratch(2, d.shape, cdt))
 
         return self._channel_sums(plan, block, x3.shape[1])
 
     @staticmethod
-    def _sample_moments(x3):
-        """Mean and variance of an evenly strided sample of each channel.
+    def _sample_moments(x3, mask=None):
+        """Mean and variance of an evenly strided sample of each channel (of the
+        positions ``mask`` selects, where there is one; zeros if it selects none
+        of the sample).
 
         Only a guess for the shift, so float32 is plenty; the copy makes the
         sample contiguous, which is faster than reducing the strided view.
         """
         outer, _, inner = x3.shape
-        sample = x3[:: -(-outer // SAMPLE_PER_AXIS), :, :: -(-inner // SAMPLE_PER_AXIS)]
-        sample = np.ascontiguousarray(sample.transpose(1, 0, 2), dtype=np.float32).reshape(x3.shape[1], -1)
-        mean = sample.mean(axis=1, dtype=np.float64)
-        var = np.square(sample - mean[:, None].astype(np.float32)).mean(axis=1, dtype=np.float64)
-        return mean, var
+        every = (slice(None, None, -(-outer // SAMPLE_PER_AXIS)), slice(None),
+                 slice(None, None, -(-inner // SAMPLE_PER_AXIS)))
+        sample = np.ascontiguousarray(x3[every].transpose(1, 0, 2), dtype=np.float32).reshape(x3.shape[1], -1)
+        if mask is None:
+            mean = sample.mean(axis=1, dtype=np.float64)
+            var = np.square(sample - mean[:, None].astype(np.float32)).mean(axis=1, dtype=np.float64)
+            return mean, var
+        kept = mask[every].reshape(1, -1)
+        taken = max(int(np.count_nonzero(kept)), 1)
+        sample = np.where(kept, sample, np.float32(0))
+        mean = sample.sum(axis=1, dtype=np.float64) / taken
+        var = np.where(kept, np.square(sample - mean[:, None].astype(np.float32)), 0).sum(axis=1, dtype=np.float64)
+        return mean, var / taken
 
-    def batch_stats(self, x3):
-        """Mean (as a hi/lo pair in the compute dtype) and biased variance.
+    def batch_stats(self, x3, mask=None, count=None):
+        """Mean (as a hi/lo pair in the compute dtype) and biased variance, over
+        the ``count`` positions ``mask`` selects where there is one.
 
         Returns ``(mean_hi, mean_lo, var)``; mean_hi + mean_lo is the mean to
         about twice the compute precision, var is float64.
         """
         cdt = compute_dtype(x3.dtype)
         plan = _plan(x3.shape)
-        m = x3.shape[0] * x3.shape[2]
-        guess, spread = self._sample_moments(x3)
+        m = x3.shape[0] * x3.shape[2] if mask is None else count
+        guess, spread = self._sample_moments(x3, mask)
 
         def on_grid(v):
             # A shift that is a value of x's own dtype keeps x - shift exact and
@@ -452,7 +469,7 @@ class NumpyBackend:
         # the shift would cost a pass and change nothing.
         shift = on_grid(np.where(guess * guess <= spread, 0.0, guess))
         for attempt in range(2):
-            s1, s2 = self._shifted_sums(x3, plan, shift, cdt)
+            s1, s2 = self._shifted_sums(x3, plan, shift, cdt, mask)
             offset = s1 / m
             var = np.maximum(s2 / m - offset * offset, 0.0)
             # the mean is shift + offset; its leading part in the compute dtype
@@ -521,13 +538,19 @@ class NumpyBackend:
     # Each goes to the compiled kernels when they take the arrays (C raises no
     # floating-point warnings, so no np.errstate is needed), else to the NumPy paths.
     def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1,
-                      residual=None, relu=False):
+                      residual=None, relu=False, mask=None, count=None):
         """Training forward pass; updates the running statistics (if given) in place.
 
         Returns ``y3, mean_hi, mean_lo, var, inv_std`` (var biased), the
         per-channel arrays in the compute dtype.  ``residual`` (shaped like x3)
         and ``relu``: the epilogue, ``y = act(BN(x) + residual)`` (``_epilogue``).
+        ``mask`` ((outer, 1, inner) booleans) and ``count`` (its True positions):
+        the statistics are those of the positions it selects; the blocked path
+        takes masked calls.
         """
+        if mask is not None:
+            return quiet(self._blocked_forward_train)(x3, gamma, beta, eps, running_mean, running_var, momentum,
+                                                      residual, relu, mask, count)
         if self._compiled_takes(x3, (gamma, beta, running_mean, running_var), residual):
             done = _compiled.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, self.threads,
                                            self._outputs.empty, residual, relu)
@@ -548,12 +571,16 @@ class NumpyBackend:
                 y3, *stats = self._whole.forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum,
                                                        _offset_is_small, y_dtype)
             return (self._whole_epilogue(y3, residual, relu, x3.dtype) if epilogue else y3, *stats)
-        mean_hi, mean_lo, var = self.batch_stats(x3)
+        return self._blocked_forward_train(x3, gamma, beta, eps, running_mean, running_var, momentum, residual, relu)
+
+    def _blocked_forward_train(self, x3, gamma, beta, eps, running_mean, running_var, momentum, residual, relu,
+                               mask=None, count=None):
+        mean_hi, mean_lo, var = self.batch_stats(x3, mask, count)
         inv_std = 1.0 / np.sqrt(var + eps)
         y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, bool(np.all(var > 0)), residual, relu)
         if running_mean is not None:
             update_running(np, running_mean, running_var, mean_hi, mean_lo, var, momentum,
-                           x3.shape[0] * x3.shape[2])
+                           x3.shape[0] * x3.shape[2] if mask is None else count)
         cdt = mean_hi.dtype
         return y3, mean_hi, mean_lo, var.astype(cdt), inv_std.astype(cdt)
 
@@ -589,7 +616,8 @@ class NumpyBackend:
         y3 = self._normalize(x3, mean_hi, mean_lo, inv_std, gamma, beta, True, residual, relu)
         return y3, mean_hi, mean_lo.astype(cdt), var.astype(cdt), inv_std.astype(cdt)
 
-    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y=None, want_dz=False):
+    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y=None, want_dz=False,
+                 mask=None, count=None):
         """Gradients for the (outer, C, inner) view; returns ``dx3, dgamma, dbeta``
         (and ``dz3`` after them when ``want_dz``).
 
@@ -598,8 +626,12 @@ class NumpyBackend:
         training mode dx also flows through the batch statistics:
         ``dx = a*dy + b*(x - mean) + c`` per channel.  ``relu_y``: the forward
         pass's y3 after a ReLU, whose gradient ``g = y <= 0 ? 0 : dy`` then
-        replaces dy throughout; dz3 is g (dy3 itself without relu_y).
+        replaces dy throughout; dz3 is g (dy3 itself without relu_y).  ``mask`` and
+        ``count``: those of a masked forward call (training; the blocked path).
         """
+        if mask is not None:
+            return quiet(self._blocked_backward)(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training,
+                                                 relu_y, want_dz, mask, count)
         if (dy3.dtype == x3.dtype and dy3.flags.aligned
                 and self._compiled_takes(x3, (mean_hi, mean_lo, inv_std, gamma), relu_y)):
             done = _compiled.backward(dy3, x3, mean_hi, mean_lo, inv_std, gamma, training, self.threads,
@@ -621,6 +653,10 @@ class NumpyBackend:
             else:
                 dx3, dgamma, dbeta = self._whole.backward(g3, x3, mean_hi, mean_lo, var, inv_std, gamma, training)
             return _gradients(dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(dbeta, beta), want_dz, g3)
+        return self._blocked_backward(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y, want_dz)
+
+    def _blocked_backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y, want_dz,
+                          mask=None, count=None):
         inv = np.asarray(inv_std, np.float64)
         lo = np.asarray(mean_lo, np.float64)
         sum_dy, sum_dyc = self._gradient_sums(dy3, x3, mean_hi, mean_lo, var, training, relu_y)
@@ -628,7 +664,7 @@ class NumpyBackend:
         dz3 = self._outputs.empty(x3.shape, dy3.dtype) if want_dz and relu_y is not None else None
         if training:
             dx3 = self._input_gradient(dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc,
-                                       x3.shape[0] * x3.shape[2], relu_y, dz3)
+                                       x3.shape[0] * x3.shape[2] if mask is None else count, relu_y, dz3, mask)
         else:
             dx3 = self._scaled_gradient(dy3, x3, inv if gamma is None else inv * np.asarray(gamma, np.float64),
                                         relu_y, dz3)
@@ -694,11 +730,13 @@ class NumpyBackend:
         return dx3
 
     def _input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count, relu_y=None,
-                        dz3=None):
+                        dz3=None, mask=None):
         """Training-mode dx from the per-channel sums of ``count`` values per channel
         (this array's, or a whole distributed batch's): ``sum_dy`` and ``sum_dyc`` =
         ``sum(dy * (x - mean_hi))``; dy through the ReLU's gate (``relu_y``) where
-        there is one, written to dz3 when given."""
+        there is one, written to dz3 when given.  With a ``mask`` the terms through
+        the statistics reach only the positions it selects (those the statistics
+        came from): ``dx = a*dy + mask * (b*(x - mean) + c)``."""
         cdt = compute_dtype(x3.dtype)
         plan = _plan(x3.shape)
         inv = np.asarray(inv_std, np.float64)
@@ -719,12 +757,22 @@ class NumpyBackend:
             if dz3 is not None:
                 self._store(dz3[blk], dyw)
             res = self._result(2, dx3[blk], cdt)
-            (xv, dyv, rv), (ka, kb, kc, *kcen) = plan.operands(blk, [xw, dyw, res], ks)
+            views = [xw, dyw, res]
+            if mask is not None:  # where the mask is False, as a block shaped like x's
+                dropped = self._scratch(11, xw.shape, np.bool_)
+                np.logical_not(mask[blk[0], :, blk[2]], out=dropped)
+                views.append(dropped)
+            (xv, dyv, rv, *dropv), (ka, kb, kc, *kcen) = plan.operands(blk, views, ks)
             d = _scaled(xv, kb, kcen[0] if kcen else None, self._scratch(1, xv.shape, cdt))
             t = self._scratch(4, xv.shape, cdt)
             np.multiply(dyv, ka, out=t)
-            np.add(t, d, out=t)
-            np.add(t, kc, out=rv)
+            if dropv:  # the statistics' terms, zero where they do not reach (x may be Inf or NaN there)
+                np.add(d, kc, out=d)
+                np.copyto(d, 0, where=dropv[0])
+                np.add(t, d, out=rv)
+            else:
+                np.add(t, d, out=t)
+                np.add(t, kc, out=rv)
             self._store(dx3[blk], res)
 
         self._map(elementwise, plan.blocks)
@@ -734,9 +782,12 @@ class NumpyBackend:
     # A shard's moments, y from statistics merged over ranks, a shard's gradient sums
     # and dx from sums added over ranks: the compiled kernels for float32 (where they
     # take the arrays and the sums are finite), else the blocked path, for any size.
-    def shard_moments(self, x3):
-        """Per-channel ``(mean_hi, mean_lo, m2)`` of a non-empty x3: the mean as a hi/lo
-        pair in the compute dtype, m2 the float64 sum of squared deviations from it."""
+    def shard_moments(self, x3, mask=None, count=None):
+        """Per-channel ``(mean_hi, mean_lo, m2)`` of a non-empty x3 (of the ``count`` > 0
+        positions ``mask`` selects, where there is one): the mean as a hi/lo pair in
+        the compute dtype, m2 the float64 sum of squared deviations from it."""
+        if mask is not None:
+            return self._numpy_shard_moments(x3, mask, count)
         if self._compiled_takes(x3, ()):
             done = _compiled.moments(x3, self.threads)
             if done is not None:
@@ -745,9 +796,9 @@ class NumpyBackend:
         return self._numpy_shard_moments(x3)
 
     @quiet
-    def _numpy_shard_moments(self, x3):
-        mean_hi, mean_lo, var = self.batch_stats(x3)
-        return mean_hi, mean_lo, var * (x3.shape[0] * x3.shape[2])
+    def _numpy_shard_moments(self, x3, mask=None, count=None):
+        mean_hi, mean_lo, var = self.batch_stats(x3, mask, count)
+        return mean_hi, mean_lo, var * (x3.shape[0] * x3.shape[2] if mask is None else count)
 
     def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps, residual=None, relu=False):
         """Training-mode y3 for float64 statistics computed elsewhere (the mean as a
@@ -772,9 +823,13 @@ class NumpyBackend:
                 return done
         return quiet(self._gradient_sums)(dy3, x3, mean_hi, mean_lo, var, True)
 
-    def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count):
-        """Training-mode dx from per-channel sums over ``count`` values per channel."""
+    def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count, mask=None):
+        """Training-mode dx from per-channel sums over ``count`` values per channel
+        (with a ``mask``: the terms through the statistics only where it is True)."""
         sum_dy, sum_dyc = np.asarray(sum_dy, np.float64), np.asarray(sum_dyc, np.float64)
+        if mask is not None:
+            return quiet(self._input_gradient)(dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count,
+                                               mask=mask)
         if dy3.dtype == x3.dtype and dy3.flags.aligned and self._compiled_takes(x3, (mean_hi, mean_lo, inv_std,
                                                                                       gamma)):
             return _compiled.grad_apply(dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count,

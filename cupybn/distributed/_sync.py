@@ -58,15 +58,17 @@ def _guarded(comm, phase, work, *args):
         raise
 
 
-def forward(be, x3, gamma, beta, eps, running_mean, running_var, momentum, training, comm, epilogue, *, axis):
+def forward(be, x3, gamma, beta, eps, running_mean, running_var, momentum, training, comm, epilogue, masked, *,
+            axis):
     """The synchronised forward pass; returns ``(y3, mean_hi, mean_lo, var, inv_std, count)``
     with the merged statistics and the whole batch's count per channel, or None in
     inference, where the exchange only checks that the ranks agree and the caller
     runs the local inference pass.  ``epilogue``: the backend's epilogue arguments
-    (residual, relu), fused into y's pass."""
+    (residual, relu), fused into y's pass; ``masked``: its mask arguments (mask,
+    count: the positions this rank's statistics take)."""
     xp = be.xp
     channels = x3.shape[1]
-    count = x3.shape[0] * x3.shape[2]
+    count = masked.get("count", x3.shape[0] * x3.shape[2])
     header = dict(channels=channels, dtype=x3.dtype.name, axis=axis, training=training, eps=eps,
                   momentum=momentum if training else 0.0, gamma=gamma is not None, beta=beta is not None,
                   running=running_mean is not None)
@@ -75,13 +77,13 @@ def forward(be, x3, gamma, beta, eps, running_mean, running_var, momentum, train
         return None
 
     def shard():
-        body = [_host(a) for a in be.shard_moments(x3)] if count else [np.zeros(channels)] * 3
+        body = [_host(a) for a in be.shard_moments(x3, **masked)] if count else [np.zeros(channels)] * 3
         return _merge.pack(_merge.STATISTICS, count, body, **header)
 
     merged = _merge.merge(comm.allgather(_guarded(comm, _merge.STATISTICS, shard)))
     mean, mean_lo, var = xp.asarray(merged.mean), xp.asarray(merged.mean_lo), xp.asarray(merged.var)
-    y3 = be.normalize(x3, mean, mean_lo, var, gamma, beta, eps, **epilogue) if count else xp.empty(x3.shape,
-                                                                                                  x3.dtype)
+    y3 = be.normalize(x3, mean, mean_lo, var, gamma, beta, eps, **epilogue) if x3.size else xp.empty(x3.shape,
+                                                                                                     x3.dtype)
     # What backward uses, the same bits on every rank whatever route its y took.
     saved = [xp.asarray(a) for a in saved_statistics(np, merged.mean, merged.mean_lo, merged.var, eps, x3.dtype)]
     if running_mean is not None:
@@ -112,8 +114,9 @@ def backward(be, dy3, x3, saved, comm, relu_y3=None):
     (sum_dy, sum_dyc), vector = _guarded(comm, _merge.GRADIENTS, shard)
     total_dy, total_dyc = _merge.add_gradient_sums(comm.allgather(vector))
     if count:
+        masked = {} if saved.mask is None else {"mask": saved.mask}
         dx3 = be.input_gradient(dy3, x3, saved.mean, saved.mean_lo, saved.inv_std, saved.gamma,
-                                xp.asarray(total_dy), xp.asarray(total_dyc), saved.total_count)
+                                xp.asarray(total_dy), xp.asarray(total_dyc), saved.total_count, **masked)
     else:
         dx3 = xp.empty(x3.shape, dy3.dtype)
     dgamma = _host(saved.inv_std) * (sum_dyc - _host(saved.mean_lo) * sum_dy)

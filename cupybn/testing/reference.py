@@ -27,7 +27,8 @@ class ReferenceForward(NamedTuple):
     mean: np.ndarray        # the mean actually used (batch mean, or running mean in inference)
     var: np.ndarray         # biased batch variance (training) or running variance (inference)
     inv_std: np.ndarray
-    m: int                  # values per channel
+    m: int                  # values per channel (that the statistics came from)
+    mask: np.ndarray | None = None  # with a mask: x's shape but 1 on the channel axis, True where counted
 
 
 def reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
@@ -56,15 +57,41 @@ def _centred(x64: np.ndarray, axes) -> tuple[np.ndarray, np.ndarray]:
         return d - corr, mean0 + corr
 
 
+def full_mask(mask, shape, axis) -> np.ndarray:
+    """A mask broadcastable to ``shape`` without axis ``axis``, as booleans of ``shape``
+    with 1 on that axis."""
+    axis %= len(shape)
+    positions = tuple(shape[:axis]) + tuple(shape[axis + 1:])
+    return np.expand_dims(np.broadcast_to(np.asarray(mask, bool), positions), axis)
+
+
+def _masked_centred(x64, axes, kept) -> tuple[np.ndarray, np.ndarray, int]:
+    """As :func:`_centred`, the mean taken over the positions ``kept`` selects (values
+    elsewhere, NaN included, are never read), and their count."""
+    count = int(np.count_nonzero(kept))
+    with np.errstate(all="ignore"):
+        mean0 = np.where(kept, x64, 0.0).sum(axis=axes, keepdims=True) / count
+        d = x64 - mean0
+        corr = np.where(kept, d, 0.0).sum(axis=axes, keepdims=True) / count
+        return d - corr, mean0 + corr, count
+
+
 def reference_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, training=True,
-                      running_mean=None, running_var=None) -> ReferenceForward:
-    """Batch Normalization of ``x`` in float64 (training: batch statistics; else running)."""
+                      running_mean=None, running_var=None, mask=None) -> ReferenceForward:
+    """Batch Normalization of ``x`` in float64 (training: batch statistics; else running).
+
+    ``mask`` (broadcastable to x's shape without the channel axis): the batch
+    statistics are those of the positions it selects; every position is normalised."""
     x64 = _f64(x)
     ndim = x64.ndim
     axes = reduce_axes(ndim, axis)
     count = x64.size // x64.shape[axis]
+    kept = None if mask is None or not training else full_mask(mask, x64.shape, axis)
     with np.errstate(all="ignore"):  # NaN/Inf inputs give NaN/Inf references
-        if training:
+        if kept is not None:
+            d, mean, count = _masked_centred(x64, axes, kept)
+            var = np.where(kept, d * d, 0.0).sum(axis=axes, keepdims=True) / count
+        elif training:
             d, mean = _centred(x64, axes)
             var = (d * d).mean(axis=axes, keepdims=True)
         else:
@@ -78,7 +105,7 @@ def reference_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, training=Tr
             y = y * per_channel(gamma, ndim, axis)
         if beta is not None:
             y = y + per_channel(beta, ndim, axis)
-    return ReferenceForward(y, x_hat, mean.ravel(), var.ravel(), inv_std.ravel(), count)
+    return ReferenceForward(y, x_hat, mean.ravel(), var.ravel(), inv_std.ravel(), count, kept)
 
 
 def reference_backward(dy, ref: ReferenceForward, gamma=None, *, axis=1, training=True):
@@ -87,6 +114,10 @@ def reference_backward(dy, ref: ReferenceForward, gamma=None, *, axis=1, trainin
     Training mode differentiates through the batch mean and variance:
     ``dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))``;
     inference mode treats the statistics as constants: ``dx = dy * gamma * inv_std``.
+    After a masked forward pass (``ref.mask``) the sums are still over every
+    position (every y depends on the statistics) but the terms through the
+    statistics reach only the positions they came from, over their count m:
+    ``dx = gamma * inv_std * (dy - mask * (sum(dy) + x_hat * sum(dy * x_hat)) / m)``.
     """
     dy64 = _f64(dy)
     ndim = dy64.ndim
@@ -97,8 +128,10 @@ def reference_backward(dy, ref: ReferenceForward, gamma=None, *, axis=1, trainin
     dgamma = (dy64 * ref.x_hat).sum(axis=axes)
     if training:
         m = ref.m
-        dx = g * inv * (dy64 - per_channel(dbeta, ndim, axis) / m
-                        - ref.x_hat * per_channel(dgamma, ndim, axis) / m)
+        through_statistics = per_channel(dbeta, ndim, axis) / m + ref.x_hat * per_channel(dgamma, ndim, axis) / m
+        if ref.mask is not None:
+            through_statistics = np.where(ref.mask, through_statistics, 0.0)
+        dx = g * inv * (dy64 - through_statistics)
     else:
         dx = g * inv * dy64
     return dx, dgamma, dbeta
