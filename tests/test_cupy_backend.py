@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import cupybn
 from cupybn.backends._running import update_running
 from cupybn.backends.cupy_backend import CupyBackend, planar_shares, planar_slots
+from cupybn.kernels import ADD_RESIDUAL, RELU, WRITE_GRADIENT
 from cupybn.testing import (
     batch_norm_errors,
     exceeded,
@@ -130,6 +131,25 @@ def test_results_do_not_depend_on_the_run_but_on_the_geometry_only():
     assert ya.tobytes() == yb.tobytes() and sa.var.tobytes() == sb.var.tobytes()
 
 
+def run_the_epilogue_paths(backend, x3, gamma, beta, running_mean, running_var):
+    """The fused epilogue at the backend level, on x's (outer, C, inner) view:
+    training and inference forwards with a residual and a ReLU, and the
+    backward of each through that ReLU, writing dz.  Returns every output."""
+    z3 = np.random.default_rng(9).standard_normal(x3.shape).astype(x3.dtype)
+    dy3 = np.ones_like(x3)
+    y3, *saved = backend.forward_train(x3, gamma, beta, 1e-5, residual=z3, relu=True)
+    grads = backend.backward(dy3, x3, *saved, gamma, beta, True, relu_y=y3, want_dz=True)
+    y3_eval, *saved_eval = backend.forward_infer(x3, gamma, beta, running_mean, running_var, 1e-5, residual=z3,
+                                                 relu=True)
+    grads_eval = backend.backward(dy3, x3, *saved_eval, gamma, beta, False, relu_y=y3_eval, want_dz=True)
+    return [a for a in (y3, *grads, y3_eval, *grads_eval) if a is not None]
+
+
+def view3(x, axis):
+    """x's (outer, C, inner) view, as the API hands it to the backend (contiguous x, axis 1 or -1)."""
+    return x.reshape(x.shape[0], x.shape[1], -1) if axis == 1 else x.reshape(-1, x.shape[-1], 1)
+
+
 @pytest.mark.parametrize("shape,axis", [((2, 3, 4, 5), 1), ((3, 3, 7, 7), 1), ((40, 3), 1), ((2, 4, 5, 3), -1)],
                          ids=["planar", "planar-peeled", "rows", "channels-last"])
 @pytest.mark.parametrize("sanitize,threads", [("race", 64), ("race", 256), ("address", 64)],
@@ -150,6 +170,11 @@ def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, threads, shape, 
     # and the sanitized results are the real ones
     y0, _ = cupybn.batch_norm(x, gamma, beta, axis=axis)
     np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)
+    # the fused epilogue (residual, ReLU, the masked gradient and dz), bit for bit as unsanitized
+    fused = run_the_epilogue_paths(backend, view3(x, axis), gamma, beta, rm, rv)
+    plain = run_the_epilogue_paths(host_cupy_backend(threads=threads), view3(x, axis), gamma, beta, rm, rv)
+    for a, b in zip(fused, plain, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
@@ -165,8 +190,11 @@ def test_half_and_double_kernels_run_clean_under_the_sanitizers(sanitize, thread
         cupybn.batch_norm_backward(np.ones_like(x), saved)
         y, saved = cupybn.batch_norm(x, running_mean=rm, running_var=rv, training=False, backend=backend)
         cupybn.batch_norm_backward(np.ones_like(x), saved)
+        run_the_epilogue_paths(backend, view3(x, 1), None, None, rm, rv)
     # the general path (a strided view) too
     y, saved = cupybn.batch_norm(np.ones((4, 3, 5), dtype)[::2] * np.arange(3, dtype=dtype)[:, None], backend=backend)
+    strided = np.random.default_rng(8).standard_normal((4, 3, 5)).astype(dtype)[::2]
+    run_the_epilogue_paths(backend, strided, np.ones(3, pdt), np.zeros(3, pdt), np.zeros(3, pdt), np.ones(3, pdt))
 
 
 @given(st.integers(1, 80), st.integers(2, 70))
@@ -208,20 +236,21 @@ def test_running_statistics_of_mixed_dtypes_are_each_updated_in_their_own_dtype(
 @given(inputs=batch_norm_inputs(max_size=2000))
 @settings(max_examples=30)
 def test_16_byte_packs_in_the_elementwise_kernels_give_the_same_bits_as_single_values(inputs):
-    # Same coefficients, both forms: y and dx must agree bit for bit.  (The
-    # reductions may add in another order with packs, so whole calls may not.)
+    # Same coefficients, both forms: y and dx must agree bit for bit, with the
+    # epilogue (residual, ReLU, dz) and without.  (The reductions may add in
+    # another order with packs, so whole calls may not.)
     x3 = np.ascontiguousarray(inputs.x).reshape(inputs.x.shape[0], inputs.x.shape[1], -1)  # any (outer, C, inner)
     rng = inputs.rng(1)
     channels, acc = x3.shape[1], (np.float64 if x3.dtype == np.float64 else np.float32)
     stats, coef = rng.standard_normal((7, channels)).astype(acc), rng.standard_normal((3, channels)).astype(acc)
     running = [rng.standard_normal(channels).astype(acc), rng.uniform(0.5, 2, channels).astype(acc)]
-    dy3 = rng.standard_normal(x3.shape).astype(x3.dtype)
+    dy3, z3, y3 = (rng.standard_normal(x3.shape).astype(x3.dtype) for _ in range(3))
     results = []
     # packs and single values; coefficients fetched when the channel changes
     # (moving) and kept per thread over a grid of whole planes (fixed)
     for backend, path in [(host_cupy_backend(), "plan"), (host_cupy_backend(vector_loads=False), "plan"),
                           (host_cupy_backend(), "moving"), (host_cupy_backend(), "fixed")]:
-        def launch(template, *arrays, rest, backend=backend, path=path):
+        def launch(template, *arrays, rest, backend=backend, path=path, second_out=None):
             out = np.empty_like(x3)
             plan = backend._elementwise(template, x3.shape, x3.dtype, aligned=True)
             grid, geometry = plan.grid, plan.geometry
@@ -232,13 +261,18 @@ def test_16_byte_packs_in_the_elementwise_kernels_give_the_same_bits_as_single_v
                 grid = grid if path == "moving" else (int(unit),)
                 geometry = (*geometry[:-1], np.int32(path == "fixed"))
             plan.kernel(grid, plan.block, (*arrays, out, *geometry, *rest))
-            return out.tobytes()
+            return out.tobytes() + (b"" if second_out is None else second_out.tobytes())
 
         codes = [c for a in running + [None, None] for c in backend._channel(a, stats)]
-        results.append((launch("bn_normalize", x3, rest=(stats,)),
-                        launch("bn_normalize_running", x3, rest=(*codes, np.float64(1e-5), stats.copy())),
-                        launch("bn_backward_elementwise", dy3, x3, rest=(np.int32(1), stats[0], coef))))
-    assert results[0] == results[1] == results[2] == results[3]
+        for forward, backward in [(np.int32(0), np.int32(0)),  # no epilogue: stand-ins, never read
+                                  (np.int32(ADD_RESIDUAL | RELU), np.int32(RELU | WRITE_GRADIENT))]:
+            residual, relu_y, dz3 = (x3, dy3, None) if not forward else (z3, y3, np.empty_like(x3))
+            results.append((
+                launch("bn_normalize", x3, rest=(stats, residual, forward)),
+                launch("bn_normalize_running", x3, rest=(*codes, np.float64(1e-5), stats.copy(), residual, forward)),
+                launch("bn_backward_elementwise", dy3, x3, second_out=dz3,
+                       rest=(np.int32(1), stats[0], coef, relu_y, x3 if dz3 is None else dz3, backward))))
+    assert results[0::2] == [results[0]] * 4 and results[1::2] == [results[1]] * 4
 
 
 def test_elementwise_grids_stride_by_whole_planes_where_that_costs_little():
@@ -344,6 +378,16 @@ def test_the_general_path_runs_clean_under_the_sanitizers(sanitize):
     y, saved = cupybn.batch_norm(x, backend=backend)
     dx, _, _ = cupybn.batch_norm_backward(np.ones((6, 2, 3, 4), np.float32)[::2], saved)
     np.testing.assert_allclose(y, cupybn.batch_norm(x)[0], rtol=1e-5, atol=1e-5)
+    # the epilogue's general kernels, and the synchronised path's normalize and ReLU gradient
+    x3 = x.reshape(3, 2, 12)
+    assert not x3.flags.c_contiguous
+    params = (np.ones(2, np.float32), np.zeros(2, np.float32), np.zeros(2, np.float32), np.ones(2, np.float32))
+    fused = run_the_epilogue_paths(backend, x3, *params)
+    for a, b in zip(fused, run_the_epilogue_paths(host_cupy_backend(), x3, *params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    z3 = np.ones((6, 2, 12), np.float32)[::2]
+    y3 = backend.normalize(x3, np.full(2, 5.0), np.zeros(2), np.ones(2), None, None, 1e-5, residual=z3, relu=True)
+    backend.relu_gradient(np.ones((6, 2, 12), np.float32)[::2], y3 - 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])

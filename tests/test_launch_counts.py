@@ -68,6 +68,49 @@ def test_each_mode_is_at_most_its_launch_budget_with_no_array_module_arithmetic(
     assert counts.operations == [] and len(counts.kernels) == 2, counts
 
 
+EPILOGUES = {"residual": (True, False), "relu": (False, True), "residual-relu": (True, True)}
+
+
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_fused_epilogue_keeps_each_mode_within_its_launch_budget(stand_ins, layout, dtype, epilogue):
+    # Residual add and ReLU forward, the ReLU's mask and dz backward: runtime
+    # arguments of the same launches, at the backend level (the (outer, C, inner)
+    # view the API hands it).  Only dz, where a ReLU makes it a new array, is
+    # one more allocation.
+    be, counts = stand_ins
+    shape, axis = LAYOUTS[layout]
+    with_residual, relu = EPILOGUES[epilogue]
+    x, (gamma, beta), (rm, rv) = arrays(shape, axis, dtype, True)
+    channels = shape[axis]
+    x3 = x.reshape(shape[0], channels, -1) if axis == 1 else x.reshape(-1, channels, 1)
+    family = "bn_stats_" + ("rows" if x3.shape[2] == 1 else "planar")
+    residual = counting_array(np.full(x3.shape, -3, dtype)) if with_residual else None
+    dy3 = counting_array(np.ones(x3.shape, dtype))
+    epilogue_args = {"residual": residual, "relu": relu}
+    be.forward_train(x3, gamma, beta, 1e-5, rm, rv, 0.1, **epilogue_args)  # tickets, plans
+    with counted(counts):
+        y3, *saved = be.forward_train(x3, gamma, beta, 1e-5, rm, rv, 0.1, **epilogue_args)
+    assert counts.operations == [] and [k.split("<")[0] for k in counts.kernels] == [family] * 2 + ["bn_normalize"]
+    assert counts.allocations <= ALLOCATIONS["train"], counts
+    relu_y = y3 if relu else None
+    for want_dz in (False, True):
+        with counted(counts):
+            grads = be.backward(dy3, x3, *saved, gamma, beta, True, relu_y=relu_y, want_dz=want_dz)
+        assert len(grads) == 3 + want_dz and (not want_dz or relu or grads[3] is dy3)
+        assert counts.operations == [] and len(counts.kernels) == 2, counts
+        assert counts.allocations <= ALLOCATIONS["backward"] + (want_dz and relu), counts
+    with counted(counts):
+        y3, *saved = be.forward_infer(x3, gamma, beta, rm, rv, 1e-5, **epilogue_args)
+    assert counts.operations == [] and [k.split("<")[0] for k in counts.kernels] == ["bn_normalize_running"]
+    assert counts.allocations <= ALLOCATIONS["infer"], counts
+    with counted(counts):
+        be.backward(dy3, x3, *saved, gamma, beta, False, relu_y=y3 if relu else None, want_dz=True)
+    assert counts.operations == [] and len(counts.kernels) == 2, counts
+    assert counts.allocations <= ALLOCATIONS["backward"] + relu, counts
+
+
 def test_the_counts_see_array_module_operations_and_method_calls(stand_ins):
     # The stand-ins would catch a per-channel cast or a host-side mean creeping back.
     _, counts = stand_ins

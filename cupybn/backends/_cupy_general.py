@@ -7,14 +7,37 @@ are simpler and slower per pass than the RawKernels, and they carry their own
 numerics: two-pass statistics (shifted sum, then squared deviations from the
 mean) accumulated in double, which is as exact as the fast path.  The
 per-channel finishing code is the fast path's (``bn_*_channelwise`` kernels,
-one thread per channel), so the coefficients are computed the same way.
+one thread per channel), so the coefficients are computed the same way.  The
+fused epilogue (residual add and ReLU forward, the ReLU's mask and dz backward)
+is an input and a flag of these kernels, as it is of the RawKernels.
 """
 from __future__ import annotations
 
 import functools
 
+from ..kernels import ADD_RESIDUAL, RELU, WRITE_GRADIENT
+
+# The fused epilogue and the ReLU's gradient, as the fast kernels have them
+# (batch_norm.cu: apply_epilogue, through_relu), for the kernels below; the
+# bits of `epilogue` are cupybn.kernels' (a flag, the same for every element).
+_EPILOGUE_FUNCTIONS = f"""
+template <typename Acc, typename V>
+__device__ Acc cupybn_apply_epilogue(Acc p, const V& z, int epilogue) {{
+  if (epilogue & {ADD_RESIDUAL}) p += static_cast<Acc>(z);
+  if (epilogue & {RELU}) p = p <= Acc(0) ? Acc(0) : p;  // NaN stays NaN; -0 and negatives give +0
+  return p;
+}}
+// dy through the ReLU whose output was y: 0 where y <= 0 (y == 0 too), dy elsewhere (NaN y too)
+template <typename V>
+__device__ V cupybn_through_relu(const V& dy, const V& y, int epilogue) {{
+  return (epilogue & {RELU}) && static_cast<double>(y) <= 0.0 ? static_cast<V>(0.0f) : dy;
+}}
+"""
+
 # Per-channel arrays are (1, C, 1) so that they broadcast over the view.  `A` is
 # the arithmetic type (float32, or float64 for float64 data), `T` the data's.
+# The gradient kernels take `T y, int32 epilogue`: with RELU set, dy is masked
+# by y; otherwise y is a stand-in (dy itself) that the mask does not look at.
 _SHIFTED_SUM = dict(
     in_params="T x, A k", out_params="float64 s",
     map_expr="static_cast<double>(x) - static_cast<double>(k)",
@@ -26,23 +49,36 @@ _SQUARED_DEVIATIONS = dict(
     reduce_expr="a + b", post_map_expr="q = a", identity="0", name="cupybn_squared_deviations",
 )
 _SUM = dict(
-    in_params="T g", out_params="float64 s", map_expr="static_cast<double>(g)",
-    reduce_expr="a + b", post_map_expr="s = a", identity="0", name="cupybn_sum",
+    in_params="T g, T y, int32 epilogue", out_params="float64 s",
+    map_expr="static_cast<double>(cupybn_through_relu(g, y, epilogue))",
+    reduce_expr="a + b", post_map_expr="s = a", identity="0", name="cupybn_sum", preamble=_EPILOGUE_FUNCTIONS,
 )
 _CENTRED_PRODUCT_SUM = dict(
-    in_params="T g, T x, A c", out_params="float64 s",
-    map_expr="static_cast<double>(g) * (static_cast<double>(x) - static_cast<double>(c))",
+    in_params="T g, T x, A c, T y, int32 epilogue", out_params="float64 s",
+    map_expr=("static_cast<double>(cupybn_through_relu(g, y, epilogue))"
+              " * (static_cast<double>(x) - static_cast<double>(c))"),
     reduce_expr="a + b", post_map_expr="s = a", identity="0", name="cupybn_centred_product_sum",
+    preamble=_EPILOGUE_FUNCTIONS,
 )
+# z: the residual (with ADD_RESIDUAL), any strides; x stands in for it otherwise.
 _AFFINE = dict(
-    in_params="T x, A c, A s, A o", out_params="T y",
-    operation="y = static_cast<T>(fma(static_cast<A>(x) - c, s, o))", name="cupybn_affine",
+    in_params="T x, A c, A s, A o, T z, int32 epilogue", out_params="T y",
+    operation="y = static_cast<T>(cupybn_apply_epilogue(fma(static_cast<A>(x) - c, s, o), z, epilogue))",
+    name="cupybn_affine", preamble=_EPILOGUE_FUNCTIONS,
 )
+# dz (C-contiguous, written with WRITE_GRADIENT only: raw, indexed by i) gets
+# the masked dy; dx stands in for it otherwise.
 _BACKWARD = dict(
-    in_params="T g, T x, A c, A a, A b, A k, int32 with_x", out_params="T dx",
-    operation=("dx = static_cast<T>(with_x ? fma(a, static_cast<A>(g), fma(b, static_cast<A>(x) - c, k))"
-               " : a * static_cast<A>(g))"),
-    name="cupybn_backward",
+    in_params="T g, T x, A c, A a, A b, A k, int32 with_x, T y, int32 epilogue", out_params="T dx, raw T dz",
+    operation=("const T masked = cupybn_through_relu(g, y, epilogue);\n"
+               "dx = static_cast<T>(with_x ? fma(a, static_cast<A>(masked), fma(b, static_cast<A>(x) - c, k))"
+               " : a * static_cast<A>(masked));\n"
+               f"if (epilogue & {WRITE_GRADIENT}) dz[i] = masked"),
+    name="cupybn_backward", preamble=_EPILOGUE_FUNCTIONS,
+)
+_RELU_GRADIENT = dict(
+    in_params="T dy, T y", out_params="T g", operation=f"g = cupybn_through_relu(dy, y, {RELU})",
+    name="cupybn_relu_gradient", preamble=_EPILOGUE_FUNCTIONS,
 )
 
 
@@ -75,3 +111,7 @@ class GeneralPath:
     @functools.cached_property
     def backward(self):
         return self._kernels.ElementwiseKernel(**_BACKWARD)
+
+    @functools.cached_property
+    def relu_gradient(self):
+        return self._kernels.ElementwiseKernel(**_RELU_GRADIENT)

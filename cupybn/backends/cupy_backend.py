@@ -20,7 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels import BATCH_NORM_SOURCES, BLOCK_THREADS, C_TYPES, CHANNEL_KINDS, VECTOR_BYTES
+from ..kernels import (
+    ADD_RESIDUAL,
+    BATCH_NORM_SOURCES,
+    BLOCK_THREADS,
+    C_TYPES,
+    CHANNEL_KINDS,
+    RELU,
+    VECTOR_BYTES,
+    WRITE_GRADIENT,
+)
 from ._cupy_general import GeneralPath
 from ._running import update_running
 from .numpy_backend import compute_dtype, quiet, split_mean
@@ -51,6 +60,11 @@ _ABSENT = (np.int32(0), np.int64(0))
 _KIND = {np.dtype(name): np.int32(kind) for name, kind in CHANNEL_KINDS.items()}  # keyed by dtype: no .name per call
 _PASSES = (np.int32(0), np.int32(1))
 _MODES = (np.int32(0), np.int32(1))
+# The fused epilogue's argument, by (residual, relu) forward and (relu, dz) backward.
+_FORWARD_EPILOGUE = {(residual, relu): np.int32(ADD_RESIDUAL * residual + RELU * relu)
+                     for residual in (False, True) for relu in (False, True)}
+_BACKWARD_EPILOGUE = {(relu, dz): np.int32(RELU * relu + WRITE_GRADIENT * dz)
+                      for relu in (False, True) for dz in (False, True)}
 
 
 class KernelLaunchError(RuntimeError):
@@ -284,12 +298,18 @@ class CupyBackend:
         return _Launch(kernel, (grid,), (self.threads,),
                        (np.int64(total), np.int64(inner), np.int32(channels), np.int32(fixed)), 0, 0)
 
-    def _plan(self, mode: str, x3, *others) -> _Plan:
-        """The kernels and geometry of one mode for arrays like these (cached)."""
+    def _plan(self, mode: str, x3, *others, elementwise_reads=None) -> _Plan:
+        """The kernels and geometry of one mode for arrays like these (cached).
+
+        ``others`` (None where absent) are read by every kernel of the mode, as
+        x3 is; ``elementwise_reads`` (the residual) by the elementwise kernel
+        alone, so its alignment leaves the reduction's packs (and bits) alone."""
         aligned = self._address(x3) % VECTOR_BYTES == 0
         for a in others:
-            aligned = aligned and self._address(a) % VECTOR_BYTES == 0
-        key = (mode, x3.shape, x3.dtype, aligned)
+            aligned = aligned and (a is None or self._address(a) % VECTOR_BYTES == 0)
+        elementwise_aligned = aligned and (elementwise_reads is None
+                                           or self._address(elementwise_reads) % VECTOR_BYTES == 0)
+        key = (mode, x3.shape, x3.dtype, aligned, elementwise_aligned)
         plan = self._plans.get(key)
         if plan is None:
             shape, dtype = x3.shape, x3.dtype
@@ -297,7 +317,7 @@ class CupyBackend:
                 "train": ("bn_stats", "bn_normalize"), "infer": (None, "bn_normalize_running"),
                 "grad": ("bn_grad", "bn_backward_elementwise")}.get(mode, (None, None))
             plan = _Plan(self._reduction(reduction, shape, dtype, aligned) if reduction else None,
-                         self._elementwise(elementwise, shape, dtype, aligned) if elementwise else None,
+                         self._elementwise(elementwise, shape, dtype, elementwise_aligned) if elementwise else None,
                          count=shape[0] * shape[2], acc=np.float64 if dtype == np.float64 else np.float32)
             self._plans[key] = plan
         return plan
@@ -318,18 +338,27 @@ class CupyBackend:
         """``a`` if the kernels can read its dtype, else a float64 copy (bfloat16 on the host harness)."""
         return a if a is None or a.dtype in _KIND else self.xp.asarray(a, np.float64)
 
+    def _contiguous(self, a):
+        """``a`` as the fast kernels read an array shaped like x3: C-contiguous (a copy if it is not)."""
+        return a if a is None or a.flags.c_contiguous else self.xp.ascontiguousarray(a)
+
     # ---- the three operations (docs/backends.md) ---------------------------------------
 
     @functools.cached_property
     def _general(self) -> GeneralPath:
         return GeneralPath(self._kernels)
 
-    def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1):
+    def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1,
+                      residual=None, relu=False):
         xp = self.xp
         gamma, beta = self._kernel_readable(gamma), self._kernel_readable(beta)
         fused_running = running_mean is not None and running_mean.dtype in _KIND and running_var.dtype in _KIND
         general = not x3.flags.c_contiguous
-        plan = self._plan("general-train" if general else "train", x3)
+        epilogue = _FORWARD_EPILOGUE[residual is not None, bool(relu)]
+        if not general:
+            residual = self._contiguous(residual)
+        plan = (self._plan("general-train", x3) if general
+                else self._plan("train", x3, elementwise_reads=residual))
         channels = x3.shape[1]
         stats = xp.empty((_STAT_ROWS, channels), plan.acc)
         far = xp.empty(channels, np.int32)
@@ -338,12 +367,13 @@ class CupyBackend:
                   *self._channel(running_var if fused_running else None, stats),
                   np.float64(momentum), np.float64(plan.count / (plan.count - 1)))
         if general:
-            y3 = self._forward_train_general(x3, plan, stats, far, params)
+            y3 = self._forward_train_general(x3, plan, stats, far, params, residual, epilogue)
         else:
             self._statistics(x3, plan, stats, far, params)
             y3 = xp.empty(x3.shape, x3.dtype)
             normalize = plan.elementwise
-            normalize((x3, y3, *normalize.geometry, stats))
+            # x stands in for an absent residual: the kernel does not read it then
+            normalize((x3, y3, *normalize.geometry, stats, x3 if residual is None else residual, epilogue))
         if running_mean is not None and not fused_running:
             update_running(xp, running_mean, running_var, stats[_MEAN_HI], stats[_MEAN_LO], stats[_VAR],
                            momentum, plan.count)
@@ -360,7 +390,7 @@ class CupyBackend:
             reduce((x3, *reduce.geometry, pass_, part, tickets, stats, far, *params))
 
     @quiet  # NumPy arithmetic on the host harness: NaN and Inf are data here, not errors
-    def _forward_train_general(self, x3, plan, stats, far, params):
+    def _forward_train_general(self, x3, plan, stats, far, params, residual, epilogue):
         """Strided x3, read in place: two-pass statistics in double (see _cupy_general)."""
         channels = x3.shape[1]
         per_channel = (1, channels, 1)
@@ -370,24 +400,29 @@ class CupyBackend:
         squares = self._general.squared_deviations(x3, (shift64 + mean).reshape(per_channel), axis=(0, 2))
         self._channelwise(x3.dtype, "bn_stats_channelwise", channels,
                           (shift64, mean, squares, np.float64(plan.count), np.int32(channels), stats, far, *params))
-        return self._general_normalize(x3, stats)
+        return self._general_normalize(x3, stats, residual, epilogue)
 
     def _channelwise(self, dtype, template: str, channels: int, args: tuple) -> None:
         """One of the general path's per-channel kernels: one thread per channel."""
         self._function(dtype, template)((math.ceil(channels / _CHANNEL_BLOCK),), (_CHANNEL_BLOCK,), args)
 
-    def _general_normalize(self, x3, stats):
-        """y = (x - mean_hi) * scale + offset over a strided x3, the coefficients from ``stats``."""
+    def _general_normalize(self, x3, stats, residual, epilogue):
+        """y = (x - mean_hi) * scale + offset over a strided x3, the coefficients from ``stats``,
+        then the epilogue (the residual read in place, whatever its strides)."""
         y3 = self.xp.empty(x3.shape, x3.dtype)
         per_channel = (1, x3.shape[1], 1)
-        self._general.affine(x3, *(stats[row].reshape(per_channel) for row in (_MEAN_HI, _SCALE, _OFFSET)), y3)
+        self._general.affine(x3, *(stats[row].reshape(per_channel) for row in (_MEAN_HI, _SCALE, _OFFSET)),
+                             x3 if residual is None else residual, epilogue, y3)
         return y3
 
-    def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps):
+    def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps, residual=None, relu=False):
         xp = self.xp
         channels = x3.shape[1]
         general = not x3.flags.c_contiguous
-        plan = self._plan("general-infer" if general else "infer", x3)
+        epilogue = _FORWARD_EPILOGUE[residual is not None, bool(relu)]
+        if not general:
+            residual = self._contiguous(residual)
+        plan = self._plan("general-infer", x3) if general else self._plan("infer", x3, residual)
         stats = xp.empty((_STAT_ROWS, channels), plan.acc)
         params = (*self._channel(self._kernel_readable(running_mean), stats),
                   *self._channel(self._kernel_readable(running_var), stats),
@@ -395,19 +430,27 @@ class CupyBackend:
                   *self._channel(self._kernel_readable(beta), stats), np.float64(eps))
         if general:
             self._channelwise(x3.dtype, "bn_infer_channelwise", channels, (*params, np.int32(channels), stats))
-            y3 = self._general_normalize(x3, stats)
+            y3 = self._general_normalize(x3, stats, residual, epilogue)
         else:
             y3 = xp.empty(x3.shape, x3.dtype)
             normalize = plan.elementwise
-            normalize((x3, y3, *normalize.geometry, *params, stats))
+            normalize((x3, y3, *normalize.geometry, *params, stats, x3 if residual is None else residual, epilogue))
         return y3, stats[_MEAN_HI], stats[_MEAN_LO], stats[_VAR], stats[_INV_STD]
 
-    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training):
+    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y=None,
+                 want_dz=False):
+        """As docs/backends.md; with ``relu_y`` (the y of a forward call with
+        relu) dy passes back through that ReLU first, and with ``want_dz`` the
+        gradient of the residual comes fourth: dy3 itself without a ReLU, the
+        masked dy (written by the elementwise kernel) with one."""
         del var  # the kernels centre on mean_hi whatever the spread
         xp = self.xp
         channels = x3.shape[1]
         general = not (x3.flags.c_contiguous and dy3.flags.c_contiguous)
-        plan = self._plan("general-grad" if general else "grad", x3, dy3)
+        relu = relu_y is not None
+        if not general:
+            relu_y = self._contiguous(relu_y)
+        plan = self._plan("general-grad" if general else "grad", x3, dy3, relu_y)
         mean_hi, mean_lo, inv_std = (self._as_acc(a, plan.acc) for a in (mean_hi, mean_lo, inv_std))
         coef = xp.empty((_COEF_ROWS, channels), plan.acc)
         # dgamma/dbeta are written in their parameters' dtypes (float64 where the kernels cannot).
@@ -417,20 +460,30 @@ class CupyBackend:
         params = (mean_hi, mean_lo, inv_std, *self._channel(self._kernel_readable(gamma), coef), mode,
                   np.float64(plan.count), coef, *self._channel(dgamma, coef)[:2], *self._channel(dbeta, coef)[:2])
         dx3 = xp.empty(x3.shape, x3.dtype)
+        dz3 = xp.empty(x3.shape, x3.dtype) if relu and want_dz else None
+        epilogue = _BACKWARD_EPILOGUE[relu, dz3 is not None]
+        # Stand-ins the kernels do not touch where the epilogue leaves them out:
+        # dy for relu_y, dx for dz.
+        y_in = dy3 if relu_y is None else relu_y
+        dz_out = dx3 if dz3 is None else dz3
         if general:  # strided views, read in place
             per_channel = (1, channels, 1)
-            sum_dy = self._general.sum(dy3, axis=(0, 2))
-            sum_dyx = self._general.centred_product_sum(dy3, x3, mean_hi.reshape(per_channel), axis=(0, 2))
+            sum_dy = self._general.sum(dy3, y_in, epilogue, axis=(0, 2))
+            sum_dyx = self._general.centred_product_sum(dy3, x3, mean_hi.reshape(per_channel), y_in, epilogue,
+                                                        axis=(0, 2))
             self._channelwise(x3.dtype, "bn_grad_channelwise", channels,
                               (sum_dy, sum_dyx, np.int32(channels), *params))
             self._general.backward(dy3, x3, mean_hi.reshape(per_channel),
-                                   *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), mode, dx3)
+                                   *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), mode, y_in,
+                                   epilogue, dx3, dz_out)
         else:
             reduce, elementwise = plan.reduction, plan.elementwise
             part = xp.empty(2 * channels * reduce.slices, plan.acc)
-            reduce((dy3, x3, *reduce.geometry, part, self._tickets_for(reduce.tickets), *params))
-            elementwise((dy3, x3, dx3, *elementwise.geometry, mode, mean_hi, coef))
-        return dx3, _as_dtype(dgamma, gamma), _as_dtype(dbeta, beta)
+            reduce((dy3, x3, *reduce.geometry, part, self._tickets_for(reduce.tickets), *params, y_in, epilogue))
+            elementwise((dy3, x3, dx3, *elementwise.geometry, mode, mean_hi, coef, y_in, dz_out, epilogue))
+        if not want_dz:
+            return dx3, _as_dtype(dgamma, gamma), _as_dtype(dbeta, beta)
+        return dx3, _as_dtype(dgamma, gamma), _as_dtype(dbeta, beta), dy3 if dz3 is None else dz3
 
     # ---- synchronised statistics (cupybn.distributed) -----------------------------------
     # The general path's kernels (any strides, double sums): a shard's moments and
@@ -447,10 +500,10 @@ class CupyBackend:
         m2 = self._general.squared_deviations(x3, mean.reshape(per_channel), axis=(0, 2))
         return (*split_mean(mean, rounding, acc), m2)
 
-    def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps):
+    def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps, residual=None, relu=False):
         """Training-mode y3 for float64 statistics computed elsewhere (the mean as a
         pair ``mean + mean_lo``): the coefficients in double, then the general path's
-        affine kernel, ``y = (x - mean_hi) * scale + offset``."""
+        affine kernel, ``y = (x - mean_hi) * scale + offset``, and the epilogue."""
         xp = self.xp
         acc = compute_dtype(x3.dtype)
         mean_hi = mean.astype(acc)
@@ -461,15 +514,24 @@ class CupyBackend:
         per_channel = (1, x3.shape[1], 1)
         y3 = xp.empty(x3.shape, x3.dtype)
         self._general.affine(x3, mean_hi.reshape(per_channel), scale.astype(acc).reshape(per_channel),
-                             offset.astype(acc).reshape(per_channel), y3)
+                             offset.astype(acc).reshape(per_channel), x3 if residual is None else residual,
+                             _FORWARD_EPILOGUE[residual is not None, bool(relu)], y3)
         return y3
+
+    def relu_gradient(self, dy3, y3):
+        """A new array: dy3 passed back through the ReLU whose output was y3
+        (0 where y <= 0, y == 0 included; dy elsewhere, NaN y included)."""
+        g3 = self.xp.empty(dy3.shape, dy3.dtype)
+        self._general.relu_gradient(dy3, y3, g3)
+        return g3
 
     def gradient_sums(self, dy3, x3, mean_hi, mean_lo, var):
         """float64 per channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))``."""
         del mean_lo, var  # centred on mean_hi, as the fused kernels are
         centre = self._as_acc(mean_hi, compute_dtype(x3.dtype)).reshape(1, x3.shape[1], 1)
-        return (self._general.sum(dy3, axis=(0, 2)),
-                self._general.centred_product_sum(dy3, x3, centre, axis=(0, 2)))
+        no_relu = _BACKWARD_EPILOGUE[False, False]  # dy3 stands in for the y the sums do not read
+        return (self._general.sum(dy3, dy3, no_relu, axis=(0, 2)),
+                self._general.centred_product_sum(dy3, x3, centre, dy3, no_relu, axis=(0, 2)))
 
     def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count):
         """Training-mode dx from per-channel sums over ``count`` values per channel."""
@@ -487,7 +549,8 @@ class CupyBackend:
         per_channel = (1, channels, 1)
         dx3 = xp.empty(x3.shape, x3.dtype)
         self._general.backward(dy3, x3, mean_hi.reshape(per_channel),
-                               *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), _MODES[1], dx3)
+                               *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), _MODES[1],
+                               dy3, _BACKWARD_EPILOGUE[False, False], dx3, dx3)  # stand-ins: no ReLU, no dz
         return dx3
 
     def _as_acc(self, a, acc):

@@ -104,6 +104,11 @@ ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8}
 # -> the `kind` code the kernels read it by (batch_norm.cu: ChannelArray); 0 is "absent".
 CHANNEL_KINDS = {"float16": 1, "float32": 2, "float64": 3}
 
+# Bits of the `epilogue` argument of the elementwise and gradient kernels
+# (batch_norm.cu: Epilogue): a residual added to y, a ReLU on y (and dy passed
+# back through it), the residual's gradient written out.
+ADD_RESIDUAL, RELU, WRITE_GRADIENT = 1, 2, 4
+
 
 def batch_norm_instantiations(dtype: str) -> tuple[str, ...]:
     """Every template instantiation of batch_norm.cu that the backend uses for ``dtype``."""

@@ -94,6 +94,34 @@ __device__ __forceinline__ half store_value<half, float>(float v) {
   return float_to_half(v);
 }
 
+// The fused epilogue of a launch: a bit set passed as a kernel argument
+// (cupybn.kernels.ADD_RESIDUAL, ...), the same for every thread, so its
+// branches never diverge and a launch without one does the work it did before.
+enum Epilogue : int {
+  kAddResidual = 1,   // forward: y = bn(x) + z
+  kRelu = 2,          // forward: y = max(., 0); backward: dy through that ReLU
+  kWriteGradient = 4  // backward: also store the gradient of z, dy through the ReLU
+};
+
+// What the forward kernels store for the normalised value p (rounded once by
+// the caller): p + z in Acc, then the ReLU written as a comparison so that NaN
+// stays NaN and -0 and negatives become +0.  z is read only with kAddResidual.
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc apply_epilogue(Acc p, const T& z, int epilogue) {
+  if (epilogue & kAddResidual) p += widen<Acc>(z);
+  if (epilogue & kRelu) p = p <= Acc(0) ? Acc(0) : p;
+  return p;
+}
+
+// The gradient that reaches BN through the ReLU whose output was y (when
+// `relu`): 0 where y <= 0, y == 0 exactly included (PyTorch's convention), dy
+// elsewhere, a NaN y included.  In the storage type, so that a pack of it
+// stays packed (and is dz as it is); y is read only when `relu`.
+template <typename Acc, typename T>
+__device__ __forceinline__ T through_relu(const T& dy, const T& y, bool relu) {
+  return relu && widen<Acc>(y) <= Acc(0) ? store_value<T>(Acc(0)) : dy;
+}
+
 // Running moments of a set of values: count, mean and sum of squared deviations.
 template <typename Acc>
 struct Moments {
@@ -819,47 +847,73 @@ __device__ __forceinline__ void for_each_pack(long long total, long long inner, 
   }
 }
 
-// y = (x - centre) * scale + offset for the values of one pack.
+// Pack u of x, and of the residual z when the epilogue adds one (z is left
+// unset otherwise, and never read).
+template <typename T, int kVec>
+struct ForwardPacks {
+  Pack<T, kVec> x, z;
+};
+template <typename T, int kVec>
+__device__ __forceinline__ ForwardPacks<T, kVec> load_forward(const T* __restrict__ x, const T* __restrict__ residual,
+                                                              int epilogue, long long u) {
+  ForwardPacks<T, kVec> in;
+  in.x = reinterpret_cast<const Pack<T, kVec>*>(x)[u];
+  if (epilogue & kAddResidual) in.z = reinterpret_cast<const Pack<T, kVec>*>(residual)[u];
+  return in;
+}
+
+// y = (x - centre) * scale + offset for the values of one pack, then the epilogue.
 template <typename T, typename Acc, int kVec>
-__device__ __forceinline__ void normalize_pack(T* __restrict__ y, long long u, const Pack<T, kVec>& in,
-                                               const Affine<Acc> (&k)[kVec]) {
+__device__ __forceinline__ void normalize_pack(T* __restrict__ y, long long u, const ForwardPacks<T, kVec>& in,
+                                               int epilogue, const Affine<Acc> (&k)[kVec]) {
+  Acc p[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) p[e] = mul_add(widen<Acc>(in.x.v[e]) - k[e].centre, k[e].scale, k[e].offset);
+  if (epilogue != 0) {  // one uniform branch per pack: without an epilogue, no work for it
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) p[e] = apply_epilogue(p[e], in.z.v[e], epilogue);
+  }
   Pack<T, kVec> out;
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) {
-    out.v[e] = store_value<T>(mul_add(widen<Acc>(in.v[e]) - k[e].centre, k[e].scale, k[e].offset));
-  }
+  for (int e = 0; e < kVec; ++e) out.v[e] = store_value<T>(p[e]);
   reinterpret_cast<Pack<T, kVec>*>(y)[u] = out;
 }
 }  // namespace cupybn
 
-// Training: y = (x - mean_hi[c]) * scale[c] + offset[c], from the statistics kernel's rows.
+// Training: y = (x - mean_hi[c]) * scale[c] + offset[c], from the statistics
+// kernel's rows, then the epilogue (kAddResidual, kRelu; residual: an array
+// like x, or a stand-in pointer that is never read).
 template <typename T, typename Acc, int kVec>
 __global__ void bn_normalize(const T* __restrict__ x, T* __restrict__ y, long long total, long long inner,
-                             int channels, int fixed, const Acc* __restrict__ stats) {
+                             int channels, int fixed, const Acc* __restrict__ stats, const T* __restrict__ residual,
+                             int epilogue) {
   using namespace cupybn;
-  using P = Pack<T, kVec>;
+  using In = ForwardPacks<T, kVec>;
   for_each_pack<kVec, Affine<Acc>>(
       total, inner, channels, fixed,
       [&](int c) {
         return Affine<Acc>{stats[kMeanHi * channels + c], stats[kScale * channels + c],
                            stats[kOffset * channels + c]};
       },
-      [&](long long u) { return reinterpret_cast<const P*>(x)[u]; },
-      [&](long long u, const P& in, const Affine<Acc>(&k)[kVec]) { normalize_pack<T, Acc, kVec>(y, u, in, k); });
+      [&](long long u) { return load_forward<T, kVec>(x, residual, epilogue, u); },
+      [&](long long u, const In& in, const Affine<Acc>(&k)[kVec]) {
+        normalize_pack<T, Acc, kVec>(y, u, in, epilogue, k);
+      });
 }
 
 // Inference in one launch: the coefficients come from the running statistics
 // inside the kernel, and the first threads also write what the backward pass
-// needs (stats rows kMeanHi..kOffset).
+// needs (stats rows kMeanHi..kOffset).  Epilogue as bn_normalize.
 template <typename T, typename Acc, int kVec>
 __global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y, long long total, long long inner,
                                      int channels, int fixed, const void* running_mean, int running_mean_kind,
                                      long long running_mean_stride, const void* running_var, int running_var_kind,
                                      long long running_var_stride, const void* gamma, int gamma_kind,
                                      long long gamma_stride, const void* beta, int beta_kind, long long beta_stride,
-                                     double eps, Acc* __restrict__ stats) {
+                                     double eps, Acc* __restrict__ stats, const T* __restrict__ residual,
+                                     int epilogue) {
   using namespace cupybn;
-  using P = Pack<T, kVec>;
+  using In = ForwardPacks<T, kVec>;
   const ChannelIn rm{running_mean, running_mean_kind, running_mean_stride};
   const ChannelIn rv{running_var, running_var_kind, running_var_stride};
   const ChannelIn g{gamma, gamma_kind, gamma_stride};
@@ -875,25 +929,33 @@ __global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y,
         const InferCoefficients<Acc> k = infer_coefficients<Acc>(c, rm, rv, g, b, eps);
         return Affine<Acc>{k.centre, k.scale, k.offset};
       },
-      [&](long long u) { return reinterpret_cast<const P*>(x)[u]; },
-      [&](long long u, const P& in, const Affine<Acc>(&k)[kVec]) { normalize_pack<T, Acc, kVec>(y, u, in, k); });
+      [&](long long u) { return load_forward<T, kVec>(x, residual, epilogue, u); },
+      [&](long long u, const In& in, const Affine<Acc>(&k)[kVec]) {
+        normalize_pack<T, Acc, kVec>(y, u, in, epilogue, k);
+      });
 }
 
-// dx = a[c] * dy + b[c] * (x - centre[c]) + k[c]; in inference (with_x == 0)
-// dx = a[c] * dy, which leaves x (even where it is not finite) out of it.
+// dx = a[c] * g + b[c] * (x - centre[c]) + k[c]; in inference (with_x == 0)
+// dx = a[c] * g, which leaves x (even where it is not finite) out of it.
+// g is dy, or with kRelu dy through the ReLU whose output was relu_y
+// (through_relu), which kWriteGradient also stores in dz.  relu_y and dz are
+// stand-in pointers, never touched, where their flags are off.
 // coef: rows kCoefA, kCoefB, kCoefK of the gradient kernel.
 template <typename T, typename Acc, int kVec>
 __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                         long long total, long long inner, int channels, int fixed, int with_x,
-                                        const Acc* __restrict__ centre, const Acc* __restrict__ coef) {
+                                        const Acc* __restrict__ centre, const Acc* __restrict__ coef,
+                                        const T* __restrict__ relu_y, T* __restrict__ dz, int epilogue) {
   using namespace cupybn;
   using P = Pack<T, kVec>;
   struct K {
     Acc centre, a, b, k;
   };
   struct Loaded {
-    P g, v;
+    P g, v, y;
   };
+  const bool relu = (epilogue & kRelu) != 0;
+  const bool write_gradient = (epilogue & kWriteGradient) != 0;
   for_each_pack<kVec, K>(
       total, inner, channels, fixed,
       [&](int c) {
@@ -903,21 +965,28 @@ __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __res
         Loaded in;
         in.g = reinterpret_cast<const P*>(dy)[u];
         if (with_x) in.v = reinterpret_cast<const P*>(x)[u];
+        if (relu) in.y = reinterpret_cast<const P*>(relu_y)[u];
         return in;
       },
       [&](long long u, const Loaded& in, const K(&k)[kVec]) {
+        P g = in.g;
+        if (relu) {  // one uniform branch per pack
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) g.v[e] = through_relu<Acc>(in.g.v[e], in.y.v[e], true);
+        }
         P out;
         if (with_x) {
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            out.v[e] = store_value<T>(mul_add(k[e].a, widen<Acc>(in.g.v[e]),
+            out.v[e] = store_value<T>(mul_add(k[e].a, widen<Acc>(g.v[e]),
                                               mul_add(k[e].b, widen<Acc>(in.v.v[e]) - k[e].centre, k[e].k)));
           }
         } else {
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) out.v[e] = store_value<T>(k[e].a * widen<Acc>(in.g.v[e]));
+          for (int e = 0; e < kVec; ++e) out.v[e] = store_value<T>(k[e].a * widen<Acc>(g.v[e]));
         }
         reinterpret_cast<P*>(dx)[u] = out;
+        if (write_gradient) reinterpret_cast<P*>(dz)[u] = g;
       });
 }
 
@@ -934,15 +1003,18 @@ __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __res
                            cupybn::ChannelIn{gamma, gamma_kind, gamma_stride}.at((c), 1.0), training, coef,   \
                            cupybn::ChannelInOut{dgamma, dgamma_kind, 1}, cupybn::ChannelInOut{dbeta, dbeta_kind, 1})
 
-// sum(dy) and sum(dy * (x - mean_hi)) per channel slice, layout (packs and
-// singles) as bn_stats_planar; the last block of a channel finishes it.
-// part: 2 * C * slices.
+// sum(g) and sum(g * (x - mean_hi)) per channel slice, layout (packs and
+// singles) as bn_stats_planar; the last block of a channel finishes it.  g is
+// dy, or with kRelu in `epilogue` dy through the ReLU whose output was relu_y
+// (read only then; a stand-in pointer otherwise).  part: 2 * C * slices.
 template <typename T, typename Acc, int kThreads, int kVec>
 __global__ void __launch_bounds__(kThreads)
     bn_grad_planar(const T* __restrict__ dy, const T* __restrict__ x, long long outer, int channels,
                    long long inner, long long slots, long long per_block, long long singles_per_block,
-                   Acc* __restrict__ part, unsigned int* __restrict__ tickets, CUPYBN_GRAD_PARAMS) {
+                   Acc* __restrict__ part, unsigned int* __restrict__ tickets, CUPYBN_GRAD_PARAMS,
+                   const T* __restrict__ relu_y, int epilogue) {
   using namespace cupybn;
+  const bool relu = (epilogue & kRelu) != 0;
   using P = Pack<T, kVec>;
   const int c = blockIdx.x;
   const int s = blockIdx.y;
@@ -955,6 +1027,7 @@ __global__ void __launch_bounds__(kThreads)
   const long long singles_end = min(outer * rest, singles_begin + singles_per_block);
   const P* dy_packs = reinterpret_cast<const P*>(dy);
   const P* x_packs = reinterpret_cast<const P*>(x);
+  const P* y_packs = reinterpret_cast<const P*>(relu_y);
   const Acc m = mean_hi[c];
   Acc sum_dy = Acc(0), sum_dyx = Acc(0);
   long long j = begin + threadIdx.x;
@@ -962,7 +1035,7 @@ __global__ void __launch_bounds__(kThreads)
     PlanarCursor at(j, kThreads, slots);
     constexpr int kGroup = kVec >= 4 ? 1 : 4 / kVec;  // packs whose loads are in flight together
     for (; j < end;) {
-      P g[kGroup], v[kGroup];
+      P g[kGroup], v[kGroup], y[kGroup];
       int taken = 0;
 #pragma unroll
       for (int q = 0; q < kGroup; ++q) {
@@ -970,6 +1043,7 @@ __global__ void __launch_bounds__(kThreads)
           const long long i = rows.pack(at);
           g[q] = dy_packs[i];
           v[q] = x_packs[i];
+          if (relu) y[q] = y_packs[i];
           at.advance(slots);
           taken = q + 1;
         }
@@ -979,7 +1053,7 @@ __global__ void __launch_bounds__(kThreads)
         if (q < taken) {
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            const Acc ge = widen<Acc>(g[q].v[e]);
+            const Acc ge = widen<Acc>(through_relu<Acc>(g[q].v[e], y[q].v[e], relu));
             sum_dy += ge;
             sum_dyx = mul_add(ge, widen<Acc>(v[q].v[e]) - m, sum_dyx);
           }
@@ -993,23 +1067,26 @@ __global__ void __launch_bounds__(kThreads)
     PlanarCursor at(j, kThreads, rest);
     constexpr int kAtOnce = kSinglesAtOnce<T>;
     for (; j + (kAtOnce - 1) * kThreads < singles_end; j += kAtOnce * kThreads) {
-      Acc g[kAtOnce], v[kAtOnce];
+      T g[kAtOnce], y[kAtOnce];
+      Acc v[kAtOnce];
 #pragma unroll
       for (int q = 0; q < kAtOnce; ++q) {  // every load first, then the sums in order
         const long long i = rows.single(at);
-        g[q] = load<Acc>(dy, i);
+        g[q] = dy[i];
         v[q] = load<Acc>(x, i);
+        if (relu) y[q] = relu_y[i];
         at.advance(rest);
       }
 #pragma unroll
       for (int q = 0; q < kAtOnce; ++q) {
-        sum_dy += g[q];
-        sum_dyx = mul_add(g[q], v[q] - m, sum_dyx);
+        const Acc gq = widen<Acc>(through_relu<Acc>(g[q], y[q], relu));
+        sum_dy += gq;
+        sum_dyx = mul_add(gq, v[q] - m, sum_dyx);
       }
     }
     for (; j < singles_end; j += kThreads) {
       const long long i = rows.single(at);
-      const Acc g1 = load<Acc>(dy, i);
+      const Acc g1 = widen<Acc>(through_relu<Acc>(dy[i], relu_y[i], relu));  // relu_y[i] is read only if relu
       sum_dy += g1;
       sum_dyx = mul_add(g1, load<Acc>(x, i) - m, sum_dyx);
       at.advance(rest);
@@ -1034,13 +1111,14 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) CUPYBN_FINISH_GRAD(c, total_dy, total_dyx);
 }
 
-// The same sums for the rows family; layout as bn_stats_rows.
+// The same sums for the rows family; layout as bn_stats_rows, epilogue as bn_grad_planar.
 template <typename T, typename Acc, int kRows>
 __global__ void __launch_bounds__(32 * kRows)
     bn_grad_rows(const T* __restrict__ dy, const T* __restrict__ x, long long outer, int channels,
                  long long per_block, Acc* __restrict__ part, unsigned int* __restrict__ tickets,
-                 CUPYBN_GRAD_PARAMS) {
+                 CUPYBN_GRAD_PARAMS, const T* __restrict__ relu_y, int epilogue) {
   using namespace cupybn;
+  const bool relu = (epilogue & kRelu) != 0;
   __shared__ Acc shared_dy[kRows][32], shared_dyx[kRows][32];
   __shared__ double merged_dy[kRows][32], merged_dyx[kRows][32];
   const int c = blockIdx.x * 32 + threadIdx.x;
@@ -1054,22 +1132,25 @@ __global__ void __launch_bounds__(32 * kRows)
     const Acc m = mean_hi[c];
     long long row = begin + threadIdx.y;
     for (; row + (kRowsAtOnce - 1) * kRows < end; row += kRowsAtOnce * kRows) {
-      Acc g[kRowsAtOnce], v[kRowsAtOnce];
+      T g[kRowsAtOnce], y[kRowsAtOnce];
+      Acc v[kRowsAtOnce];
 #pragma unroll
       for (int i = 0; i < kRowsAtOnce; ++i) {  // every load first, then the sums in row order
         const long long at = (row + i * kRows) * channels + c;
-        g[i] = load<Acc>(dy, at);
+        g[i] = dy[at];
         v[i] = load<Acc>(x, at);
+        if (relu) y[i] = relu_y[at];
       }
 #pragma unroll
       for (int i = 0; i < kRowsAtOnce; ++i) {
-        sum_dy += g[i];
-        sum_dyx = mul_add(g[i], v[i] - m, sum_dyx);
+        const Acc gi = widen<Acc>(through_relu<Acc>(g[i], y[i], relu));
+        sum_dy += gi;
+        sum_dyx = mul_add(gi, v[i] - m, sum_dyx);
       }
     }
     for (; row < end; row += kRows) {
       const long long i = row * channels + c;
-      const Acc g1 = load<Acc>(dy, i);
+      const Acc g1 = widen<Acc>(through_relu<Acc>(dy[i], relu_y[i], relu));  // relu_y[i] is read only if relu
       sum_dy += g1;
       sum_dyx = mul_add(g1, load<Acc>(x, i) - m, sum_dyx);
     }
