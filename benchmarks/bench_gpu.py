@@ -11,9 +11,12 @@ in ``gpu_cases.py``.
 ``test_copy`` comes first: a device-to-device copy, timed as ``cupy.copyto`` and as
 ``cudaMemcpyAsync``; the faster is the roofline.  Then ``test_gpu_batch_norm`` times every case x
 mode x implementation, one case after another (group ``gpu-{case}-{mode}``), so that only one
-case's data need be on the device.  ``extra_info`` holds what gpu-check reports: the case, mode
-and implementation, the bytes of x, how many inputs are rotated, the error of the main output
-against float64 (computed before timing), the clock and the calls per round.
+case's data need be on the device; then ``test_gpu_epilogue`` times the fused epilogue
+``relu(BN(x) + z)`` against the same work unfused and against torch on a few of the cases
+(``gpu_cases.epilogue_cases``; group ``gpu-epilogue-{case}-{mode}``, ``kind`` "epilogue").
+``extra_info`` holds what gpu-check reports: the case, mode and implementation, the bytes of x,
+how many inputs are rotated, the error of the main output against float64 (computed before
+timing), the clock and the calls per round.
 
 Timing: ``benchmark.pedantic`` with ``iterations=CALLS_PER_ROUND``: a round queues that many calls,
 each on the next of several distinct inputs (together a few times the L2 cache), without waiting,
@@ -61,7 +64,8 @@ class Slot:
 
 
 REFERENCE = Slot()          # the float64 output of the current case and mode
-DATA = Slot(REFERENCE)      # the current case's inputs, or the copy's buffers
+RESIDUALS = Slot()          # the current epilogue case's residuals
+DATA = Slot(REFERENCE, RESIDUALS)  # the current case's inputs, or the copy's buffers
 
 
 @pytest.fixture(autouse=True)
@@ -125,3 +129,36 @@ def test_gpu_batch_norm(benchmark, case, mode, impl):
         benchmark.extra_info["max_err"] = gpu_cases.max_rel_err(DEVICE.xp, first, reference)
     del first
     _time(benchmark, _rotating(target.fn, target.inputs))
+
+
+# ---- the fused epilogue: relu(BN(x) + z) ----------------------------------------------------------
+EPILOGUE_CASES = gpu_cases.epilogue_cases(CASES) if SETTINGS.epilogue else []
+
+
+@pytest.mark.parametrize(("case", "mode", "impl"), [
+    pytest.param(case, mode, impl, id=f"{case.name}-{mode}-{impl}", marks=_marks(f"gpu-epilogue-{case.name}-{mode}"))
+    for case in EPILOGUE_CASES for mode in gpu_cases.EPILOGUE_MODES for impl in gpu_cases.EPILOGUE_IMPLEMENTATIONS
+])
+def test_gpu_epilogue(benchmark, case, mode, impl):
+    inputs = gpu_cases.rotation_count(case.nbytes, DEVICE.l2_bytes)
+    benchmark.extra_info.update(kind="epilogue", case=case.name, shape=list(case.shape), layout=case.layout,
+                                dtype=case.dtype, mode=mode, impl=impl, nbytes=case.nbytes, inputs=inputs,
+                                passes=gpu_cases.EPILOGUE_PASSES[mode], max_err=None)
+    if impl == "torch" and DEVICE.torch is None:
+        pytest.skip(DEVICE.torch_unavailable)
+    data = DATA.get(case.name, lambda: gpu_cases.make_case_data(DEVICE.xp, case, inputs))
+    zs = RESIDUALS.get(case.name, lambda: gpu_cases.make_residuals(DEVICE.xp, case, inputs))
+    reference = REFERENCE.get((case.name, mode), lambda: _epilogue_reference(mode, data, zs[0]))
+    target = gpu_cases.epilogue_target(DEVICE.torch, DEVICE.xp, impl, mode, data, zs)
+    first = target.output(target.fn(target.inputs[0]))
+    if reference is not None:
+        benchmark.extra_info["max_err"] = gpu_cases.max_rel_err(DEVICE.xp, first, reference)
+    del first
+    _time(benchmark, _rotating(target.fn, target.inputs))
+
+
+def _epilogue_reference(mode, data, z):
+    try:
+        return gpu_cases.reference_epilogue_output(DEVICE.xp, mode, data, z)
+    except Exception:  # as _reference: without the memory, the error is unknown, not fatal
+        return None

@@ -22,6 +22,9 @@ Settings come from the environment (gpu-check sets them from its options):
   CUPYBN_GPU_BENCH_SCALE     ``batch,image`` (default ``256,224``): ResNet-50 at another batch and
                              image size; the rows case shrinks in proportion (rows with the batch,
                              features with the image).  Case names follow the actual shapes.
+  CUPYBN_GPU_BENCH_EPILOGUE  ``1`` (default): also time the fused epilogue, ``relu(BN(x) + z)``, on
+                             the largest selected case of each layout and dtype (``epilogue_cases``);
+                             ``0``: not
 """
 from __future__ import annotations
 
@@ -44,6 +47,13 @@ IMPLEMENTATIONS = ("cupybn", "torch", "textbook")
 # for the statistics, reads it again and writes y; inference reads x and writes y
 # (one copy); backward reads dy and x for the sums, reads both again and writes dx.
 PASSES = {"forward-train": 3, "inference": 2, "backward": 5}
+# The fused epilogue y = relu(BN(x) + z): "cupybn" fused, "unfused" the same work as separate calls
+# (cupybn's BN, then the add and the ReLU as array operations), and torch's relu(batch_norm(x) + z).
+# Its passes: the residual read once more forward; backward reads y with dy and x in both of its
+# passes and also writes dz.
+EPILOGUE_MODES = ("forward-train+add+relu", "inference+add+relu", "backward+add+relu")
+EPILOGUE_IMPLEMENTATIONS = ("cupybn", "unfused", "torch")
+EPILOGUE_PASSES = {"forward-train+add+relu": 4, "inference+add+relu": 3, "backward+add+relu": 8}
 EPS = 1e-5
 MOMENTUM = 0.1
 SEED = 20240601
@@ -89,6 +99,7 @@ class Settings:
     device: str               # "cuda" or "host"
     batch: int
     image: int
+    epilogue: bool = True     # time the fused epilogue too
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -108,11 +119,14 @@ class Settings:
             raise ValueError(f"{ENV_PREFIX}SCALE={scale!r}: expected batch,image (e.g. 2,16)") from None
         if batch < 1 or image < 1:
             raise ValueError(f"{ENV_PREFIX}SCALE={scale!r}: batch and image must be >= 1")
+        epilogue = get("EPILOGUE") or "1"
+        if epilogue not in ("0", "1"):
+            raise ValueError(f"{ENV_PREFIX}EPILOGUE={epilogue!r}: expected 0 or 1")
         return cls(case_set=case_set, patterns=tuple(p.strip() for p in get("CASES").split(",") if p.strip()),
                    repeat=_count(get, "REPEAT", QUICK_REPEAT if case_set == "quick" else DEFAULT_REPEAT, 1),
                    warmup=_count(get, "WARMUP", DEFAULT_WARMUP, 0),
                    copy_mib=_count(get, "COPY_MIB", DEFAULT_COPY_MIB if device == "cuda" else HOST_COPY_MIB, 1),
-                   device=device, batch=batch, image=image)
+                   device=device, batch=batch, image=image, epilogue=epilogue == "1")
 
 
 def _count(get: Callable[[str], str], name: str, default: int, minimum: int) -> int:
@@ -216,6 +230,16 @@ def selected_cases(settings: Settings) -> list[Case]:
     return select_cases(cases, settings.patterns)
 
 
+def epilogue_cases(cases: Sequence[Case]) -> list[Case]:
+    """The largest of ``cases`` in each layout and dtype, in the order they come."""
+    largest: dict[tuple[str, str], Case] = {}
+    for c in cases:
+        kind = (c.layout, c.dtype)
+        if kind not in largest or c.nbytes > largest[kind].nbytes:
+            largest[kind] = c
+    return [c for c in cases if largest.get((c.layout, c.dtype)) is c]
+
+
 def rotation_count(nbytes: int, l2_bytes: int) -> int:
     """How many distinct inputs to cycle through so that the set covers the L2 cache ROTATION_COVER times."""
     return max(2, min(MAX_ROTATION, math.ceil(ROTATION_COVER * l2_bytes / nbytes)))
@@ -261,6 +285,12 @@ def make_case_data(xp, case: Case, count: int, seed: int = SEED) -> CaseData:
     c = (case.channels,)
     return CaseData(xs=xs, dys=dys, gamma=1 + 0.1 * sample(c), beta=0.1 * sample(c),
                     running_mean=0.1 * sample(c), running_var=1 + 0.1 * abs(sample(c)))
+
+
+def make_residuals(xp, case: Case, count: int, seed: int = SEED + 1) -> list:
+    """``count`` residuals for the epilogue benchmarks, laid out like the case's x."""
+    sample = _sampler(xp, seed)
+    return [_sample_x(sample, case) for _ in range(count)]
 
 
 def make_copy_buffers(xp, nbytes: int) -> tuple[Any, Any]:
@@ -346,6 +376,83 @@ def torch_target(torch, xp, mode: str, d: CaseData) -> Target:
         graphs.append((y, leaves, _as_tensor(torch, dy)))
     return Target(lambda g: torch.autograd.grad(g[0], g[1], g[2], retain_graph=True), graphs,
                   lambda grads: to_xp(grads[0]))
+
+
+def epilogue_target(torch, xp, impl: str, mode: str, d: CaseData, zs: list) -> Target:
+    """One implementation of ``relu(BN(x) + z)`` (EPILOGUE_IMPLEMENTATIONS) for one of EPILOGUE_MODES;
+    its inputs are (x, z) pairs forward and (dy, what the forward gave) backward."""
+    base = mode.split("+")[0]
+    pairs = list(zip(d.xs, zs, strict=True))
+    if impl == "torch":
+        return _torch_epilogue_target(torch, xp, base, d, pairs)
+    stats = {} if base == "backward" else (
+        dict(running_mean=d.running_mean.copy(), running_var=d.running_var.copy(), momentum=MOMENTUM)
+        if base == "forward-train" else
+        dict(running_mean=d.running_mean, running_var=d.running_var, training=False))
+
+    def bn(x, **epilogue):
+        return cupybn.batch_norm(x, d.gamma, d.beta, eps=EPS, axis=1, **stats, **epilogue)
+
+    if impl == "cupybn":
+        if base != "backward":
+            return Target(lambda a: bn(a[0], residual=a[1], activation="relu"), pairs, _first)
+        saved = [bn(x, residual=z, activation="relu")[1] for x, z in pairs]
+        return Target(lambda a: cupybn.batch_norm_backward(*a), list(zip(d.dys, saved, strict=True)), _first)
+
+    def unfused_forward(a):
+        y, saved = bn(a[0])
+        s = y + a[1]
+        return xp.maximum(s, 0, out=s), saved
+
+    if base != "backward":
+        return Target(unfused_forward, pairs, _first)
+
+    def unfused_backward(a):
+        dy, y, saved = a
+        g = dy * (y > 0)
+        return (*cupybn.batch_norm_backward(g, saved), g)
+
+    forwards = [unfused_forward(p) for p in pairs]
+    return Target(unfused_backward, [(dy, y, saved) for dy, (y, saved) in zip(d.dys, forwards, strict=True)],
+                  _first)
+
+
+def _torch_epilogue_target(torch, xp, base: str, d: CaseData, pairs: list) -> Target:
+    F = torch.nn.functional
+    w, b = _as_tensor(torch, d.gamma), _as_tensor(torch, d.beta)
+    rm, rv = _as_tensor(torch, d.running_mean).clone(), _as_tensor(torch, d.running_var).clone()
+    tensors = [(_as_tensor(torch, x), _as_tensor(torch, z)) for x, z in pairs]
+
+    def to_xp(t):
+        return xp.from_dlpack(t.detach())
+
+    if base != "backward":
+        training = base == "forward-train"
+        return Target(lambda a: F.relu(F.batch_norm(a[0], rm, rv, w, b, training=training, momentum=MOMENTUM,
+                                                    eps=EPS) + a[1]), tensors, to_xp)
+    graphs = []
+    for (x, z), dy in zip(tensors, d.dys, strict=True):
+        leaves = tuple(t.detach().requires_grad_() for t in (x, w, b, z))
+        y = F.relu(F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], training=True, eps=EPS) + leaves[3])
+        graphs.append((y, leaves, _as_tensor(torch, dy)))
+    return Target(lambda g: torch.autograd.grad(g[0], g[1], g[2], retain_graph=True), graphs,
+                  lambda grads: to_xp(grads[0]))
+
+
+def reference_epilogue_output(xp, mode: str, d: CaseData, z):
+    """The main output of an epilogue mode for the first input, in float64 by the textbook formulas
+    (the ReLU's gradient taken from the float64 y)."""
+    base = mode.split("+")[0]
+    x, z64 = d.xs[0].astype(xp.float64), z.astype(xp.float64)
+    g, b = d.gamma.astype(xp.float64), d.beta.astype(xp.float64)
+    if base == "inference":
+        rm, rv = d.running_mean.astype(xp.float64), d.running_var.astype(xp.float64)
+        return xp.maximum(textbook.forward_infer(x, g, b, rm, rv, eps=EPS) + z64, 0)
+    y, cache = textbook.forward_train(x, g, b, eps=EPS)
+    y = xp.maximum(y + z64, 0)
+    if base == "forward-train":
+        return y
+    return textbook.backward(d.dys[0].astype(xp.float64) * (y > 0), cache)[0]
 
 
 def reference_output(xp, mode: str, d: CaseData):

@@ -191,9 +191,17 @@ class BenchmarkResults:
 
     @property
     def measurements(self) -> list[Measurement]:
+        return self._measured("batch-norm")
+
+    @property
+    def epilogue(self) -> list[Measurement]:
+        """The fused epilogue's benchmarks (benchmarks/bench_gpu.py: test_gpu_epilogue)."""
+        return self._measured("epilogue")
+
+    def _measured(self, kind: str) -> list[Measurement]:
         copy = self.copy
         roofline = copy["gbps"] if copy else None
-        return [measurement_from_record(r, roofline) for r in self._of("batch-norm") if r["outcome"] != "skipped"]
+        return [measurement_from_record(r, roofline) for r in self._of(kind) if r["outcome"] != "skipped"]
 
     @property
     def unavailable(self) -> dict[str, str]:
@@ -551,6 +559,25 @@ def format_overview(measurements: Sequence[Measurement]) -> str:
     return "\n".join(lines)
 
 
+def format_epilogue(measurements: Sequence[Measurement]) -> str:
+    """The fused epilogue per case and mode: cupybn's time, the unfused calls' and torch's, and
+    theirs over cupybn's (above 1: the fused call is faster)."""
+    lines = [f"  {'case':<26}{'mode':<24}{'cupybn us':>11}{'unfused us':>12}{'torch us':>10}"
+             f"{'unfused/cupybn':>16}{'torch/cupybn':>14}{'roofline':>10}"]
+    for case in dict.fromkeys(m.case for m in measurements):
+        for mode in dict.fromkeys(m.mode for m in measurements if m.case == case):
+            got = {impl: _find(measurements, case, mode, impl) for impl in ("cupybn", "unfused", "torch")}
+            us = {impl: m.median_us if m is not None and m.ok else None for impl, m in got.items()}
+            mine = got["cupybn"]
+            share = None if mine is None or mine.roofline_share is None else 100 * mine.roofline_share
+            over = {impl: None if us[impl] is None or not us["cupybn"] else us[impl] / us["cupybn"]
+                    for impl in ("unfused", "torch")}
+            lines.append(f"  {case:<26}{mode:<24}{_fmt(us['cupybn'], '.1f', 11)}{_fmt(us['unfused'], '.1f', 12)}"
+                         f"{_fmt(us['torch'], '.1f', 10)}{_fmt(over['unfused'], '.2f', 16)}"
+                         f"{_fmt(over['torch'], '.2f', 14)}{_fmt(share, '.1f', 9)}%")
+    return "\n".join(lines)
+
+
 def format_targets(targets: Sequence[dict]) -> str:
     lines = []
     for t in targets:
@@ -594,6 +621,7 @@ def build_report(*, machine: Machine, today: str, argv: Sequence[str], settings:
                                 "unavailable": results.unavailable},
             "tests": asdict(tests), "sanitizers": list(sanitizers), "benchmarks": asdict(benchmarks),
             "copy": results.copy, "measurements": [{**asdict(m), "shape": list(m.shape)} for m in measurements],
+            "epilogue": [{**asdict(m), "shape": list(m.shape)} for m in results.epilogue],
             "targets": evaluate_targets(measurements), "exit_status": status}
 
 
@@ -684,7 +712,9 @@ def _settings_report(args: argparse.Namespace, bench: Plan) -> dict:
               if s.device == "cuda" else f"host: time.perf_counter around rounds of {g.CALLS_PER_ROUND} calls")
     settings.update(device=s.device, scale=[s.batch, s.image], warmup=s.warmup, repeat=s.repeat,
                     calls_per_round=g.CALLS_PER_ROUND, copy_mib=s.copy_mib, eps=g.EPS, momentum=g.MOMENTUM,
-                    passes=g.PASSES, rotation_cover_l2=g.ROTATION_COVER, timing=timing)
+                    passes=g.PASSES, rotation_cover_l2=g.ROTATION_COVER, timing=timing,
+                    epilogue_cases=[c.name for c in g.epilogue_cases(bench.cases)] if s.epilogue else [],
+                    epilogue_passes=g.EPILOGUE_PASSES)
     return settings
 
 
@@ -770,9 +800,12 @@ def run(args: argparse.Namespace, machine: Machine, *, argv: Sequence[str] = (),
 
     measurements = results.measurements
     targets = evaluate_targets(measurements)
-    status = exit_status(tests, state["sanitizers"], state["benchmarks"], measurements)
+    status = exit_status(tests, state["sanitizers"], state["benchmarks"], [*measurements, *results.epilogue])
     say("\n== overview (cupybn: share of the roofline, and time / torch's: below 1 is faster)")
     say(format_overview(measurements))
+    if results.epilogue:
+        say("\n== fused epilogue relu(BN(x) + z): cupybn fused, the same work unfused, torch")
+        say(format_epilogue(results.epilogue))
     say(f"\n== targets (large: x >= {LARGE_BYTES // MIB} MiB; a missed target does not fail the command)")
     say(format_targets(targets))
     save(status)

@@ -150,11 +150,21 @@ def test_settings_from_the_environment():
     host = settings(device="host", repeat="3", warmup="0")
     assert (host.device, host.repeat, host.warmup, host.copy_mib) == ("host", 3, 0, gcases.HOST_COPY_MIB)
     assert settings(copy_mib="64").copy_mib == 64
+    assert s.epilogue and not settings(epilogue="0").epilogue
     for bad in ({"set": "most"}, {"device": "tpu"}, {"repeat": "0"}, {"warmup": "-1"}, {"repeat": "many"},
-                {"scale": "2"}, {"scale": "0,16"}, {"copy_mib": "0"}):
+                {"scale": "2"}, {"scale": "0,16"}, {"copy_mib": "0"}, {"epilogue": "yes"}):
         name = "CUPYBN_GPU_BENCH_" + next(iter(bad)).upper()
         with pytest.raises(ValueError, match=name):
             settings(**bad)
+
+
+def test_the_epilogue_is_timed_on_the_largest_case_of_each_layout_and_dtype():
+    cases = gcases.all_cases()
+    chosen = gcases.epilogue_cases(cases)
+    assert len(chosen) == len({(c.layout, c.dtype) for c in cases}) == 6
+    for c in chosen:
+        assert c.nbytes == max(o.nbytes for o in cases if (o.layout, o.dtype) == (c.layout, c.dtype))
+    assert gcases.epilogue_cases(gcases.quick_cases()) == [gcases.quick_cases()[0]]
 
 
 def test_rotated_inputs_cover_the_l2_cache_several_times():
@@ -700,15 +710,17 @@ def test_the_gpu_benchmarks_run_on_the_host_and_record_every_benchmark(tmp_path)
     # case-major: every mode and implementation of the case, in order; torch skips, and says why
     assert timed == ["cupybn", "textbook"] * 3
     assert [b["group"] for b in benchmarks[:1]] == ["gpu-copy"]
+    # then the fused epilogue on the case (the largest of its layout and dtype)
     assert [(r["extra_info"]["mode"], r["extra_info"]["impl"]) for r in lines[1:]] == [
-        (m, i) for m in gcases.MODES for i in gcases.IMPLEMENTATIONS]
+        (m, i) for m in gcases.MODES for i in gcases.IMPLEMENTATIONS] + [
+        (m, i) for m in gcases.EPILOGUE_MODES for i in gcases.EPILOGUE_IMPLEMENTATIONS]
     for b, r in zip(benchmarks, (r for r in lines if r["outcome"] == "passed"), strict=True):
         assert b["stats"]["iterations"] == r["iterations"] == gcases.CALLS_PER_ROUND
         assert b["stats"]["rounds"] == r["rounds"] == 2
         assert r["median_us"] == pytest.approx(b["stats"]["median"] * 1e6)
         assert r["extra_info"] == b["extra_info"] and r["extra_info"]["clock"] == "perf_counter"
     skipped = [r for r in lines if r["outcome"] == "skipped"]
-    assert [r["extra_info"]["impl"] for r in skipped] == ["torch"] * 3
+    assert [r["extra_info"]["impl"] for r in skipped] == ["torch"] * 6
     assert all(r["skipped"] == "torch is not importable (ModuleNotFoundError)" for r in skipped)
 
 
@@ -737,7 +749,7 @@ def test_the_benchmarks_hold_one_case_s_data_at_a_time(monkeypatch):
 # ---- the whole command, on the host ---------------------------------------------------------
 REPORT_KEYS = {"schema": str, "date": str, "command": list, "complete": bool, "device": dict, "versions": dict,
                "settings": dict, "implementations": dict, "tests": dict, "sanitizers": list, "benchmarks": dict,
-               "copy": dict, "measurements": list, "targets": list, "exit_status": int}
+               "copy": dict, "measurements": list, "epilogue": list, "targets": list, "exit_status": int}
 MEASUREMENT_KEYS = {"case": str, "shape": list, "layout": str, "dtype": str, "mode": str, "implementation": str,
                     "nbytes": int, "inputs": int, "median_us": float, "min_us": float, "iqr_us": float,
                     "gbps": float, "roofline_share": float, "max_err": float, "error": type(None)}
@@ -797,9 +809,21 @@ def test_gpu_check_on_the_host_benchmarks_every_case_mode_and_implementation(tmp
         "forward-train-roofline", "inference-roofline", "backward-roofline",
         "forward-train-vs-torch", "inference-vs-torch", "backward-vs-torch"]
     assert all(set(t) >= TARGET_KEYS for t in report["targets"])
+    # the fused epilogue on both cases (each the largest of its layout and dtype), against the same work
+    # unfused (and torch, where it runs)
+    epilogue = report["epilogue"]
+    assert report["settings"]["epilogue_cases"] == TINY_CASES
+    assert [(r["case"], r["mode"], r["implementation"]) for r in epilogue] == [
+        (c, m, i) for c in TINY_CASES for m in gcases.EPILOGUE_MODES for i in gcases.EPILOGUE_IMPLEMENTATIONS
+        if i in run or i == "unfused"]
+    for r in epilogue:
+        assert set(r) == set(MEASUREMENT_KEYS) and 0 < r["median_us"] < 1e6
+        assert r["max_err"] < (1e-5 if r["dtype"] == "float32" else 3e-3)
+        assert r["gbps"] == pytest.approx(gcases.EPILOGUE_PASSES[r["mode"]] * r["nbytes"] / r["median_us"] / 1e3)
+    assert "== fused epilogue" in out and out.count("forward-train+add+relu") >= len(TINY_CASES)
     # pytest-benchmark's own file has the same measurements
     (bench_json,) = tmp_path.glob("*.pytest-benchmark.json")
-    assert len(json.loads(bench_json.read_text())["benchmarks"]) == 1 + len(rows)
+    assert len(json.loads(bench_json.read_text())["benchmarks"]) == 1 + len(rows) + len(epilogue)
     # the printed tables: the copy, a table per case, every mode, the overview and the targets
     assert "== copy roofline" in out
     for i, case in enumerate(TINY_CASES, 1):
