@@ -559,6 +559,10 @@ def format_overview(measurements: Sequence[Measurement]) -> str:
     return "\n".join(lines)
 
 
+def _over(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
 def format_epilogue(measurements: Sequence[Measurement]) -> str:
     """The fused epilogue per case and mode: cupybn's time, the unfused calls' and torch's, and
     theirs over cupybn's (above 1: the fused call is faster)."""
@@ -570,8 +574,7 @@ def format_epilogue(measurements: Sequence[Measurement]) -> str:
             us = {impl: m.median_us if m is not None and m.ok else None for impl, m in got.items()}
             mine = got["cupybn"]
             share = None if mine is None or mine.roofline_share is None else 100 * mine.roofline_share
-            over = {impl: None if us[impl] is None or not us["cupybn"] else us[impl] / us["cupybn"]
-                    for impl in ("unfused", "torch")}
+            over = {impl: _over(us[impl], us["cupybn"]) for impl in ("unfused", "torch")}
             lines.append(f"  {case:<26}{mode:<24}{_fmt(us['cupybn'], '.1f', 11)}{_fmt(us['unfused'], '.1f', 12)}"
                          f"{_fmt(us['torch'], '.1f', 10)}{_fmt(over['unfused'], '.2f', 16)}"
                          f"{_fmt(over['torch'], '.2f', 14)}{_fmt(share, '.1f', 9)}%")
