@@ -102,11 +102,31 @@ def test_copy(benchmark, method):
     _time(benchmark, lambda: copy(dst, src))
 
 
-def _reference(mode, data):
+def _reference(build):
     try:
-        return gpu_cases.reference_output(DEVICE.xp, mode, data)
+        return build()
     except Exception:  # it needs ~10x x's memory in float64: without it the error is unknown, not fatal
         return None
+
+
+def _benchmark_case(benchmark, kind, case, mode, impl, passes, make_target, make_reference):
+    """Time ``impl`` on ``case`` in ``mode``: ``make_target(data, inputs)`` gives its Target and
+    ``make_reference(data, inputs)`` the float64 main output its first call is checked against."""
+    inputs = gpu_cases.rotation_count(case.nbytes, DEVICE.l2_bytes)
+    # recorded first: a benchmark that fails below is still reported with its case
+    benchmark.extra_info.update(kind=kind, case=case.name, shape=list(case.shape), layout=case.layout,
+                                dtype=case.dtype, mode=mode, impl=impl, nbytes=case.nbytes, inputs=inputs,
+                                passes=passes, max_err=None)
+    if impl == "torch" and DEVICE.torch is None:
+        pytest.skip(DEVICE.torch_unavailable)
+    data = DATA.get(case.name, lambda: gpu_cases.make_case_data(DEVICE.xp, case, inputs))
+    reference = REFERENCE.get((case.name, mode), lambda: _reference(lambda: make_reference(data, inputs)))
+    target = make_target(data, inputs)
+    first = target.output(target.fn(target.inputs[0]))  # also the first warm-up call
+    if reference is not None:
+        benchmark.extra_info["max_err"] = gpu_cases.max_rel_err(DEVICE.xp, first, reference)
+    del first
+    _time(benchmark, _rotating(target.fn, target.inputs))
 
 
 @pytest.mark.parametrize(("case", "mode", "impl"), [
@@ -114,21 +134,9 @@ def _reference(mode, data):
     for case in CASES for mode in gpu_cases.MODES for impl in gpu_cases.IMPLEMENTATIONS
 ])
 def test_gpu_batch_norm(benchmark, case, mode, impl):
-    inputs = gpu_cases.rotation_count(case.nbytes, DEVICE.l2_bytes)
-    # recorded first: a benchmark that fails below is still reported with its case
-    benchmark.extra_info.update(kind="batch-norm", case=case.name, shape=list(case.shape), layout=case.layout,
-                                dtype=case.dtype, mode=mode, impl=impl, nbytes=case.nbytes, inputs=inputs,
-                                passes=gpu_cases.PASSES[mode], max_err=None)
-    if impl == "torch" and DEVICE.torch is None:
-        pytest.skip(DEVICE.torch_unavailable)
-    data = DATA.get(case.name, lambda: gpu_cases.make_case_data(DEVICE.xp, case, inputs))
-    reference = REFERENCE.get((case.name, mode), lambda: _reference(mode, data))
-    target = DEVICE.target(impl, mode, data)
-    first = target.output(target.fn(target.inputs[0]))  # also the first warm-up call
-    if reference is not None:
-        benchmark.extra_info["max_err"] = gpu_cases.max_rel_err(DEVICE.xp, first, reference)
-    del first
-    _time(benchmark, _rotating(target.fn, target.inputs))
+    _benchmark_case(benchmark, "batch-norm", case, mode, impl, gpu_cases.PASSES[mode],
+                    lambda data, _: DEVICE.target(impl, mode, data),
+                    lambda data, _: gpu_cases.reference_output(DEVICE.xp, mode, data))
 
 
 # ---- the fused epilogue: relu(BN(x) + z) ----------------------------------------------------------
@@ -140,25 +148,11 @@ EPILOGUE_CASES = gpu_cases.epilogue_cases(CASES) if SETTINGS.epilogue else []
     for case in EPILOGUE_CASES for mode in gpu_cases.EPILOGUE_MODES for impl in gpu_cases.EPILOGUE_IMPLEMENTATIONS
 ])
 def test_gpu_epilogue(benchmark, case, mode, impl):
-    inputs = gpu_cases.rotation_count(case.nbytes, DEVICE.l2_bytes)
-    benchmark.extra_info.update(kind="epilogue", case=case.name, shape=list(case.shape), layout=case.layout,
-                                dtype=case.dtype, mode=mode, impl=impl, nbytes=case.nbytes, inputs=inputs,
-                                passes=gpu_cases.EPILOGUE_PASSES[mode], max_err=None)
-    if impl == "torch" and DEVICE.torch is None:
-        pytest.skip(DEVICE.torch_unavailable)
-    data = DATA.get(case.name, lambda: gpu_cases.make_case_data(DEVICE.xp, case, inputs))
-    zs = RESIDUALS.get(case.name, lambda: gpu_cases.make_residuals(DEVICE.xp, case, inputs))
-    reference = REFERENCE.get((case.name, mode), lambda: _epilogue_reference(mode, data, zs[0]))
-    target = gpu_cases.epilogue_target(DEVICE.torch, DEVICE.xp, impl, mode, data, zs)
-    first = target.output(target.fn(target.inputs[0]))
-    if reference is not None:
-        benchmark.extra_info["max_err"] = gpu_cases.max_rel_err(DEVICE.xp, first, reference)
-    del first
-    _time(benchmark, _rotating(target.fn, target.inputs))
+    def residuals(inputs):
+        return RESIDUALS.get(case.name, lambda: gpu_cases.make_residuals(DEVICE.xp, case, inputs))
 
-
-def _epilogue_reference(mode, data, z):
-    try:
-        return gpu_cases.reference_epilogue_output(DEVICE.xp, mode, data, z)
-    except Exception:  # as _reference: without the memory, the error is unknown, not fatal
-        return None
+    _benchmark_case(benchmark, "epilogue", case, mode, impl, gpu_cases.EPILOGUE_PASSES[mode],
+                    lambda data, inputs: gpu_cases.epilogue_target(DEVICE.torch, DEVICE.xp, impl, mode, data,
+                                                                   residuals(inputs)),
+                    lambda data, inputs: gpu_cases.reference_epilogue_output(DEVICE.xp, mode, data,
+                                                                             residuals(inputs)[0]))
