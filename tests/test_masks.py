@@ -213,3 +213,26 @@ def test_a_bad_mask_raises_before_anything_changes(mask, error, match, training)
     with pytest.raises(error, match=match):
         cupybn.batch_norm(x, running_mean=rm, running_var=rv, mask=mask, training=training)
     assert np.all(rm == 0) and np.all(rv == 1)
+
+
+@given(inputs=batch_norm_inputs(**MASKED_INPUTS), data=st.data())
+def test_a_masked_call_is_batch_norm_of_the_selected_values_gathered_into_a_dense_array(backend, inputs, data):
+    mask = data.draw(masks(inputs))
+    x, axis, tol = inputs.x, inputs.axis % inputs.x.ndim, tolerance(inputs.x.dtype)
+    kept = np.broadcast_to(full_mask(mask, x.shape, axis), x.shape)
+    dense = np.moveaxis(x, axis, -1)[np.moveaxis(kept, axis, -1)].reshape(-1, inputs.channels)  # (m, C)
+    pdt = inputs.param_dtype
+    runs = []
+    for values, extra in ((x, dict(axis=axis, mask=mask)), (dense, dict(axis=1))):
+        rm, rv = np.zeros(inputs.channels, pdt), np.ones(inputs.channels, pdt)
+        y, saved = cupybn.batch_norm(values, inputs.gamma, inputs.beta, running_mean=rm, running_var=rv,
+                                     eps=inputs.eps, backend=backend, **extra)
+        runs.append((y, saved, rm, rv))
+    (y, saved, rm, rv), (y_dense, saved_dense, rm_dense, rv_dense) = runs
+    assert saved.total_count == dense.shape[0]
+    # two results, each within its bar of the exact one
+    assert np.all(np.abs(saved.var - saved_dense.var) <= 2 * tol.var * saved_dense.var + 1e-30)
+    assert np.all(np.abs(rv - rv_dense) <= 2 * tol.var * rv_dense)
+    assert np.all(np.abs(rm - rm_dense) <= 2 * tol.var * np.maximum(1, np.abs(rm_dense)))
+    selected = np.moveaxis(y, axis, -1)[np.moveaxis(kept, axis, -1)].reshape(-1, inputs.channels)
+    assert np.all(np.abs(selected.astype(np.float64) - y_dense) <= 2 * tol.y * np.maximum(1, np.abs(y_dense)))
