@@ -128,10 +128,11 @@ class GpuThroughNumpy:
         return tuple(self._cp.asnumpy(a) for a in arrays)
 
     def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1, residual=None,
-                      relu=False):
+                      relu=False, mask=None, count=None):
         running = self._in(running_mean, running_var)
-        (z3,) = self._in(residual)
-        out = self._out(*self._gpu.forward_train(*self._in(x3, gamma, beta), eps, *running, momentum, z3, relu))
+        z3, mask3 = self._in(residual, mask)
+        out = self._out(*self._gpu.forward_train(*self._in(x3, gamma, beta), eps, *running, momentum, z3, relu,
+                                                 mask=mask3, count=count))
         for host, device in zip((running_mean, running_var), running, strict=True):
             if host is not None:
                 host[...] = self._cp.asnumpy(device)
@@ -142,18 +143,20 @@ class GpuThroughNumpy:
         return self._out(*self._gpu.forward_infer(*self._in(x3, gamma, beta, running_mean, running_var), eps, z3,
                                                   relu))
 
-    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y=None, want_dz=False):
+    def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y=None, want_dz=False,
+                 mask=None, count=None):
         arrays = self._in(dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta)
-        (y3,) = self._in(relu_y)
+        y3, mask3 = self._in(relu_y, mask)
         return tuple(None if a is None else self._cp.asnumpy(a)
-                     for a in self._gpu.backward(*arrays, training, y3, want_dz))
+                     for a in self._gpu.backward(*arrays, training, y3, want_dz, mask=mask3, count=count))
 
     def relu_gradient(self, dy3, y3):
         return self._cp.asnumpy(self._gpu.relu_gradient(*self._in(dy3, y3)))
 
     # synchronised BN's pieces (cupybn.distributed)
-    def shard_moments(self, x3):
-        return self._out(*self._gpu.shard_moments(*self._in(x3)))
+    def shard_moments(self, x3, mask=None, count=None):
+        x3, mask3 = self._in(x3, mask)
+        return self._out(*self._gpu.shard_moments(x3, mask=mask3, count=count))
 
     def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps, residual=None, relu=False):
         return self._cp.asnumpy(self._gpu.normalize(*self._in(x3, mean, mean_lo, var, gamma, beta), eps,
@@ -162,9 +165,10 @@ class GpuThroughNumpy:
     def gradient_sums(self, dy3, x3, mean_hi, mean_lo, var):
         return self._out(*self._gpu.gradient_sums(*self._in(dy3, x3, mean_hi, mean_lo, var)))
 
-    def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count):
+    def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count, mask=None):
         arrays = self._in(dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc)
-        return self._cp.asnumpy(self._gpu.input_gradient(*arrays, count))
+        (mask3,) = self._in(mask)
+        return self._cp.asnumpy(self._gpu.input_gradient(*arrays, count, mask=mask3))
 
 
 BACKENDS = [

@@ -7,6 +7,7 @@ normalisation), inference 1, backward 2, and no per-call arithmetic on the
 array module.  Counted with cupybn.testing.counting's stand-ins (every NumPy
 operation that would be a kernel on CuPy is counted) for every dtype, every
 contiguous layout and with or without parameters and running statistics.
+A masked training forward is 5 launches, its backward 2 (strided views: 5 and 4).
 """
 from __future__ import annotations
 
@@ -109,6 +110,52 @@ def test_the_fused_epilogue_keeps_each_mode_within_its_launch_budget(stand_ins, 
         be.backward(dy3, x3, *saved, gamma, beta, False, relu_y=y3 if relu else None, want_dz=True)
     assert counts.operations == [] and len(counts.kernels) == 2, counts
     assert counts.allocations <= ALLOCATIONS["backward"] + relu, counts
+
+
+MASKED_FORWARD = ["cupybn_masked_shifted_mean", "cupybn_masked_shifted_mean", "cupybn_masked_squared_deviations",
+                  "bn_stats_channelwise"]
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "residual-relu"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_masked_calls_launch_the_masked_reductions_and_keep_the_fast_gradient_sums(stand_ins, layout, dtype,
+                                                                                   epilogue, strided):
+    # A masked forward takes its statistics from three double reductions over
+    # the selected positions (a first mean, its correction, the squared
+    # deviations), finishes them per channel and normalises with the call's
+    # usual elementwise kernel: 5 launches.  Backward keeps the gradient sums
+    # over every position (the fast reduction) and forms dx with the mask: 2.
+    # Strided views take the general path's kernels: 5 and 4.  No array-module
+    # arithmetic either way (api.py counts the mask; the backend takes the count).
+    be, counts = stand_ins
+    shape, axis = LAYOUTS[layout]
+    x, (gamma, beta), (rm, rv) = arrays(shape, axis, dtype, True)
+    channels = shape[axis]
+    x3 = x.reshape(shape[0], channels, -1) if axis == 1 else x.reshape(-1, channels, 1)
+    if strided:
+        x3 = counting_array(np.repeat(np.asarray(x3), 2, axis=0))[::2]
+    family = "rows" if x3.shape[2] == 1 else "planar"
+    mask = np.random.default_rng(1).random((x3.shape[0], 1, x3.shape[2])) < 0.6
+    mask.reshape(-1)[:2] = True
+    mask, count = counting_array(mask), int(np.count_nonzero(mask))
+    extra = {"residual": counting_array(np.full(x3.shape, -3, dtype)), "relu": True} if epilogue else {}
+    dy3 = counting_array(np.ones(x3.shape, dtype))
+    be.forward_train(x3, gamma, beta, 1e-5, rm, rv, 0.1, **extra, mask=mask, count=count)  # tickets, plans
+    with counted(counts):
+        y3, *saved = be.forward_train(x3, gamma, beta, 1e-5, rm, rv, 0.1, **extra, mask=mask, count=count)
+    normalize = "cupybn_affine" if strided else "bn_normalize"
+    assert counts.operations == [] and [k.split("<")[0] for k in counts.kernels] == MASKED_FORWARD + [normalize]
+    assert counts.allocations <= ALLOCATIONS["train"], counts
+    backward_args = dict(relu_y=y3 if epilogue else None, want_dz=epilogue, mask=mask, count=count)
+    be.backward(dy3, x3, *saved, gamma, beta, True, **backward_args)  # tickets, plans
+    with counted(counts):
+        grads = be.backward(dy3, x3, *saved, gamma, beta, True, **backward_args)
+    assert len(grads) == 3 + epilogue
+    sums = ["cupybn_sum", "cupybn_centred_product_sum", "bn_grad_channelwise"] if strided else [f"bn_grad_{family}"]
+    assert counts.operations == [] and [k.split("<")[0] for k in counts.kernels] == sums + ["cupybn_masked_backward"]
+    assert counts.allocations <= ALLOCATIONS["backward"] + epilogue, counts
 
 
 def test_the_counts_see_array_module_operations_and_method_calls(stand_ins):

@@ -9,7 +9,9 @@ mean) accumulated in double, which is as exact as the fast path.  The
 per-channel finishing code is the fast path's (``bn_*_channelwise`` kernels,
 one thread per channel), so the coefficients are computed the same way.  The
 fused epilogue (residual add and ReLU forward, the ReLU's mask and dz backward)
-is an input and a flag of these kernels, as it is of the RawKernels.
+is an input and a flag of these kernels, as it is of the RawKernels.  Masked
+calls (any layout) take their statistics and dx from the masked kernels here,
+the mask a broadcast input (docs/cupy-backend.md, "Masks").
 """
 from __future__ import annotations
 
@@ -76,6 +78,32 @@ _BACKWARD = dict(
                f"if (epilogue & {WRITE_GRADIENT}) dz[i] = masked"),
     name="cupybn_backward", preamble=_EPILOGUE_FUNCTIONS,
 )
+# Masks: `bool m` is the (outer, 1, inner) mask, broadcast over the channels
+# (no copy).  A position outside it is left out with a conditional, never
+# multiplied by 0, so a NaN or Inf there reaches nothing.  `n` is the number of
+# selected positions per channel (a scalar), `k` a shift per channel (or 0.0).
+_MASKED_SHIFTED_MEAN = dict(
+    in_params="T x, bool m, float64 k, float64 n", out_params="float64 mean",
+    map_expr="m ? static_cast<double>(x) - k : 0.0",
+    reduce_expr="a + b", post_map_expr="mean = a / n", identity="0", name="cupybn_masked_shifted_mean",
+)
+# About the centre k + d (the first mean and its correction), as in the unmasked path.
+_MASKED_SQUARED_DEVIATIONS = dict(
+    in_params="T x, bool m, float64 k, float64 d", out_params="float64 q",
+    map_expr="m ? (static_cast<double>(x) - (k + d)) * (static_cast<double>(x) - (k + d)) : 0.0",
+    reduce_expr="a + b", post_map_expr="q = a", identity="0", name="cupybn_masked_squared_deviations",
+)
+# Training dx of a masked call: the terms through the statistics (b, k) only
+# where the mask is True; elsewhere a * g exactly (x there may be Inf).  As
+# _BACKWARD otherwise (g through the ReLU of y with RELU, dz with WRITE_GRADIENT).
+_MASKED_BACKWARD = dict(
+    in_params="T g, T x, bool m, A c, A a, A b, A k, T y, int32 epilogue", out_params="T dx, raw T dz",
+    operation=("const T masked = cupybn_through_relu(g, y, epilogue);\n"
+               "dx = static_cast<T>(m ? fma(a, static_cast<A>(masked), fma(b, static_cast<A>(x) - c, k))"
+               " : a * static_cast<A>(masked));\n"
+               f"if (epilogue & {WRITE_GRADIENT}) dz[i] = masked"),
+    name="cupybn_masked_backward", preamble=_EPILOGUE_FUNCTIONS,
+)
 _RELU_GRADIENT = dict(
     in_params="T dy, T y", out_params="T g", operation=f"g = cupybn_through_relu(dy, y, {RELU})",
     name="cupybn_relu_gradient", preamble=_EPILOGUE_FUNCTIONS,
@@ -111,6 +139,18 @@ class GeneralPath:
     @functools.cached_property
     def backward(self):
         return self._kernels.ElementwiseKernel(**_BACKWARD)
+
+    @functools.cached_property
+    def masked_shifted_mean(self):
+        return self._kernels.ReductionKernel(**_MASKED_SHIFTED_MEAN)
+
+    @functools.cached_property
+    def masked_squared_deviations(self):
+        return self._kernels.ReductionKernel(**_MASKED_SQUARED_DEVIATIONS)
+
+    @functools.cached_property
+    def masked_backward(self):
+        return self._kernels.ElementwiseKernel(**_MASKED_BACKWARD)
 
     @functools.cached_property
     def relu_gradient(self):

@@ -85,7 +85,8 @@ class CupyBackend:
     A call on contiguous data is a reduction kernel (two in training: the
     second does nothing unless a channel needs it), then one elementwise
     kernel; its launch geometry is worked out once per shape, dtype and
-    alignment and kept (``_plan``).
+    alignment and kept (``_plan``).  A masked call takes its statistics and dx
+    from the general path's masked kernels (docs/cupy-backend.md, "Masks").
     """
 
     supported_dtypes = frozenset(C_TYPES)  # CuPy has no bfloat16 arrays
@@ -315,7 +316,9 @@ class CupyBackend:
             shape, dtype = x3.shape, x3.dtype
             reduction, elementwise = {  # strided views ("general-*") take the general path's kernels
                 "train": ("bn_stats", "bn_normalize"), "infer": (None, "bn_normalize_running"),
-                "grad": ("bn_grad", "bn_backward_elementwise")}.get(mode, (None, None))
+                "grad": ("bn_grad", "bn_backward_elementwise"),
+                # masked statistics come from the general path's reductions
+                "masked-train": (None, "bn_normalize")}.get(mode, (None, None))
             plan = _Plan(self._reduction(reduction, shape, dtype, aligned) if reduction else None,
                          self._elementwise(elementwise, shape, dtype, elementwise_aligned) if elementwise else None,
                          count=shape[0] * shape[2], acc=np.float64 if dtype == np.float64 else np.float32)
@@ -349,7 +352,10 @@ class CupyBackend:
         return GeneralPath(self._kernels)
 
     def forward_train(self, x3, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.1,
-                      residual=None, relu=False):
+                      residual=None, relu=False, mask=None, count=None):
+        """As docs/backends.md; with ``mask`` ((outer, 1, inner) booleans selecting
+        ``count`` positions) the statistics are those of the selected positions
+        (docs/masks.md) and every position is normalised with them."""
         xp = self.xp
         gamma, beta = self._kernel_readable(gamma), self._kernel_readable(beta)
         fused_running = running_mean is not None and running_mean.dtype in _KIND and running_var.dtype in _KIND
@@ -358,26 +364,60 @@ class CupyBackend:
         if not general:
             residual = self._contiguous(residual)
         plan = (self._plan("general-train", x3) if general
-                else self._plan("train", x3, elementwise_reads=residual))
+                else self._plan("train" if mask is None else "masked-train", x3, elementwise_reads=residual))
+        if mask is None:
+            count = plan.count
         channels = x3.shape[1]
         stats = xp.empty((_STAT_ROWS, channels), plan.acc)
         far = xp.empty(channels, np.int32)
         params = (*self._channel(gamma, stats), *self._channel(beta, stats), np.float64(eps),
                   *self._channel(running_mean if fused_running else None, stats),
                   *self._channel(running_var if fused_running else None, stats),
-                  np.float64(momentum), np.float64(plan.count / (plan.count - 1)))
-        if general:
+                  np.float64(momentum), np.float64(count / (count - 1)))
+        if mask is not None:
+            self._masked_statistics(x3, mask, count, stats, far, params)
+            y3 = (self._general_normalize(x3, stats, residual, epilogue) if general
+                  else self._normalize(x3, plan, stats, residual, epilogue))
+        elif general:
             y3 = self._forward_train_general(x3, plan, stats, far, params, residual, epilogue)
         else:
             self._statistics(x3, plan, stats, far, params)
-            y3 = xp.empty(x3.shape, x3.dtype)
-            normalize = plan.elementwise
-            # x stands in for an absent residual: the kernel does not read it then
-            normalize((x3, y3, *normalize.geometry, stats, x3 if residual is None else residual, epilogue))
+            y3 = self._normalize(x3, plan, stats, residual, epilogue)
         if running_mean is not None and not fused_running:
             update_running(xp, running_mean, running_var, stats[_MEAN_HI], stats[_MEAN_LO], stats[_VAR],
-                           momentum, plan.count)
+                           momentum, count)
         return y3, stats[_MEAN_HI], stats[_MEAN_LO], stats[_VAR], stats[_INV_STD]
+
+    def _normalize(self, x3, plan, stats, residual, epilogue):
+        """The fast elementwise pass over a C-contiguous x3: y from ``stats``, then the epilogue."""
+        y3 = self.xp.empty(x3.shape, x3.dtype)
+        normalize = plan.elementwise
+        # x stands in for an absent residual: the kernel does not read it then
+        normalize((x3, y3, *normalize.geometry, stats, x3 if residual is None else residual, epilogue))
+        return y3
+
+    def _masked_moments(self, x3, mask, count):
+        """Per channel ``(shift, offset, m2)`` of the ``count`` positions ``mask`` selects,
+        in double, any strides: the shift a first mean, the offset the mean of x - shift
+        (what the first sum's rounding lost, as the reference's _masked_centred takes
+        it), m2 the squared deviations about shift + offset.  Three reductions; the
+        mask is broadcast over the channels, never copied."""
+        per_channel = (1, x3.shape[1], 1)
+        n = np.float64(count)
+        general = self._general
+        shift = general.masked_shifted_mean(x3, mask, 0.0, n, axis=(0, 2))
+        offset = general.masked_shifted_mean(x3, mask, shift.reshape(per_channel), n, axis=(0, 2))
+        m2 = general.masked_squared_deviations(x3, mask, shift.reshape(per_channel), offset.reshape(per_channel),
+                                               axis=(0, 2))
+        return shift, offset, m2
+
+    def _masked_statistics(self, x3, mask, count, stats, far, params) -> None:
+        """Fills ``stats`` (and updates fused running statistics) from the selected positions only."""
+        channels = x3.shape[1]
+        shift, offset, m2 = self._masked_moments(x3, mask, count)
+        # the finishing code of every path (finish_stats): TwoSum of shift + offset, 1/std, coefficients
+        self._channelwise(x3.dtype, "bn_stats_channelwise", channels,
+                          (shift, offset, m2, np.float64(count), np.int32(channels), stats, far, *params))
 
     def _statistics(self, x3, plan, stats, far, params, passes=_PASSES) -> None:
         """The statistics kernel: fills ``stats`` (and ``far``, in the first pass)."""
@@ -438,11 +478,14 @@ class CupyBackend:
         return y3, stats[_MEAN_HI], stats[_MEAN_LO], stats[_VAR], stats[_INV_STD]
 
     def backward(self, dy3, x3, mean_hi, mean_lo, var, inv_std, gamma, beta, training, relu_y=None,
-                 want_dz=False):
+                 want_dz=False, mask=None, count=None):
         """As docs/backends.md; with ``relu_y`` (the y of a forward call with
         relu) dy passes back through that ReLU first, and with ``want_dz`` the
         gradient of the residual comes fourth: dy3 itself without a ReLU, the
-        masked dy (written by the elementwise kernel) with one."""
+        masked dy (written by the elementwise kernel) with one.  With ``mask``
+        (training only: the forward call's, selecting ``count`` positions) the
+        sums are still over every position, the coefficients take ``count``,
+        and dx has the terms through the statistics only where the mask is True."""
         del var  # the kernels centre on mean_hi whatever the spread
         xp = self.xp
         channels = x3.shape[1]
@@ -451,6 +494,8 @@ class CupyBackend:
         if not general:
             relu_y = self._contiguous(relu_y)
         plan = self._plan("general-grad" if general else "grad", x3, dy3, relu_y)
+        if mask is None:
+            count = plan.count
         mean_hi, mean_lo, inv_std = (self._as_acc(a, plan.acc) for a in (mean_hi, mean_lo, inv_std))
         coef = xp.empty((_COEF_ROWS, channels), plan.acc)
         # dgamma/dbeta are written in their parameters' dtypes (float64 where the kernels cannot).
@@ -458,7 +503,7 @@ class CupyBackend:
         dbeta = None if beta is None else xp.empty(channels, _written_dtype(beta.dtype))
         mode = _MODES[bool(training)]
         params = (mean_hi, mean_lo, inv_std, *self._channel(self._kernel_readable(gamma), coef), mode,
-                  np.float64(plan.count), coef, *self._channel(dgamma, coef)[:2], *self._channel(dbeta, coef)[:2])
+                  np.float64(count), coef, *self._channel(dgamma, coef)[:2], *self._channel(dbeta, coef)[:2])
         dx3 = xp.empty(x3.shape, x3.dtype)
         dz3 = xp.empty(x3.shape, x3.dtype) if relu and want_dz else None
         epilogue = _BACKWARD_EPILOGUE[relu, dz3 is not None]
@@ -473,14 +518,18 @@ class CupyBackend:
                                                         axis=(0, 2))
             self._channelwise(x3.dtype, "bn_grad_channelwise", channels,
                               (sum_dy, sum_dyx, np.int32(channels), *params))
-            self._general.backward(dy3, x3, mean_hi.reshape(per_channel),
-                                   *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), mode, y_in,
-                                   epilogue, dx3, dz_out)
+            if mask is None:
+                self._general.backward(dy3, x3, mean_hi.reshape(per_channel),
+                                       *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), mode, y_in,
+                                       epilogue, dx3, dz_out)
         else:
             reduce, elementwise = plan.reduction, plan.elementwise
             part = xp.empty(2 * channels * reduce.slices, plan.acc)
             reduce((dy3, x3, *reduce.geometry, part, self._tickets_for(reduce.tickets), *params, y_in, epilogue))
-            elementwise((dy3, x3, dx3, *elementwise.geometry, mode, mean_hi, coef, y_in, dz_out, epilogue))
+            if mask is None:
+                elementwise((dy3, x3, dx3, *elementwise.geometry, mode, mean_hi, coef, y_in, dz_out, epilogue))
+        if mask is not None:
+            self._masked_input_gradient(dy3, x3, mask, mean_hi, coef, y_in, epilogue, dx3, dz_out)
         if not want_dz:
             return dx3, _as_dtype(dgamma, gamma), _as_dtype(dbeta, beta)
         return dx3, _as_dtype(dgamma, gamma), _as_dtype(dbeta, beta), dy3 if dz3 is None else dz3
@@ -488,9 +537,12 @@ class CupyBackend:
     # ---- synchronised statistics (cupybn.distributed) -----------------------------------
     # The general path's kernels (any strides, double sums): a shard's moments and
     # gradient sums, then y and dx from what was merged over the ranks.
-    def shard_moments(self, x3):
-        """Per-channel ``(mean_hi, mean_lo, m2)`` of a non-empty x3 (see NumpyBackend)."""
+    def shard_moments(self, x3, mask=None, count=None):
+        """Per-channel ``(mean_hi, mean_lo, m2)`` of a non-empty x3, or of the
+        ``count`` > 0 positions ``mask`` selects (see NumpyBackend)."""
         acc = compute_dtype(x3.dtype)
+        if mask is not None:
+            return self._masked_shard_moments(x3, mask, count, acc)
         per_channel = (1, x3.shape[1], 1)
         shift = x3[0, :, 0].astype(acc)
         offset = self._general.shifted_sum(x3, shift.reshape(per_channel), axis=(0, 2)) / (x3.shape[0] * x3.shape[2])
@@ -498,6 +550,13 @@ class CupyBackend:
         mean = shift + offset  # and what its rounding lost (two-sum): float64 data need it at large offsets
         rounding = (shift - (mean - (mean - shift))) + (offset - (mean - shift))
         m2 = self._general.squared_deviations(x3, mean.reshape(per_channel), axis=(0, 2))
+        return (*split_mean(mean, rounding, acc), m2)
+
+    @quiet  # NumPy arithmetic on the host harness: NaN and Inf are data here, not errors
+    def _masked_shard_moments(self, x3, mask, count, acc):
+        shift, offset, m2 = self._masked_moments(x3, mask, count)
+        mean = shift + offset  # and what its rounding lost (two-sum), as above
+        rounding = (shift - (mean - (mean - shift))) + (offset - (mean - shift))
         return (*split_mean(mean, rounding, acc), m2)
 
     def normalize(self, x3, mean, mean_lo, var, gamma, beta, eps, residual=None, relu=False):
@@ -533,8 +592,9 @@ class CupyBackend:
         return (self._general.sum(dy3, dy3, no_relu, axis=(0, 2)),
                 self._general.centred_product_sum(dy3, x3, centre, dy3, no_relu, axis=(0, 2)))
 
-    def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count):
-        """Training-mode dx from per-channel sums over ``count`` values per channel."""
+    def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count, mask=None):
+        """Training-mode dx from per-channel sums over ``count`` values per channel
+        (with a ``mask``: the terms through the statistics only where it is True)."""
         xp = self.xp
         channels = x3.shape[1]
         acc = compute_dtype(x3.dtype)
@@ -548,10 +608,22 @@ class CupyBackend:
                            *absent, *absent))
         per_channel = (1, channels, 1)
         dx3 = xp.empty(x3.shape, x3.dtype)
+        no_epilogue = _BACKWARD_EPILOGUE[False, False]  # stand-ins: no ReLU (dy3), no dz (dx3)
+        if mask is not None:
+            self._masked_input_gradient(dy3, x3, mask, mean_hi, coef, dy3, no_epilogue, dx3, dx3)
+            return dx3
         self._general.backward(dy3, x3, mean_hi.reshape(per_channel),
                                *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), _MODES[1],
-                               dy3, _BACKWARD_EPILOGUE[False, False], dx3, dx3)  # stand-ins: no ReLU, no dz
+                               dy3, no_epilogue, dx3, dx3)
         return dx3
+
+    def _masked_input_gradient(self, dy3, x3, mask, mean_hi, coef, y_in, epilogue, dx3, dz_out) -> None:
+        """Training dx of a masked call, any strides: ``a g`` everywhere, plus
+        ``b (x - mean_hi) + k`` where the mask is True (one elementwise kernel)."""
+        per_channel = (1, x3.shape[1], 1)
+        self._general.masked_backward(dy3, x3, mask, mean_hi.reshape(per_channel),
+                                      *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), y_in, epilogue,
+                                      dx3, dz_out)
 
     def _as_acc(self, a, acc):
         """A per-channel statistic as the kernels read it (our own forward passes give it so already)."""
