@@ -2,6 +2,7 @@
 
     python benchmarks/report.py bench.json           # print the tables
     python benchmarks/report.py bench.json --save    # also write benchmarks/results/<machine>-<date>.json
+    python benchmarks/report.py epi.json --epilogue [--save]   # bench_epilogue.py's run (epilogue-<machine>-<date>)
 
 Times are medians in milliseconds.  ``torch/cupybn`` above 1 means cupybn is
 faster.  ``cupybn/copy`` is cupybn's time in units of one ``np.copyto`` of x
@@ -29,11 +30,42 @@ def load(path: str | Path) -> tuple[dict, dict, dict]:
         info = b["extra_info"]
         if "op" not in info:  # bench_gpu.py's, in a run of all benchmarks on a GPU machine: gpu-check reports those
             continue
+        if info.get("suite") == "epilogue":  # bench_epilogue.py's: --epilogue reports those
+            continue
         medians[info["case"]][info["op"]][info["impl"]] = b["stats"]["median"] * 1e3
         nbytes[info["case"]] = info["nbytes"]
     machine = dict(doc["machine_info"].get("cupybn", {}))
     machine.setdefault("platform", doc["machine_info"].get("platform"))
     return machine, {case: dict(ops) for case, ops in medians.items()}, nbytes
+
+
+def load_epilogue(path: str | Path) -> tuple[dict, dict]:
+    """bench_epilogue.py's medians[case][op][impl] in ms, and the machine."""
+    doc = json.loads(Path(path).read_text())
+    medians: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for b in doc["benchmarks"]:
+        info = b["extra_info"]
+        if info.get("suite") == "epilogue":
+            medians[info["case"]][info["op"]][info["impl"]] = b["stats"]["median"] * 1e3
+    machine = dict(doc["machine_info"].get("cupybn", {}))
+    return machine, {case: dict(ops) for case, ops in medians.items()}
+
+
+def epilogue_markdown(machine: dict, medians: dict) -> str:
+    impls = ("fused", "unfused", "torch")
+    lines = [f"Machine: {machine.get('cpu_model', '?')}, {machine.get('cores', '?')} cores, "
+             f"{machine.get('threads', '?')} threads; numpy {machine.get('numpy', '?')}, "
+             f"torch {machine.get('torch') or 'not installed'}; load average at start "
+             f"{machine.get('loadavg_at_start', float('nan')):.2f}",
+             "",
+             "| case | op | fused ms | unfused ms | torch ms | unfused/fused | torch/fused |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for case, ops in medians.items():
+        for op, t in ops.items():
+            cells = " | ".join(_ms(t.get(impl)) for impl in impls)
+            lines.append(f"| {case} | {op} | {cells} | {_ratio(t.get('unfused'), t.get('fused'))} | "
+                         f"{_ratio(t.get('torch'), t.get('fused'))} |")
+    return "\n".join(lines)
 
 
 def _ms(v: float | None) -> str:
@@ -76,16 +108,18 @@ def markdown(machine: dict, medians: dict, nbytes: dict) -> str:
     return "\n".join(lines)
 
 
-def save(machine: dict, medians: dict, nbytes: dict) -> Path:
+def save(machine: dict, medians: dict, nbytes: dict | None, prefix: str = "cpu") -> Path:
     today = date.today().isoformat()
-    stem = f"cpu-{machine.get('cores', 'N')}core-{today}"
+    stem = f"{prefix}-{machine.get('cores', 'N')}core-{today}"
     path = RESULTS / f"{stem}.json"
     run = 1
     while path.exists():  # a second run on the same day keeps the first
         run += 1
         path = RESULTS / f"{stem}-run{run}.json"
     RESULTS.mkdir(exist_ok=True)
-    doc = {"machine": machine, "date": today, "x_bytes": nbytes, "medians_ms": medians}
+    doc = {"machine": machine, "date": today, "medians_ms": medians}
+    if nbytes is not None:
+        doc["x_bytes"] = nbytes
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 
@@ -94,7 +128,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", help="file written by pytest --benchmark-json")
     parser.add_argument("--save", action="store_true", help="write the medians to benchmarks/results/")
+    parser.add_argument("--epilogue", action="store_true", help="report bench_epilogue.py's benchmarks")
     args = parser.parse_args(argv)
+    if args.epilogue:
+        machine, epilogue = load_epilogue(args.json)
+        print(epilogue_markdown(machine, epilogue))
+        if args.save:
+            print(f"\nsaved {save(machine, epilogue, None, prefix='epilogue-cpu')}")
+        return
     machine, medians, nbytes = load(args.json)
     print(markdown(machine, medians, nbytes))
     if args.save:
