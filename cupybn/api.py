@@ -364,7 +364,9 @@ def _check_activation(activation) -> bool:
     """Whether ``activation`` is ReLU (it must be None or "relu")."""
     if activation is None:
         return False
-    if isinstance(activation, str) and activation == "relu":
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be None or 'relu' (a string), got {type(activation).__name__}")
+    if activation == "relu":
         return True
     raise ValueError(f"activation must be None or 'relu', got {activation!r}")
 

@@ -195,6 +195,11 @@ class BatchNorm:
         :func:`cupybn.fold_batch_norm`; ``axis`` is the weight's output-channel axis)."""
         if not self.track_running_stats:
             raise ValueError("fold needs running statistics: this layer was built with track_running_stats=False")
+        if self.activation is not None:
+            raise ValueError(f"this layer applies activation={self.activation!r} after BN, which no weight can "
+                             f"hold: fold BN alone with cupybn.fold_batch_norm(weight, bias, running_mean=..., "
+                             f"running_var=..., gamma=..., beta=..., eps=...) and apply the activation (and any "
+                             f"residual) after the folded layer")
         return fold_batch_norm(weight, bias, running_mean=self.running_mean, running_var=self.running_var,
                                gamma=self.gamma, beta=self.beta, eps=self.eps, axis=axis)
 

@@ -182,6 +182,15 @@ for shape, axis in shapes:
             y, saved = cupybn.batch_norm(x, gamma, None, running_mean=rm, running_var=rv, axis=axis,
                                          training=False, backend=backend)
             cupybn.batch_norm_backward(dy[..., ::-1], saved)
+            # the fused epilogue: a residual in another layout than x's, ReLU, dz
+            z = np.asfortranarray(rng.standard_normal(x.shape).astype(np.float32))
+            for training in ((True, False) if x.size // c >= 2 else (False,)):
+                y, saved = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, axis=axis,
+                                             training=training, residual=z, activation="relu", backend=backend)
+                cupybn.batch_norm_backward(dy, saved)
+                y, saved = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, axis=axis,
+                                             training=training, activation="relu", backend=backend)
+                cupybn.batch_norm_backward(dy[..., ::-1], saved)
             calls += 1
 print("calls", calls)
 """

@@ -211,7 +211,7 @@ def _arrays():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(activation="gelu"), ValueError, "activation must be None or 'relu'"),
-    (dict(activation=True), ValueError, "activation must be None or 'relu'"),
+    (dict(activation=True), TypeError, "activation must be None or 'relu'"),
     (dict(residual=np.zeros((4, 3), np.float32)), ValueError, r"residual must have the shape of x"),
     (dict(residual=np.zeros((4, 3, 5), np.float64)), TypeError, "residual must have the dtype of x"),
     (dict(residual=[[0.0]]), TypeError, "residual must be a NumPy or CuPy array"),
@@ -284,6 +284,8 @@ def test_a_layers_activation_is_checked_and_kept_by_checkpoints():
         cupybn.BatchNorm(3, activation="tanh")
     layer = pickle.loads(pickle.dumps(cupybn.BatchNorm(3, activation="relu")))
     assert layer.activation == "relu" and "activation='relu'" in repr(layer)
+    with pytest.raises(ValueError, match="applies activation='relu' after BN, which no weight can hold"):
+        layer.fold(np.eye(3, dtype=np.float32))
     old = cupybn.BatchNorm(3)
     del old.__dict__["activation"]  # a layer pickled before the setting existed
     assert pickle.loads(pickle.dumps(old)).activation is None
