@@ -306,6 +306,7 @@ typedef struct {
     double *s1, *s2;
     Py_ssize_t block;  /* values per item of work (at least one row) */
     const Arr3 *gate;  /* with b (dy): the forward's y, b then read through gate_run */
+    float *gated;      /* with gate: where the gated values go (C-contiguous, shaped like a: dz), or NULL */
 } Sums;
 
 /* Planar family: per channel, float32 lanes over 16 values at a time, flushed
@@ -378,9 +379,10 @@ HOT static void planar_sums_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
                 continue;
             }
             const float *p = row_of(a, o, c), *q = row_of(b, o, c), *r = row_of(gate, o, c);
-            float g[CHUNK];
+            float buf[CHUNK], *out = w->t->gated ? w->t->gated + (o * a->channels + c) * a->inner : NULL;
             for (Py_ssize_t j = 0; j < a->inner; j += CHUNK) {
                 Py_ssize_t n = a->inner - j < CHUNK ? a->inner - j : CHUNK;
+                float *g = out ? out + j : buf;
                 gate_run(g, q + j, r + j, n);
                 run_sums(&l, p + j, g, n, w->t->k[c]);
             }
@@ -531,14 +533,16 @@ static void rows_sums_range(void *arg, Py_ssize_t lo, Py_ssize_t hi)
                     rows_step(p, b ? q : NULL, taken, kk + at, fa + at, fb + at, m);
                     continue;
                 }
-                float g[4][CHUNK];
+                float buf[4][CHUNK];
                 for (Py_ssize_t j = 0; j < m; j += CHUNK) { /* positions are independent: any cut will do */
                     Py_ssize_t n = m - j < CHUNK ? m - j : CHUNK;
                     const float *pj[4], *gj[4];
                     for (int k = 0; k < taken; k++) {
-                        gate_run(g[k], q[k] + j, y[k] + j, n);
+                        /* into dz (C-contiguous: row o + k * group + r starts at that row times width) */
+                        float *g = w->t->gated ? w->t->gated + (o + k * group + r) * width + j : buf[k];
+                        gate_run(g, q[k] + j, y[k] + j, n);
                         pj[k] = p[k] + j;
-                        gj[k] = g[k];
+                        gj[k] = g;
                     }
                     rows_step(pj, gj, taken, kk + at + j, fa + at + j, fb + at + j, n);
                 }
@@ -1284,7 +1288,9 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
     /* Sums about mean_hi: sum(dy * (x - mean)) = sum(dy * (x - hi)) - lo * sum(dy). */
     for (Py_ssize_t c = 0; c < C; c++)
         w.k[c] = (float)vec_get(&v.hi, c);
-    Sums s = {&x, &dy, w.k, w.s1, w.s2, block, has_y ? &y : NULL};
+    /* With dz wanted, the sums pass writes the gated dy there and the dx pass reads it (and x)
+       instead of dy and y again: one pass over memory fewer. */
+    Sums s = {&x, &dy, w.k, w.s1, w.s2, block, has_y ? &y : NULL, has_dz ? (float *)bz.buf : NULL};
     failed = sums(fam, &s, threads) < 0;
     nonfinite = !failed && !all_finite(w.s1, w.s2, C);
     double *grads = (double *)bg.buf;
@@ -1299,13 +1305,13 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
     }
     if (!failed && !nonfinite) {
-        const Arr3 *gate = has_y ? &y : NULL;
-        float *gated = has_dz ? (float *)bz.buf : NULL;
-        Affine t = training ? (Affine){&x, &dy, (float *)ga.bdx.buf, w.centre, w.fscale, w.shift, w.bscale, NULL, 0,
-                                       gate, gated}
-                            : (Affine){&dy, NULL, (float *)ga.bdx.buf, w.centre, w.fscale, w.shift, NULL, NULL, 0,
-                                       gate, gated};
-        failed = affine(training ? fam : dy_fam, &t, threads) < 0;
+        const Arr3 *g = has_dz ? &dz : &dy, *gate = has_y && !has_dz ? &y : NULL;
+        Affine t = training ? (Affine){&x, g, (float *)ga.bdx.buf, w.centre, w.fscale, w.shift, w.bscale, NULL, 0,
+                                       gate, NULL}
+                            : (Affine){g, NULL, (float *)ga.bdx.buf, w.centre, w.fscale, w.shift, NULL, NULL, 0,
+                                       gate, NULL};
+        failed = affine(training ? (has_dz ? family(&x, &dz) : fam) : (has_dz ? family(&dz, NULL) : dy_fam), &t,
+                        threads) < 0;
     }
     Py_END_ALLOW_THREADS
     scratch_free(&w);
