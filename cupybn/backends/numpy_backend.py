@@ -659,17 +659,18 @@ class NumpyBackend:
                           mask=None, count=None):
         inv = np.asarray(inv_std, np.float64)
         lo = np.asarray(mean_lo, np.float64)
-        sum_dy, sum_dyc = self._gradient_sums(dy3, x3, mean_hi, mean_lo, var, training, relu_y)
-        dgamma = inv * (sum_dyc - lo * sum_dy)
         dz3 = self._outputs.empty(x3.shape, dy3.dtype) if want_dz and relu_y is not None else None
+        sum_dy, sum_dyc = self._gradient_sums(dy3, x3, mean_hi, mean_lo, var, training, relu_y, dz3)
+        if dz3 is not None:  # the sums wrote the gated dy there: dx reads it rather than dy and y again
+            dy3, relu_y = dz3, None
+        dgamma = inv * (sum_dyc - lo * sum_dy)
         if training:
             dx3 = self._input_gradient(dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc,
-                                       x3.shape[0] * x3.shape[2] if mask is None else count, relu_y, dz3, mask)
+                                       x3.shape[0] * x3.shape[2] if mask is None else count, relu_y, None, mask)
         else:
             dx3 = self._scaled_gradient(dy3, x3, inv if gamma is None else inv * np.asarray(gamma, np.float64),
-                                        relu_y, dz3)
-        return _gradients(dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(sum_dy, beta), want_dz,
-                          dy3 if dz3 is None else dz3)
+                                        relu_y)
+        return _gradients(dx3, _in_dtype_of(dgamma, gamma), _in_dtype_of(sum_dy, beta), want_dz, dy3)
 
     def relu_gradient(self, dy3, y3):
         """A new array ``g = y <= 0 ? 0 : dy``: the gradient through a ReLU whose output was y."""
@@ -688,9 +689,10 @@ class NumpyBackend:
         gate_in_place(g, relu_y[b])
         return g
 
-    def _gradient_sums(self, dy3, x3, mean_hi, mean_lo, var, training, relu_y=None):
+    def _gradient_sums(self, dy3, x3, mean_hi, mean_lo, var, training, relu_y=None, dz3=None):
         """float64 per channel ``sum(g)`` and ``sum(g * (x - mean_hi))``, g = dy
-        through the ReLU's gate (``relu_y``) where there is one."""
+        through the ReLU's gate (``relu_y``) where there is one, and written to
+        ``dz3`` where given."""
         cdt = compute_dtype(x3.dtype)
         plan = _plan(x3.shape)
         hi, lo = np.asarray(mean_hi, np.float64), np.asarray(mean_lo, np.float64)
@@ -702,6 +704,8 @@ class NumpyBackend:
 
         def sums(b):
             dyw = self._gradient_block(dy3, relu_y, b, cdt)
+            if dz3 is not None:
+                self._store(dz3[b], dyw)
             xw = self._widen(0, x3[b], cdt)
             d = xw if unshifted else self._centred(plan, b, xw, kcentre, cdt)
             return plan.dots(dyw), plan.dots(dyw, d, self._scratch(2, d.shape, cdt))
