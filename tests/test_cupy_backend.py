@@ -250,9 +250,10 @@ def test_16_byte_packs_in_the_elementwise_kernels_give_the_same_bits_as_single_v
     # (moving) and kept per thread over a grid of whole planes (fixed)
     for backend, path in [(host_cupy_backend(), "plan"), (host_cupy_backend(vector_loads=False), "plan"),
                           (host_cupy_backend(), "moving"), (host_cupy_backend(), "fixed")]:
-        def launch(template, *arrays, rest, backend=backend, path=path, second_out=None):
+        def launch(template, *arrays, rest, epilogue, backend=backend, path=path, second_out=None):
             out = np.empty_like(x3)
-            plan = backend._elementwise(template, x3.shape, x3.dtype, aligned=True)
+            # the kernels' `true` variants with an epilogue, the `false` ones without
+            plan = backend._elementwise(template, x3.shape, x3.dtype, aligned=True, epilogue=epilogue)
             grid, geometry = plan.grid, plan.geometry
             if path != "plan":
                 vec = 16 // x3.dtype.itemsize if x3.size % (16 // x3.dtype.itemsize) == 0 else 1
@@ -267,10 +268,12 @@ def test_16_byte_packs_in_the_elementwise_kernels_give_the_same_bits_as_single_v
         for forward, backward in [(np.int32(0), np.int32(0)),  # no epilogue: stand-ins, never read
                                   (np.int32(ADD_RESIDUAL | RELU), np.int32(RELU | WRITE_GRADIENT))]:
             residual, relu_y, dz3 = (x3, dy3, None) if not forward else (z3, y3, np.empty_like(x3))
+            fused = bool(forward)
             results.append((
-                launch("bn_normalize", x3, rest=(stats, residual, forward)),
-                launch("bn_normalize_running", x3, rest=(*codes, np.float64(1e-5), stats.copy(), residual, forward)),
-                launch("bn_backward_elementwise", dy3, x3, second_out=dz3,
+                launch("bn_normalize", x3, rest=(stats, residual, forward), epilogue=fused),
+                launch("bn_normalize_running", x3, rest=(*codes, np.float64(1e-5), stats.copy(), residual, forward),
+                       epilogue=fused),
+                launch("bn_backward_elementwise", dy3, x3, second_out=dz3, epilogue=fused,
                        rest=(np.int32(1), stats[0], coef, relu_y, x3 if dz3 is None else dz3, backward))))
     assert results[0::2] == [results[0]] * 4 and results[1::2] == [results[1]] * 4
 
@@ -315,6 +318,29 @@ def test_grids_are_sized_from_the_compiled_kernels_occupancy(num_regs, shared, b
     assert reduction.grid == (1, blocks * 132)  # one tile: slices fill the GPU
 
 
+class _CompiledByVariant:
+    """A kernel factory whose `true` variants (the fused epilogue's) report more registers than the others."""
+
+    def RawModule(self, **kwargs):  # noqa: N802
+        def get_function(_, name):
+            return type("Kernel", (), {"num_regs": 64 if name.endswith(", true>") else 32, "shared_size_bytes": 0})()
+
+        return type("Module", (), {"get_function": get_function})()
+
+
+def test_grids_are_sized_from_the_occupancy_of_the_variant_launched():
+    # 32 registers: 8 blocks of 256 per SM; 64 registers (the epilogue variant): 4.
+    backend = CupyBackend(np, _CompiledByVariant(), threads=256, sm_count=132)
+    backend._sm_limits = lambda: (2048, 65536, 228 * 1024)
+    x3 = np.zeros((1, 1_000_003, 1), np.float32)  # a prime C: no fixed grid
+    for epilogue, blocks in [(False, 8), (True, 4), (False, 8)]:
+        plan = backend._plan("grad", x3, x3, epilogue=epilogue)
+        assert plan.elementwise.kernel.name.endswith(f", {str(epilogue).lower()}>")
+        assert plan.elementwise.grid == (blocks * 132,)
+    rows = backend._plan("grad", np.zeros((10**6, 1, 1), np.float32), epilogue=True).reduction
+    assert rows.kernel.name == "bn_grad_rows<float, float, 8, true>" and rows.grid == (1, 4 * 132)
+
+
 def test_packs_are_used_only_for_aligned_arrays_of_whole_packs():
     backend = host_cupy_backend()
     base = np.zeros(4096 + 16, np.float32)
@@ -324,12 +350,14 @@ def test_packs_are_used_only_for_aligned_arrays_of_whole_packs():
 
     def packs(mode, *arrays):
         plan = backend._plan(mode, *arrays)
-        return [launch.kernel.name.rsplit(", ", 1)[1] for launch in (plan.reduction, plan.elementwise) if launch]
+        # the pack size: the last numeric template argument (the epilogue kernels end in `, false>`)
+        return [[a for a in launch.kernel.name.rstrip(">").split(", ") if a.isdigit()][-1]
+                for launch in (plan.reduction, plan.elementwise) if launch]
 
-    assert packs("train", aligned) == ["4>", "4>"]
-    assert packs("train", misaligned) == ["1>", "1>"]  # misaligned by 4 bytes
-    assert packs("grad", aligned, misaligned) == ["1>", "1>"]
-    assert packs("infer", base[start:start + 105].reshape(3, 7, 5)) == ["1>"]  # not a whole number of packs
+    assert packs("train", aligned) == ["4", "4"]
+    assert packs("train", misaligned) == ["1", "1"]  # misaligned by 4 bytes
+    assert packs("grad", aligned, misaligned) == ["1", "1"]
+    assert packs("infer", base[start:start + 105].reshape(3, 7, 5)) == ["1"]  # not a whole number of packs
     assert backend._pack_size(np.float16, True, 64) == 8 and backend._pack_size(np.float16, True, 63) == 1
     assert host_cupy_backend(vector_loads=False)._pack_size(np.float32, True, 64) == 1
 
@@ -396,8 +424,8 @@ def test_planar_reductions_read_16_byte_packs_and_peel_rows_that_are_not_whole_p
     backend = host_cupy_backend(values_per_thread=values_per_thread, sm_count=8)
     launched = []
     real = backend._function
-    backend._function = lambda dt, template, *params: launched.append((template, params)) or real(dt, template,
-                                                                                                      *params)
+    backend._function = lambda dt, template, *params, **kw: launched.append((template, params)) or real(
+        dt, template, *params, **kw)
     rng = np.random.default_rng(14)
     vec = 16 // np.dtype(dtype).itemsize
     # rows of 64: whole packs; of 49 (7x7) and 75: every row starts at another

@@ -155,9 +155,15 @@ def test_the_backward_through_the_relu_is_the_plain_backward_of_the_masked_gradi
 def test_a_misaligned_residual_costs_the_normalisation_its_packs_but_not_the_statistics(backend):
     # The statistics' packs decide their summation order: a residual must not change them.
     x3 = _aligned(np.ones((4, 3, 16), np.float32))
-    for residual, packs in [(_aligned(x3), ["4>", "4>"]), (_misaligned(x3), ["4>", "1>"])]:
-        plan = backend._plan("train", x3, elementwise_reads=residual)
-        assert [launch.kernel.name.rsplit(", ", 1)[1] for launch in (plan.reduction, plan.elementwise)] == packs
+    for residual, packs in [(_aligned(x3), [4, 4]), (_misaligned(x3), [4, 1])]:
+        plan = backend._plan("train", x3, elementwise_reads=residual, epilogue=True)
+        assert [_pack_size(launch.kernel.name) for launch in (plan.reduction, plan.elementwise)] == packs
+        assert plan.elementwise.kernel.name.endswith(", true>")
+
+
+def _pack_size(name):
+    """The pack size of a planar or elementwise kernel: its last numeric template argument."""
+    return [int(a) for a in name.rstrip(">").split("<")[1].split(", ") if a.isdigit()][-1]
 
 
 @pytest.mark.parametrize("case", ["planar-packs", "general"])

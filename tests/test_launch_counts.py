@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import cupybn
+from cupybn.kernels import EPILOGUE_TEMPLATES
 from cupybn.testing.counting import CountingNumpy, counted, counting_array, counting_backend
 
 LAYOUTS = {  # shape, channel axis
@@ -145,7 +146,8 @@ def test_masked_calls_launch_the_masked_reductions_and_keep_the_fast_gradient_su
     be.forward_train(x3, gamma, beta, 1e-5, rm, rv, 0.1, **extra, mask=mask, count=count)  # tickets, plans
     with counted(counts):
         y3, *saved = be.forward_train(x3, gamma, beta, 1e-5, rm, rv, 0.1, **extra, mask=mask, count=count)
-    normalize = "cupybn_affine" if strided else "bn_normalize"
+    suffix = "_epilogue" if epilogue else ""  # the general path's kernels with the epilogue's inputs
+    normalize = "cupybn_affine" + suffix if strided else "bn_normalize"
     assert counts.operations == [] and [k.split("<")[0] for k in counts.kernels] == MASKED_FORWARD + [normalize]
     assert counts.allocations <= ALLOCATIONS["train"], counts
     backward_args = dict(relu_y=y3 if epilogue else None, want_dz=epilogue, mask=mask, count=count)
@@ -153,8 +155,10 @@ def test_masked_calls_launch_the_masked_reductions_and_keep_the_fast_gradient_su
     with counted(counts):
         grads = be.backward(dy3, x3, *saved, gamma, beta, True, **backward_args)
     assert len(grads) == 3 + epilogue
-    sums = ["cupybn_sum", "cupybn_centred_product_sum", "bn_grad_channelwise"] if strided else [f"bn_grad_{family}"]
-    assert counts.operations == [] and [k.split("<")[0] for k in counts.kernels] == sums + ["cupybn_masked_backward"]
+    sums = ([f"cupybn_sum{suffix}", f"cupybn_centred_product_sum{suffix}", "bn_grad_channelwise"] if strided
+            else [f"bn_grad_{family}"])
+    assert counts.operations == [] and [k.split("<")[0] for k in counts.kernels] == sums + [
+        f"cupybn_masked_backward{suffix}"]
     assert counts.allocations <= ALLOCATIONS["backward"] + epilogue, counts
 
 
@@ -181,3 +185,55 @@ def test_the_counted_calls_compute_what_plain_calls_do(stand_ins):
     np.testing.assert_allclose(y, y2, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rm, rm2, rtol=1e-6)
     np.testing.assert_allclose(rv, rv2, rtol=1e-6)
+
+
+def test_calls_without_an_epilogue_launch_the_false_variants_and_compile_no_epilogue_module():
+    # The epilogue kernels are instantiated twice (kEpilogue): a call without an
+    # epilogue must launch the `false` variants (the registers of the kernels
+    # before the epilogue), a call with one the `true` variants, from a module of
+    # their own that only such a call compiles.  Plans are per epilogue, so the
+    # two kinds of call alternate freely.
+    be, counts = counting_backend()
+    shape, axis = LAYOUTS["nchw-packs"]
+    x, (gamma, beta), (rm, rv) = arrays(shape, axis, "float32", True)
+    x3 = x.reshape(shape[0], shape[1], -1)
+    dy3 = counting_array(np.ones(x3.shape, np.float32))
+    z3 = counting_array(np.full(x3.shape, -3, np.float32))
+
+    def fused_kernels(**epilogue):
+        with counted(counts):
+            y3, *saved = be.forward_train(x3, gamma, beta, 1e-5, rm, rv, 0.1, **epilogue)
+            relu_y = y3 if epilogue.get("relu") else None
+            be.backward(dy3, x3, *saved, gamma, beta, True, relu_y=relu_y, want_dz=True)
+            y3, *saved = be.forward_infer(x3, gamma, beta, rm, rv, 1e-5, **epilogue)
+            be.backward(dy3, x3, *saved, gamma, beta, False, relu_y=y3 if relu_y is not None else None)
+        return [(k.split("<")[0], k.rsplit(", ", 1)[1]) for k in counts.kernels
+                if k.split("<")[0] in EPILOGUE_TEMPLATES]
+
+    plain = ["bn_normalize", "bn_grad_planar", "bn_backward_elementwise", "bn_normalize_running", "bn_grad_planar",
+             "bn_backward_elementwise"]
+    assert fused_kernels() == [(k, "false>") for k in plain]
+    assert set(be._modules) == {("float32", False)}  # the epilogue variants were not compiled
+    assert fused_kernels(residual=z3, relu=True) == [(k, "true>") for k in plain]
+    assert set(be._modules) == {("float32", False), ("float32", True)}
+    # a residual alone: the forward kernels' true variants, a backward without a ReLU the false ones
+    assert [flag for _, flag in fused_kernels(residual=z3)] == ["true>", "false>", "false>"] * 2
+    assert fused_kernels() == [(k, "false>") for k in plain]
+
+
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "residual-relu"])
+def test_the_general_path_reads_the_epilogue_inputs_only_in_calls_with_an_epilogue(stand_ins, epilogue):
+    # CuPy's ElementwiseKernels load every input that is not raw: calls without
+    # an epilogue take kernels that have no residual or ReLU output at all.
+    be, counts = stand_ins
+    x, (gamma, beta), _ = arrays((8, 3, 4, 4), 1, "float32", True)
+    x3 = counting_array(np.asarray(x).reshape(8, 3, 16))[::2]  # strided: the general path
+    dy3 = counting_array(np.ones((8, 3, 16), np.float32))[::2]
+    extra = {"residual": counting_array(np.ones((8, 3, 16), np.float32))[::2], "relu": True} if epilogue else {}
+    with counted(counts):
+        y3, *saved = be.forward_train(x3, gamma, beta, 1e-5, **extra)
+        be.backward(dy3, x3, *saved, gamma, beta, True, relu_y=y3 if epilogue else None, want_dz=epilogue)
+    suffix = "_epilogue" if epilogue else ""
+    assert counts.kernels == ["cupybn_shifted_sum", "cupybn_squared_deviations", "bn_stats_channelwise<float>",
+                              f"cupybn_affine{suffix}", f"cupybn_sum{suffix}", f"cupybn_centred_product_sum{suffix}",
+                              "bn_grad_channelwise<float>", f"cupybn_backward{suffix}"]

@@ -227,6 +227,22 @@ def test_unregistered_kernel_files_are_reported(tmp_path: Path) -> None:
     ]
 
 
+def test_the_epilogue_variants_are_registered_as_a_module_of_their_own() -> None:
+    # Per dtype: calls without an epilogue compile the `false` variants (with
+    # every other kernel), calls with one the `true` variants alone; the gate
+    # compiles both, so neither can break unseen.
+    from cupybn.kernels import BATCH_NORM_EPILOGUE_SOURCES, BATCH_NORM_SOURCES, EPILOGUE_TEMPLATES, PACKAGE_SOURCES
+
+    assert PACKAGE_SOURCES == (*BATCH_NORM_SOURCES.values(), *BATCH_NORM_EPILOGUE_SOURCES.values())
+    for dtype, plain in BATCH_NORM_SOURCES.items():
+        fused = BATCH_NORM_EPILOGUE_SOURCES[dtype]
+        with_epilogue = [n for n in plain.name_expressions if n.split("<")[0] in EPILOGUE_TEMPLATES]
+        assert len(plain.name_expressions) == 21 and len(with_epilogue) == 12
+        assert all(n.endswith(", false>") for n in with_epilogue)
+        assert fused.name_expressions == tuple(n.replace(", false>", ", true>") for n in with_epilogue)
+        assert fused.path == plain.path and fused.options == plain.options
+
+
 def test_relative_include_options_are_resolved_against_the_source_directory(tmp_path: Path) -> None:
     source = KernelSource(
         tmp_path / "kernels" / "k.cu", options=("-I../inc", "-I", "sub", "--include-path=/abs", "-DX")

@@ -9,7 +9,8 @@ mean) accumulated in double, which is as exact as the fast path.  The
 per-channel finishing code is the fast path's (``bn_*_channelwise`` kernels,
 one thread per channel), so the coefficients are computed the same way.  The
 fused epilogue (residual add and ReLU forward, the ReLU's mask and dz backward)
-is an input and a flag of these kernels, as it is of the RawKernels.  Masked
+is an input and a flag of kernels of its own (``*_epilogue``), as it is of the
+RawKernels' ``true`` variants; calls without one take the plain kernels.  Masked
 calls (any layout) take their statistics and dx from the masked kernels here,
 the mask a broadcast input (docs/cupy-backend.md, "Masks").
 """
@@ -38,8 +39,15 @@ __device__ V cupybn_through_relu(const V& dy, const V& y, int epilogue) {{
 
 # Per-channel arrays are (1, C, 1) so that they broadcast over the view.  `A` is
 # the arithmetic type (float32, or float64 for float64 data), `T` the data's.
-# The gradient kernels take `T y, int32 epilogue`: with RELU set, dy is masked
-# by y; otherwise y is a stand-in (dy itself) that the mask does not look at.
+#
+# Each kernel with an epilogue comes twice.  CuPy's generated code loads every
+# input that is not raw before the operation, so a kernel that merely took the
+# epilogue's arrays (a stand-in when off) would read them for every element of
+# every call: calls without an epilogue take the plain kernels (the expressions
+# they had before the epilogue existed), calls with one the `*_EPILOGUE`
+# kernels, which take `T y, int32 epilogue` (with RELU set dy is masked by y)
+# or `T z, int32 epilogue` (the residual, with ADD_RESIDUAL; x stands in
+# otherwise).
 _SHIFTED_SUM = dict(
     in_params="T x, A k", out_params="float64 s",
     map_expr="static_cast<double>(x) - static_cast<double>(k)",
@@ -50,33 +58,60 @@ _SQUARED_DEVIATIONS = dict(
     map_expr="(static_cast<double>(x) - mu) * (static_cast<double>(x) - mu)",
     reduce_expr="a + b", post_map_expr="q = a", identity="0", name="cupybn_squared_deviations",
 )
+# The gradient summed: dy, or through the ReLU of y.
+_MASKED_DY = "cupybn_through_relu(g, y, epilogue)"
 _SUM = dict(
-    in_params="T g, T y, int32 epilogue", out_params="float64 s",
-    map_expr="static_cast<double>(cupybn_through_relu(g, y, epilogue))",
-    reduce_expr="a + b", post_map_expr="s = a", identity="0", name="cupybn_sum", preamble=_EPILOGUE_FUNCTIONS,
+    in_params="T g", out_params="float64 s", map_expr="static_cast<double>(g)",
+    reduce_expr="a + b", post_map_expr="s = a", identity="0", name="cupybn_sum",
 )
+_SUM_EPILOGUE = dict(
+    _SUM, in_params="T g, T y, int32 epilogue", map_expr=f"static_cast<double>({_MASKED_DY})",
+    name="cupybn_sum_epilogue", preamble=_EPILOGUE_FUNCTIONS,
+)
+_CENTRED = "(static_cast<double>(x) - static_cast<double>(c))"
 _CENTRED_PRODUCT_SUM = dict(
-    in_params="T g, T x, A c, T y, int32 epilogue", out_params="float64 s",
-    map_expr=("static_cast<double>(cupybn_through_relu(g, y, epilogue))"
-              " * (static_cast<double>(x) - static_cast<double>(c))"),
+    in_params="T g, T x, A c", out_params="float64 s", map_expr=f"static_cast<double>(g) * {_CENTRED}",
     reduce_expr="a + b", post_map_expr="s = a", identity="0", name="cupybn_centred_product_sum",
+)
+_CENTRED_PRODUCT_SUM_EPILOGUE = dict(
+    _CENTRED_PRODUCT_SUM, in_params="T g, T x, A c, T y, int32 epilogue",
+    map_expr=f"static_cast<double>({_MASKED_DY}) * {_CENTRED}", name="cupybn_centred_product_sum_epilogue",
     preamble=_EPILOGUE_FUNCTIONS,
 )
-# z: the residual (with ADD_RESIDUAL), any strides; x stands in for it otherwise.
+_NORMALIZED = "fma(static_cast<A>(x) - c, s, o)"
 _AFFINE = dict(
-    in_params="T x, A c, A s, A o, T z, int32 epilogue", out_params="T y",
-    operation="y = static_cast<T>(cupybn_apply_epilogue(fma(static_cast<A>(x) - c, s, o), z, epilogue))",
-    name="cupybn_affine", preamble=_EPILOGUE_FUNCTIONS,
+    in_params="T x, A c, A s, A o", out_params="T y", operation=f"y = static_cast<T>({_NORMALIZED})",
+    name="cupybn_affine",
 )
-# dz (C-contiguous, written with WRITE_GRADIENT only: raw, indexed by i) gets
-# the masked dy; dx stands in for it otherwise.
+# z: the residual (with ADD_RESIDUAL), any strides; x stands in for it otherwise.
+_AFFINE_EPILOGUE = dict(
+    in_params="T x, A c, A s, A o, T z, int32 epilogue", out_params="T y",
+    operation=f"y = static_cast<T>(cupybn_apply_epilogue({_NORMALIZED}, z, epilogue))",
+    name="cupybn_affine_epilogue", preamble=_EPILOGUE_FUNCTIONS,
+)
+
+
+def _input_gradient(full: str, g: str) -> str:
+    """dx = a g + b (x - c) + k where ``full`` holds (training; or the mask), a g elsewhere."""
+    return (f"dx = static_cast<T>({full} ? fma(a, static_cast<A>({g}), fma(b, static_cast<A>(x) - c, k))"
+            f" : a * static_cast<A>({g}))")
+
+
+# The epilogue's dx: g through the ReLU of y, and dz (C-contiguous, written
+# with WRITE_GRADIENT only: raw, indexed by i; dx stands in for it otherwise)
+# gets that masked dy.
+def _input_gradient_epilogue(full: str) -> str:
+    return (f"const T masked = {_MASKED_DY};\n{_input_gradient(full, 'masked')};\n"
+            f"if (epilogue & {WRITE_GRADIENT}) dz[i] = masked")
+
+
 _BACKWARD = dict(
+    in_params="T g, T x, A c, A a, A b, A k, int32 with_x", out_params="T dx",
+    operation=_input_gradient("with_x", "g"), name="cupybn_backward",
+)
+_BACKWARD_EPILOGUE = dict(
     in_params="T g, T x, A c, A a, A b, A k, int32 with_x, T y, int32 epilogue", out_params="T dx, raw T dz",
-    operation=("const T masked = cupybn_through_relu(g, y, epilogue);\n"
-               "dx = static_cast<T>(with_x ? fma(a, static_cast<A>(masked), fma(b, static_cast<A>(x) - c, k))"
-               " : a * static_cast<A>(masked));\n"
-               f"if (epilogue & {WRITE_GRADIENT}) dz[i] = masked"),
-    name="cupybn_backward", preamble=_EPILOGUE_FUNCTIONS,
+    operation=_input_gradient_epilogue("with_x"), name="cupybn_backward_epilogue", preamble=_EPILOGUE_FUNCTIONS,
 )
 # Masks: `bool m` is the (outer, 1, inner) mask, broadcast over the channels
 # (no copy).  A position outside it is left out with a conditional, never
@@ -94,15 +129,15 @@ _MASKED_SQUARED_DEVIATIONS = dict(
     reduce_expr="a + b", post_map_expr="q = a", identity="0", name="cupybn_masked_squared_deviations",
 )
 # Training dx of a masked call: the terms through the statistics (b, k) only
-# where the mask is True; elsewhere a * g exactly (x there may be Inf).  As
-# _BACKWARD otherwise (g through the ReLU of y with RELU, dz with WRITE_GRADIENT).
+# where the mask is True; elsewhere a * g exactly (x there may be Inf).  With
+# the epilogue as _BACKWARD_EPILOGUE (g through the ReLU of y, dz).
 _MASKED_BACKWARD = dict(
+    in_params="T g, T x, bool m, A c, A a, A b, A k", out_params="T dx",
+    operation=_input_gradient("m", "g"), name="cupybn_masked_backward",
+)
+_MASKED_BACKWARD_EPILOGUE = dict(
     in_params="T g, T x, bool m, A c, A a, A b, A k, T y, int32 epilogue", out_params="T dx, raw T dz",
-    operation=("const T masked = cupybn_through_relu(g, y, epilogue);\n"
-               "dx = static_cast<T>(m ? fma(a, static_cast<A>(masked), fma(b, static_cast<A>(x) - c, k))"
-               " : a * static_cast<A>(masked));\n"
-               f"if (epilogue & {WRITE_GRADIENT}) dz[i] = masked"),
-    name="cupybn_masked_backward", preamble=_EPILOGUE_FUNCTIONS,
+    operation=_input_gradient_epilogue("m"), name="cupybn_masked_backward_epilogue", preamble=_EPILOGUE_FUNCTIONS,
 )
 _RELU_GRADIENT = dict(
     in_params="T dy, T y", out_params="T g", operation=f"g = cupybn_through_relu(dy, y, {RELU})",
@@ -140,6 +175,23 @@ class GeneralPath:
     def backward(self):
         return self._kernels.ElementwiseKernel(**_BACKWARD)
 
+    # The same with the epilogue's inputs, for calls that have one.
+    @functools.cached_property
+    def sum_epilogue(self):
+        return self._kernels.ReductionKernel(**_SUM_EPILOGUE)
+
+    @functools.cached_property
+    def centred_product_sum_epilogue(self):
+        return self._kernels.ReductionKernel(**_CENTRED_PRODUCT_SUM_EPILOGUE)
+
+    @functools.cached_property
+    def affine_epilogue(self):
+        return self._kernels.ElementwiseKernel(**_AFFINE_EPILOGUE)
+
+    @functools.cached_property
+    def backward_epilogue(self):
+        return self._kernels.ElementwiseKernel(**_BACKWARD_EPILOGUE)
+
     @functools.cached_property
     def masked_shifted_mean(self):
         return self._kernels.ReductionKernel(**_MASKED_SHIFTED_MEAN)
@@ -151,6 +203,10 @@ class GeneralPath:
     @functools.cached_property
     def masked_backward(self):
         return self._kernels.ElementwiseKernel(**_MASKED_BACKWARD)
+
+    @functools.cached_property
+    def masked_backward_epilogue(self):
+        return self._kernels.ElementwiseKernel(**_MASKED_BACKWARD_EPILOGUE)
 
     @functools.cached_property
     def relu_gradient(self):

@@ -2,7 +2,9 @@
 
 The kernels are CUDA C++ in ``cupybn/kernels/batch_norm.cu``, compiled on first
 use through the kernel factory's ``RawModule`` with the instantiations that
-``cupybn.kernels.BATCH_NORM_SOURCES`` lists (the list the NVRTC gate compiles).
+``cupybn.kernels.BATCH_NORM_SOURCES`` lists (the list the NVRTC gate compiles);
+the fused epilogue's variants (``BATCH_NORM_EPILOGUE_SOURCES``) are a module of
+their own, compiled when a call first has an epilogue.
 
 The backend takes its array module and its kernel factory as parameters: on a
 GPU they are ``cupy`` and ``cupy``; in tests they are ``numpy`` and
@@ -22,10 +24,12 @@ import numpy as np
 
 from ..kernels import (
     ADD_RESIDUAL,
+    BATCH_NORM_EPILOGUE_SOURCES,
     BATCH_NORM_SOURCES,
     BLOCK_THREADS,
     C_TYPES,
     CHANNEL_KINDS,
+    EPILOGUE_TEMPLATES,
     RELU,
     VECTOR_BYTES,
     WRITE_GRADIENT,
@@ -108,7 +112,7 @@ class CupyBackend:
         self.vector_loads = vector_loads
         self._sm_count = sm_count
         self.name = name
-        self._modules: dict[str, object] = {}
+        self._modules: dict[tuple[str, bool], object] = {}  # (dtype, epilogue variants) -> RawModule
         self._launchers: dict[tuple[str, str], _Launcher] = {}
         self._plans: dict[tuple, _Plan] = {}
         self._channel_codes: dict[tuple, tuple] = {}
@@ -144,35 +148,43 @@ class CupyBackend:
 
     # ---- kernels ------------------------------------------------------------------
 
-    def _function(self, dtype, template: str, *params) -> _Launcher:
-        """The compiled kernel ``template<storage, arithmetic, params...>`` for data of ``dtype``."""
+    def _function(self, dtype, template: str, *params, epilogue: bool = False) -> _Launcher:
+        """The compiled kernel ``template<storage, arithmetic, params...>`` for data of ``dtype``;
+        for the kernels with a fused epilogue, its ``true`` variant (``epilogue``) or ``false`` one."""
         name = np.dtype(dtype).name
         if name not in C_TYPES:
             raise TypeError(f"the CuPy backend supports float16, float32 and float64 data, not {name}")
         storage, acc = C_TYPES[name]
-        args = ", ".join([*([storage] if template in _STORAGE_TEMPLATES else []), acc, *map(str, params)])
-        return self._launcher(name, f"{template}<{args}>")
+        fused = template in EPILOGUE_TEMPLATES
+        if epilogue and not fused:
+            raise ValueError(f"{template} has no epilogue variant")
+        args = [*([storage] if template in _STORAGE_TEMPLATES else []), acc, *map(str, params),
+                *(["true" if epilogue else "false"] if fused else [])]
+        return self._launcher(name, f"{template}<{', '.join(args)}>", epilogue)
 
-    def _launcher(self, dtype_name: str, expression: str) -> _Launcher:
+    def _launcher(self, dtype_name: str, expression: str, epilogue: bool = False) -> _Launcher:
         """One launcher per kernel, so the kernel is looked up once, not per call."""
         key = (dtype_name, expression)
         launcher = self._launchers.get(key)
         if launcher is None:
-            launcher = self._launchers.setdefault(key, _Launcher(self, dtype_name, expression))
+            launcher = self._launchers.setdefault(key, _Launcher(self, dtype_name, expression, epilogue))
         return launcher
 
-    def _module(self, dtype_name: str):
-        """The RawModule of one data type (compiled by the factory on first use).
+    def _module(self, dtype_name: str, epilogue: bool = False):
+        """The RawModule of one data type (compiled by the factory on first use):
+        every kernel without an epilogue, or (``epilogue``) the epilogue variants,
+        which calls without one never compile.
 
         batch_norm.cu includes no CUDA header, so NVRTC alone builds it
         whatever headers CuPy finds (the NVRTC gate compiles it so)."""
+        key = (dtype_name, epilogue)
         with self._lock:
-            module = self._modules.get(dtype_name)
+            module = self._modules.get(key)
             if module is None:
-                source = BATCH_NORM_SOURCES[dtype_name]
+                source = (BATCH_NORM_EPILOGUE_SOURCES if epilogue else BATCH_NORM_SOURCES)[dtype_name]
                 module = self._kernels.RawModule(code=source.path.read_text(), options=source.compile_options(),
                                                  name_expressions=source.name_expressions)
-                self._modules[dtype_name] = module
+                self._modules[key] = module
             return module
 
     def sm_count(self) -> int:
@@ -254,13 +266,14 @@ class CupyBackend:
         worth = inner % vec == 0 or inner >= _PEELED_PACKS * vec
         return vec if self.vector_loads and aligned and worth else 1
 
-    def _reduction(self, family: str, shape, dtype, aligned: bool) -> _Launch:
-        """The statistics ("bn_stats") or gradient ("bn_grad") reduction over a contiguous (outer, C, inner)."""
+    def _reduction(self, family: str, shape, dtype, aligned: bool, epilogue: bool = False) -> _Launch:
+        """The statistics ("bn_stats") or gradient ("bn_grad") reduction over a contiguous (outer, C, inner);
+        ``epilogue``: the gradient kernel's variant that passes dy through the ReLU."""
         outer, channels, inner = shape
         if inner > 1:
             vec = self._planar_pack_size(dtype, aligned, inner)
             slots, rest = planar_slots(inner, vec)
-            kernel = self._function(dtype, f"{family}_planar", self.threads, vec)
+            kernel = self._function(dtype, f"{family}_planar", self.threads, vec, epilogue=epilogue)
             slices, _ = self._slices(outer * inner, channels, self.threads * vec,
                                      blocks_per_sm=self._resident_blocks(kernel, self.threads,
                                                                          _REDUCTION_BLOCKS_PER_SM))
@@ -270,14 +283,15 @@ class CupyBackend:
                             np.int64(per_block), np.int64(singles_per_block)), slices, channels)
         rows = self.threads // 32
         tiles = math.ceil(channels / 32)
-        kernel = self._function(dtype, f"{family}_rows", rows)
+        kernel = self._function(dtype, f"{family}_rows", rows, epilogue=epilogue)
         slices, per_block = self._slices(
             outer, tiles, rows, blocks_per_sm=self._resident_blocks(kernel, self.threads, _REDUCTION_BLOCKS_PER_SM))
         return _Launch(kernel, (tiles, slices), (32, rows),
                        (np.int64(outer), np.int32(channels), np.int64(per_block)), slices, tiles)
 
-    def _elementwise(self, template: str, shape, dtype, aligned: bool) -> _Launch:
-        """A grid-stride elementwise kernel of one wave (every resident block).
+    def _elementwise(self, template: str, shape, dtype, aligned: bool, epilogue: bool = False) -> _Launch:
+        """A grid-stride elementwise kernel (its ``epilogue`` variant or not) of one wave
+        (every resident block of the variant launched: they differ in registers).
 
         Where threads loop, and a grid whose stride is a whole number of
         (C, inner) planes fills at least 3/4 of that wave, it is taken
@@ -287,7 +301,7 @@ class CupyBackend:
         total = outer * channels * inner
         vec = self._pack_size(dtype, aligned, total)
         packs = total // vec
-        kernel = self._function(dtype, template, vec)
+        kernel = self._function(dtype, template, vec, epilogue=epilogue)
         resident = self._resident_blocks(kernel, self.threads, _ELEMENTWISE_BLOCKS_PER_SM)
         wave = resident * self.sm_count()
         needed = max(1, math.ceil(packs / self.threads))  # one pack per thread
@@ -299,18 +313,20 @@ class CupyBackend:
         return _Launch(kernel, (grid,), (self.threads,),
                        (np.int64(total), np.int64(inner), np.int32(channels), np.int32(fixed)), 0, 0)
 
-    def _plan(self, mode: str, x3, *others, elementwise_reads=None) -> _Plan:
+    def _plan(self, mode: str, x3, *others, elementwise_reads=None, epilogue: bool = False) -> _Plan:
         """The kernels and geometry of one mode for arrays like these (cached).
 
         ``others`` (None where absent) are read by every kernel of the mode, as
         x3 is; ``elementwise_reads`` (the residual) by the elementwise kernel
-        alone, so its alignment leaves the reduction's packs (and bits) alone."""
+        alone, so its alignment leaves the reduction's packs (and bits) alone.
+        ``epilogue``: the call has one, so its kernels are the ``true`` variants
+        (the statistics kernels have none), with a geometry of their own."""
         aligned = self._address(x3) % VECTOR_BYTES == 0
         for a in others:
             aligned = aligned and (a is None or self._address(a) % VECTOR_BYTES == 0)
         elementwise_aligned = aligned and (elementwise_reads is None
                                            or self._address(elementwise_reads) % VECTOR_BYTES == 0)
-        key = (mode, x3.shape, x3.dtype, aligned, elementwise_aligned)
+        key = (mode, x3.shape, x3.dtype, aligned, elementwise_aligned, epilogue)
         plan = self._plans.get(key)
         if plan is None:
             shape, dtype = x3.shape, x3.dtype
@@ -319,8 +335,10 @@ class CupyBackend:
                 "grad": ("bn_grad", "bn_backward_elementwise"),
                 # masked statistics come from the general path's reductions
                 "masked-train": (None, "bn_normalize")}.get(mode, (None, None))
-            plan = _Plan(self._reduction(reduction, shape, dtype, aligned) if reduction else None,
-                         self._elementwise(elementwise, shape, dtype, elementwise_aligned) if elementwise else None,
+            fused_reduction = epilogue and reduction == "bn_grad"  # the statistics take no epilogue
+            plan = _Plan(self._reduction(reduction, shape, dtype, aligned, fused_reduction) if reduction else None,
+                         self._elementwise(elementwise, shape, dtype, elementwise_aligned, epilogue)
+                         if elementwise else None,
                          count=shape[0] * shape[2], acc=np.float64 if dtype == np.float64 else np.float32)
             self._plans[key] = plan
         return plan
@@ -364,7 +382,8 @@ class CupyBackend:
         if not general:
             residual = self._contiguous(residual)
         plan = (self._plan("general-train", x3) if general
-                else self._plan("train" if mask is None else "masked-train", x3, elementwise_reads=residual))
+                else self._plan("train" if mask is None else "masked-train", x3, elementwise_reads=residual,
+                                epilogue=bool(epilogue)))
         if mask is None:
             count = plan.count
         channels = x3.shape[1]
@@ -451,9 +470,18 @@ class CupyBackend:
         then the epilogue (the residual read in place, whatever its strides)."""
         y3 = self.xp.empty(x3.shape, x3.dtype)
         per_channel = (1, x3.shape[1], 1)
-        self._general.affine(x3, *(stats[row].reshape(per_channel) for row in (_MEAN_HI, _SCALE, _OFFSET)),
-                             x3 if residual is None else residual, epilogue, y3)
+        self._general_affine(x3, *(stats[row].reshape(per_channel) for row in (_MEAN_HI, _SCALE, _OFFSET)),
+                             residual, epilogue, y3)
         return y3
+
+    def _general_affine(self, x3, centre, scale, offset, residual, epilogue, y3) -> None:
+        """y = (x - centre) * scale + offset, any strides; the epilogue kernel only for a call with one
+        (x stands in for an absent residual there, unread)."""
+        if epilogue:
+            self._general.affine_epilogue(x3, centre, scale, offset, x3 if residual is None else residual, epilogue,
+                                          y3)
+        else:
+            self._general.affine(x3, centre, scale, offset, y3)
 
     def forward_infer(self, x3, gamma, beta, running_mean, running_var, eps, residual=None, relu=False):
         xp = self.xp
@@ -462,7 +490,8 @@ class CupyBackend:
         epilogue = _FORWARD_EPILOGUE[residual is not None, bool(relu)]
         if not general:
             residual = self._contiguous(residual)
-        plan = self._plan("general-infer", x3) if general else self._plan("infer", x3, residual)
+        plan = (self._plan("general-infer", x3) if general
+                else self._plan("infer", x3, residual, epilogue=bool(epilogue)))
         stats = xp.empty((_STAT_ROWS, channels), plan.acc)
         params = (*self._channel(self._kernel_readable(running_mean), stats),
                   *self._channel(self._kernel_readable(running_var), stats),
@@ -493,7 +522,7 @@ class CupyBackend:
         relu = relu_y is not None
         if not general:
             relu_y = self._contiguous(relu_y)
-        plan = self._plan("general-grad" if general else "grad", x3, dy3, relu_y)
+        plan = self._plan("general-grad" if general else "grad", x3, dy3, relu_y, epilogue=relu)
         if mask is None:
             count = plan.count
         mean_hi, mean_lo, inv_std = (self._as_acc(a, plan.acc) for a in (mean_hi, mean_lo, inv_std))
@@ -512,16 +541,22 @@ class CupyBackend:
         y_in = dy3 if relu_y is None else relu_y
         dz_out = dx3 if dz3 is None else dz3
         if general:  # strided views, read in place
-            per_channel = (1, channels, 1)
-            sum_dy = self._general.sum(dy3, y_in, epilogue, axis=(0, 2))
-            sum_dyx = self._general.centred_product_sum(dy3, x3, mean_hi.reshape(per_channel), y_in, epilogue,
-                                                        axis=(0, 2))
+            general_path, per_channel = self._general, (1, channels, 1)
+            centre = mean_hi.reshape(per_channel)
+            if relu:  # the epilogue's kernels; the plain ones do not read relu_y at all
+                sum_dy = general_path.sum_epilogue(dy3, y_in, epilogue, axis=(0, 2))
+                sum_dyx = general_path.centred_product_sum_epilogue(dy3, x3, centre, y_in, epilogue, axis=(0, 2))
+            else:
+                sum_dy = general_path.sum(dy3, axis=(0, 2))
+                sum_dyx = general_path.centred_product_sum(dy3, x3, centre, axis=(0, 2))
             self._channelwise(x3.dtype, "bn_grad_channelwise", channels,
                               (sum_dy, sum_dyx, np.int32(channels), *params))
             if mask is None:
-                self._general.backward(dy3, x3, mean_hi.reshape(per_channel),
-                                       *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), mode, y_in,
-                                       epilogue, dx3, dz_out)
+                coefs = [coef[row].reshape(per_channel) for row in range(_COEF_ROWS)]
+                if relu:
+                    general_path.backward_epilogue(dy3, x3, centre, *coefs, mode, y_in, epilogue, dx3, dz_out)
+                else:
+                    general_path.backward(dy3, x3, centre, *coefs, mode, dx3)
         else:
             reduce, elementwise = plan.reduction, plan.elementwise
             part = xp.empty(2 * channels * reduce.slices, plan.acc)
@@ -572,8 +607,8 @@ class CupyBackend:
         offset = -lo * scale if beta is None else xp.asarray(beta, np.float64) - lo * scale
         per_channel = (1, x3.shape[1], 1)
         y3 = xp.empty(x3.shape, x3.dtype)
-        self._general.affine(x3, mean_hi.reshape(per_channel), scale.astype(acc).reshape(per_channel),
-                             offset.astype(acc).reshape(per_channel), x3 if residual is None else residual,
+        self._general_affine(x3, mean_hi.reshape(per_channel), scale.astype(acc).reshape(per_channel),
+                             offset.astype(acc).reshape(per_channel), residual,
                              _FORWARD_EPILOGUE[residual is not None, bool(relu)], y3)
         return y3
 
@@ -588,9 +623,7 @@ class CupyBackend:
         """float64 per channel ``sum(dy)`` and ``sum(dy * (x - mean_hi))``."""
         del mean_lo, var  # centred on mean_hi, as the fused kernels are
         centre = self._as_acc(mean_hi, compute_dtype(x3.dtype)).reshape(1, x3.shape[1], 1)
-        no_relu = _BACKWARD_EPILOGUE[False, False]  # dy3 stands in for the y the sums do not read
-        return (self._general.sum(dy3, dy3, no_relu, axis=(0, 2)),
-                self._general.centred_product_sum(dy3, x3, centre, dy3, no_relu, axis=(0, 2)))
+        return self._general.sum(dy3, axis=(0, 2)), self._general.centred_product_sum(dy3, x3, centre, axis=(0, 2))
 
     def input_gradient(self, dy3, x3, mean_hi, mean_lo, inv_std, gamma, sum_dy, sum_dyc, count, mask=None):
         """Training-mode dx from per-channel sums over ``count`` values per channel
@@ -608,22 +641,25 @@ class CupyBackend:
                            *absent, *absent))
         per_channel = (1, channels, 1)
         dx3 = xp.empty(x3.shape, x3.dtype)
-        no_epilogue = _BACKWARD_EPILOGUE[False, False]  # stand-ins: no ReLU (dy3), no dz (dx3)
         if mask is not None:
-            self._masked_input_gradient(dy3, x3, mask, mean_hi, coef, dy3, no_epilogue, dx3, dx3)
+            self._masked_input_gradient(dy3, x3, mask, mean_hi, coef, None, _BACKWARD_EPILOGUE[False, False], dx3,
+                                        dx3)
             return dx3
         self._general.backward(dy3, x3, mean_hi.reshape(per_channel),
-                               *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), _MODES[1],
-                               dy3, no_epilogue, dx3, dx3)
+                               *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), _MODES[1], dx3)
         return dx3
 
     def _masked_input_gradient(self, dy3, x3, mask, mean_hi, coef, y_in, epilogue, dx3, dz_out) -> None:
         """Training dx of a masked call, any strides: ``a g`` everywhere, plus
-        ``b (x - mean_hi) + k`` where the mask is True (one elementwise kernel)."""
+        ``b (x - mean_hi) + k`` where the mask is True (one elementwise kernel;
+        its epilogue variant, reading ``y_in`` and writing ``dz_out``, only with one)."""
         per_channel = (1, x3.shape[1], 1)
-        self._general.masked_backward(dy3, x3, mask, mean_hi.reshape(per_channel),
-                                      *(coef[row].reshape(per_channel) for row in range(_COEF_ROWS)), y_in, epilogue,
-                                      dx3, dz_out)
+        coefs = [coef[row].reshape(per_channel) for row in range(_COEF_ROWS)]
+        if epilogue:
+            self._general.masked_backward_epilogue(dy3, x3, mask, mean_hi.reshape(per_channel), *coefs, y_in,
+                                                   epilogue, dx3, dz_out)
+        else:
+            self._general.masked_backward(dy3, x3, mask, mean_hi.reshape(per_channel), *coefs, dx3)
 
     def _as_acc(self, a, acc):
         """A per-channel statistic as the kernels read it (our own forward passes give it so already)."""
@@ -701,9 +737,10 @@ _STORAGE_TEMPLATES = ("bn_stats_planar", "bn_stats_rows", "bn_grad_planar", "bn_
 class _Launcher:
     """A kernel looked up lazily by name expression, called as ``f(grid, block, args)``."""
 
-    def __init__(self, backend: CupyBackend, dtype_name: str, name: str):
+    def __init__(self, backend: CupyBackend, dtype_name: str, name: str, epilogue: bool = False):
         self._backend = backend
         self._dtype_name = dtype_name
+        self._epilogue = epilogue  # in the epilogue variants' module
         self.name = name
 
     def compiled(self):
@@ -712,7 +749,8 @@ class _Launcher:
 
     @functools.cached_property
     def _kernel(self):
-        return self._backend._module(self._dtype_name).get_function(self.name)  # compiled here, on first use
+        # compiled here, on first use
+        return self._backend._module(self._dtype_name, self._epilogue).get_function(self.name)
 
     def __call__(self, grid, block, args):
         try:

@@ -110,30 +110,51 @@ CHANNEL_KINDS = {"float16": 1, "float32": 2, "float64": 3}
 ADD_RESIDUAL, RELU, WRITE_GRADIENT = 1, 2, 4
 
 
-def batch_norm_instantiations(dtype: str) -> tuple[str, ...]:
-    """Every template instantiation of batch_norm.cu that the backend uses for ``dtype``."""
+# The kernels with a fused epilogue (residual add, ReLU): each is instantiated
+# twice, its last template argument `kEpilogue` false or true.  The false
+# variants load and test nothing for the epilogue, so calls without one keep the
+# registers (and occupancy) the kernels had before it; the true variants are a
+# module of their own, compiled only when a call first asks for an epilogue.
+EPILOGUE_TEMPLATES = ("bn_normalize", "bn_normalize_running", "bn_backward_elementwise", "bn_grad_planar",
+                      "bn_grad_rows")
+
+
+def batch_norm_instantiations(dtype: str, epilogue: bool = False) -> tuple[str, ...]:
+    """The template instantiations of batch_norm.cu that the backend uses for ``dtype``:
+    every kernel, the epilogue kernels as their ``false`` variants (``epilogue=False``),
+    or the ``true`` variants of the epilogue kernels alone (``epilogue=True``)."""
     t, acc = C_TYPES[dtype]
+    flag = "true" if epilogue else "false"
+    every = not epilogue  # the kernels without an epilogue parameter go in the first module only
     names = []
     for vec in (1, VECTOR_BYTES // ITEMSIZE[dtype]):  # scalar, and 16-byte packs
-        names += [f"bn_normalize<{t}, {acc}, {vec}>", f"bn_normalize_running<{t}, {acc}, {vec}>",
-                  f"bn_backward_elementwise<{t}, {acc}, {vec}>"]
+        names += [f"bn_normalize<{t}, {acc}, {vec}, {flag}>", f"bn_normalize_running<{t}, {acc}, {vec}, {flag}>",
+                  f"bn_backward_elementwise<{t}, {acc}, {vec}, {flag}>"]
     for threads in BLOCK_THREADS:
         rows = threads // 32
-        names += [f"bn_stats_rows<{t}, {acc}, {rows}>", f"bn_grad_rows<{t}, {acc}, {rows}>"]
+        names += [*([f"bn_stats_rows<{t}, {acc}, {rows}>"] if every else []),
+                  f"bn_grad_rows<{t}, {acc}, {rows}, {flag}>"]
         for vec in (1, VECTOR_BYTES // ITEMSIZE[dtype]):
-            names += [f"bn_stats_planar<{t}, {acc}, {threads}, {vec}>",
-                      f"bn_grad_planar<{t}, {acc}, {threads}, {vec}>"]
-    # The general path's per-channel kernels depend on the arithmetic type only;
-    # float16 and float32 both instantiate the float ones (each module is compiled alone).
-    names += [f"bn_stats_channelwise<{acc}>", f"bn_infer_channelwise<{acc}>", f"bn_grad_channelwise<{acc}>"]
+            names += [*([f"bn_stats_planar<{t}, {acc}, {threads}, {vec}>"] if every else []),
+                      f"bn_grad_planar<{t}, {acc}, {threads}, {vec}, {flag}>"]
+    if every:
+        # The general path's per-channel kernels depend on the arithmetic type only;
+        # float16 and float32 both instantiate the float ones (each module is compiled alone).
+        names += [f"bn_stats_channelwise<{acc}>", f"bn_infer_channelwise<{acc}>", f"bn_grad_channelwise<{acc}>"]
     return tuple(names)
 
 
+_BATCH_NORM_OPTIONS = ("-std=c++17",)
 BATCH_NORM_SOURCES = {
-    dtype: KernelSource(BATCH_NORM_FILE, batch_norm_instantiations(dtype), ("-std=c++17",)) for dtype in C_TYPES
+    dtype: KernelSource(BATCH_NORM_FILE, batch_norm_instantiations(dtype), _BATCH_NORM_OPTIONS) for dtype in C_TYPES
+}
+# The epilogue kernels' `true` variants, one module per data type.
+BATCH_NORM_EPILOGUE_SOURCES = {
+    dtype: KernelSource(BATCH_NORM_FILE, batch_norm_instantiations(dtype, epilogue=True), _BATCH_NORM_OPTIONS)
+    for dtype in C_TYPES
 }
 
-PACKAGE_SOURCES: tuple[KernelSource, ...] = tuple(BATCH_NORM_SOURCES.values())
+PACKAGE_SOURCES: tuple[KernelSource, ...] = (*BATCH_NORM_SOURCES.values(), *BATCH_NORM_EPILOGUE_SOURCES.values())
 
 
 # ---- CUDA headers ------------------------------------------------------------------

@@ -94,9 +94,12 @@ __device__ __forceinline__ half store_value<half, float>(float v) {
   return float_to_half(v);
 }
 
-// The fused epilogue of a launch: a bit set passed as a kernel argument
-// (cupybn.kernels.ADD_RESIDUAL, ...), the same for every thread, so its
-// branches never diverge and a launch without one does the work it did before.
+// The fused epilogue of a launch.  Whether a kernel has one at all is a
+// template parameter (kEpilogue): the variants without it load, keep and test
+// nothing for it, so they use the registers they did before it existed, and
+// calls without an epilogue (most calls) keep their occupancy.  The variants
+// with it take this bit set as a kernel argument (cupybn.kernels.ADD_RESIDUAL,
+// ...), the same for every thread, so its branches never diverge.
 enum Epilogue : int {
   kAddResidual = 1,   // forward: y = bn(x) + z
   kRelu = 2,          // forward: y = max(., 0); backward: dy through that ReLU
@@ -120,6 +123,17 @@ __device__ __forceinline__ Acc apply_epilogue(Acc p, const T& z, int epilogue) {
 template <typename Acc, typename T>
 __device__ __forceinline__ T through_relu(const T& dy, const T& y, bool relu) {
   return relu && widen<Acc>(y) <= Acc(0) ? store_value<T>(Acc(0)) : dy;
+}
+
+// dy as the gradient reductions sum it, widened: through_relu in a variant
+// with the epilogue; dy itself without one, y (maybe a stand-in) not read.
+template <bool kEpilogue, typename Acc, typename T>
+__device__ __forceinline__ Acc summed_gradient(const T& dy, const T& y, bool relu) {
+  if constexpr (kEpilogue) {
+    return widen<Acc>(through_relu<Acc>(dy, y, relu));
+  } else {
+    return widen<Acc>(dy);
+  }
 }
 
 // Running moments of a set of values: count, mean and sum of squared deviations.
@@ -396,7 +410,8 @@ enum CoefRow { kCoefA, kCoefB, kCoefK };
 // more than 4 standard deviations from the mean: x - shift then has
 // log2(4) bits fewer below the spread than an ideal shift, which the float
 // bars still absorb (docs/cupy-backend.md); farther shifts lose more.
-constexpr double kFarShift = 16.0;  // (mean - shift)^2 > kFarShift * var
+// (maybe_unused: a module of the epilogue variants alone has no statistics kernel.)
+[[maybe_unused]] constexpr double kFarShift = 16.0;  // (mean - shift)^2 > kFarShift * var
 
 struct ForwardParams {
   ChannelIn gamma, beta;
@@ -847,29 +862,37 @@ __device__ __forceinline__ void for_each_pack(long long total, long long inner, 
   }
 }
 
-// Pack u of x, and of the residual z when the epilogue adds one (z is left
-// unset otherwise, and never read).
-template <typename T, int kVec>
+// Pack u of x, and with the epilogue of the residual z when it adds one (z is
+// left unset otherwise, and never read).  Without the epilogue there is no z.
+template <typename T, int kVec, bool kEpilogue>
 struct ForwardPacks {
   Pack<T, kVec> x, z;
 };
 template <typename T, int kVec>
-__device__ __forceinline__ ForwardPacks<T, kVec> load_forward(const T* __restrict__ x, const T* __restrict__ residual,
-                                                              int epilogue, long long u) {
-  ForwardPacks<T, kVec> in;
+struct ForwardPacks<T, kVec, false> {
+  Pack<T, kVec> x;
+};
+template <typename T, int kVec, bool kEpilogue>
+__device__ __forceinline__ ForwardPacks<T, kVec, kEpilogue> load_forward(const T* __restrict__ x,
+                                                                         const T* __restrict__ residual,
+                                                                         int epilogue, long long u) {
+  ForwardPacks<T, kVec, kEpilogue> in;
   in.x = reinterpret_cast<const Pack<T, kVec>*>(x)[u];
-  if (epilogue & kAddResidual) in.z = reinterpret_cast<const Pack<T, kVec>*>(residual)[u];
+  if constexpr (kEpilogue) {
+    if (epilogue & kAddResidual) in.z = reinterpret_cast<const Pack<T, kVec>*>(residual)[u];
+  }
   return in;
 }
 
 // y = (x - centre) * scale + offset for the values of one pack, then the epilogue.
-template <typename T, typename Acc, int kVec>
-__device__ __forceinline__ void normalize_pack(T* __restrict__ y, long long u, const ForwardPacks<T, kVec>& in,
-                                               int epilogue, const Affine<Acc> (&k)[kVec]) {
+template <typename T, typename Acc, int kVec, bool kEpilogue>
+__device__ __forceinline__ void normalize_pack(T* __restrict__ y, long long u,
+                                               const ForwardPacks<T, kVec, kEpilogue>& in, int epilogue,
+                                               const Affine<Acc> (&k)[kVec]) {
   Acc p[kVec];
 #pragma unroll
   for (int e = 0; e < kVec; ++e) p[e] = mul_add(widen<Acc>(in.x.v[e]) - k[e].centre, k[e].scale, k[e].offset);
-  if (epilogue != 0) {  // one uniform branch per pack: without an epilogue, no work for it
+  if constexpr (kEpilogue) {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) p[e] = apply_epilogue(p[e], in.z.v[e], epilogue);
   }
@@ -878,33 +901,45 @@ __device__ __forceinline__ void normalize_pack(T* __restrict__ y, long long u, c
   for (int e = 0; e < kVec; ++e) out.v[e] = store_value<T>(p[e]);
   reinterpret_cast<Pack<T, kVec>*>(y)[u] = out;
 }
+
+// Pack u of dy and x for the backward elementwise kernel, and with the
+// epilogue of the ReLU's output y (set only with kRelu).
+template <typename T, int kVec, bool kEpilogue>
+struct BackwardPacks {
+  Pack<T, kVec> g, v, y;
+};
+template <typename T, int kVec>
+struct BackwardPacks<T, kVec, false> {
+  Pack<T, kVec> g, v;
+};
 }  // namespace cupybn
 
 // Training: y = (x - mean_hi[c]) * scale[c] + offset[c], from the statistics
-// kernel's rows, then the epilogue (kAddResidual, kRelu; residual: an array
-// like x, or a stand-in pointer that is never read).
-template <typename T, typename Acc, int kVec>
+// kernel's rows, then with kEpilogue the epilogue (kAddResidual, kRelu;
+// residual: an array like x, or a stand-in pointer that is never read).
+// Without kEpilogue, residual and epilogue are ignored.
+template <typename T, typename Acc, int kVec, bool kEpilogue>
 __global__ void bn_normalize(const T* __restrict__ x, T* __restrict__ y, long long total, long long inner,
                              int channels, int fixed, const Acc* __restrict__ stats, const T* __restrict__ residual,
                              int epilogue) {
   using namespace cupybn;
-  using In = ForwardPacks<T, kVec>;
+  using In = ForwardPacks<T, kVec, kEpilogue>;
   for_each_pack<kVec, Affine<Acc>>(
       total, inner, channels, fixed,
       [&](int c) {
         return Affine<Acc>{stats[kMeanHi * channels + c], stats[kScale * channels + c],
                            stats[kOffset * channels + c]};
       },
-      [&](long long u) { return load_forward<T, kVec>(x, residual, epilogue, u); },
+      [&](long long u) { return load_forward<T, kVec, kEpilogue>(x, residual, epilogue, u); },
       [&](long long u, const In& in, const Affine<Acc>(&k)[kVec]) {
-        normalize_pack<T, Acc, kVec>(y, u, in, epilogue, k);
+        normalize_pack<T, Acc, kVec, kEpilogue>(y, u, in, epilogue, k);
       });
 }
 
 // Inference in one launch: the coefficients come from the running statistics
 // inside the kernel, and the first threads also write what the backward pass
 // needs (stats rows kMeanHi..kOffset).  Epilogue as bn_normalize.
-template <typename T, typename Acc, int kVec>
+template <typename T, typename Acc, int kVec, bool kEpilogue>
 __global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y, long long total, long long inner,
                                      int channels, int fixed, const void* running_mean, int running_mean_kind,
                                      long long running_mean_stride, const void* running_var, int running_var_kind,
@@ -913,7 +948,7 @@ __global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y,
                                      double eps, Acc* __restrict__ stats, const T* __restrict__ residual,
                                      int epilogue) {
   using namespace cupybn;
-  using In = ForwardPacks<T, kVec>;
+  using In = ForwardPacks<T, kVec, kEpilogue>;
   const ChannelIn rm{running_mean, running_mean_kind, running_mean_stride};
   const ChannelIn rv{running_var, running_var_kind, running_var_stride};
   const ChannelIn g{gamma, gamma_kind, gamma_stride};
@@ -929,9 +964,9 @@ __global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y,
         const InferCoefficients<Acc> k = infer_coefficients<Acc>(c, rm, rv, g, b, eps);
         return Affine<Acc>{k.centre, k.scale, k.offset};
       },
-      [&](long long u) { return load_forward<T, kVec>(x, residual, epilogue, u); },
+      [&](long long u) { return load_forward<T, kVec, kEpilogue>(x, residual, epilogue, u); },
       [&](long long u, const In& in, const Affine<Acc>(&k)[kVec]) {
-        normalize_pack<T, Acc, kVec>(y, u, in, epilogue, k);
+        normalize_pack<T, Acc, kVec, kEpilogue>(y, u, in, epilogue, k);
       });
 }
 
@@ -939,9 +974,10 @@ __global__ void bn_normalize_running(const T* __restrict__ x, T* __restrict__ y,
 // dx = a[c] * g, which leaves x (even where it is not finite) out of it.
 // g is dy, or with kRelu dy through the ReLU whose output was relu_y
 // (through_relu), which kWriteGradient also stores in dz.  relu_y and dz are
-// stand-in pointers, never touched, where their flags are off.
+// stand-in pointers, never touched, where their flags are off; without
+// kEpilogue they and `epilogue` are ignored, and g is dy.
 // coef: rows kCoefA, kCoefB, kCoefK of the gradient kernel.
-template <typename T, typename Acc, int kVec>
+template <typename T, typename Acc, int kVec, bool kEpilogue>
 __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                         long long total, long long inner, int channels, int fixed, int with_x,
                                         const Acc* __restrict__ centre, const Acc* __restrict__ coef,
@@ -951,11 +987,7 @@ __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __res
   struct K {
     Acc centre, a, b, k;
   };
-  struct Loaded {
-    P g, v, y;
-  };
-  const bool relu = (epilogue & kRelu) != 0;
-  const bool write_gradient = (epilogue & kWriteGradient) != 0;
+  using Loaded = BackwardPacks<T, kVec, kEpilogue>;
   for_each_pack<kVec, K>(
       total, inner, channels, fixed,
       [&](int c) {
@@ -965,14 +997,18 @@ __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __res
         Loaded in;
         in.g = reinterpret_cast<const P*>(dy)[u];
         if (with_x) in.v = reinterpret_cast<const P*>(x)[u];
-        if (relu) in.y = reinterpret_cast<const P*>(relu_y)[u];
+        if constexpr (kEpilogue) {
+          if (epilogue & kRelu) in.y = reinterpret_cast<const P*>(relu_y)[u];
+        }
         return in;
       },
       [&](long long u, const Loaded& in, const K(&k)[kVec]) {
         P g = in.g;
-        if (relu) {  // one uniform branch per pack
+        if constexpr (kEpilogue) {
+          if (epilogue & kRelu) {  // one uniform branch per pack
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) g.v[e] = through_relu<Acc>(in.g.v[e], in.y.v[e], true);
+            for (int e = 0; e < kVec; ++e) g.v[e] = through_relu<Acc>(in.g.v[e], in.y.v[e], true);
+          }
         }
         P out;
         if (with_x) {
@@ -986,7 +1022,9 @@ __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __res
           for (int e = 0; e < kVec; ++e) out.v[e] = store_value<T>(k[e].a * widen<Acc>(g.v[e]));
         }
         reinterpret_cast<P*>(dx)[u] = out;
-        if (write_gradient) reinterpret_cast<P*>(dz)[u] = g;
+        if constexpr (kEpilogue) {
+          if (epilogue & kWriteGradient) reinterpret_cast<P*>(dz)[u] = g;
+        }
       });
 }
 
@@ -1005,16 +1043,17 @@ __global__ void bn_backward_elementwise(const T* __restrict__ dy, const T* __res
 
 // sum(g) and sum(g * (x - mean_hi)) per channel slice, layout (packs and
 // singles) as bn_stats_planar; the last block of a channel finishes it.  g is
-// dy, or with kRelu in `epilogue` dy through the ReLU whose output was relu_y
-// (read only then; a stand-in pointer otherwise).  part: 2 * C * slices.
-template <typename T, typename Acc, int kThreads, int kVec>
+// dy, or with kEpilogue and kRelu in `epilogue` dy through the ReLU whose
+// output was relu_y (read only then; a stand-in pointer otherwise; without
+// kEpilogue relu_y and `epilogue` are ignored).  part: 2 * C * slices.
+template <typename T, typename Acc, int kThreads, int kVec, bool kEpilogue>
 __global__ void __launch_bounds__(kThreads)
     bn_grad_planar(const T* __restrict__ dy, const T* __restrict__ x, long long outer, int channels,
                    long long inner, long long slots, long long per_block, long long singles_per_block,
                    Acc* __restrict__ part, unsigned int* __restrict__ tickets, CUPYBN_GRAD_PARAMS,
                    const T* __restrict__ relu_y, int epilogue) {
   using namespace cupybn;
-  const bool relu = (epilogue & kRelu) != 0;
+  const bool relu = kEpilogue && (epilogue & kRelu) != 0;  // a constant false without the epilogue
   using P = Pack<T, kVec>;
   const int c = blockIdx.x;
   const int s = blockIdx.y;
@@ -1043,7 +1082,9 @@ __global__ void __launch_bounds__(kThreads)
           const long long i = rows.pack(at);
           g[q] = dy_packs[i];
           v[q] = x_packs[i];
-          if (relu) y[q] = y_packs[i];
+          if constexpr (kEpilogue) {
+            if (relu) y[q] = y_packs[i];
+          }
           at.advance(slots);
           taken = q + 1;
         }
@@ -1053,7 +1094,7 @@ __global__ void __launch_bounds__(kThreads)
         if (q < taken) {
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            const Acc ge = widen<Acc>(through_relu<Acc>(g[q].v[e], y[q].v[e], relu));
+            const Acc ge = summed_gradient<kEpilogue, Acc>(g[q].v[e], y[q].v[e], relu);
             sum_dy += ge;
             sum_dyx = mul_add(ge, widen<Acc>(v[q].v[e]) - m, sum_dyx);
           }
@@ -1074,19 +1115,21 @@ __global__ void __launch_bounds__(kThreads)
         const long long i = rows.single(at);
         g[q] = dy[i];
         v[q] = load<Acc>(x, i);
-        if (relu) y[q] = relu_y[i];
+        if constexpr (kEpilogue) {
+          if (relu) y[q] = relu_y[i];
+        }
         at.advance(rest);
       }
 #pragma unroll
       for (int q = 0; q < kAtOnce; ++q) {
-        const Acc gq = widen<Acc>(through_relu<Acc>(g[q], y[q], relu));
+        const Acc gq = summed_gradient<kEpilogue, Acc>(g[q], y[q], relu);
         sum_dy += gq;
         sum_dyx = mul_add(gq, v[q] - m, sum_dyx);
       }
     }
     for (; j < singles_end; j += kThreads) {
       const long long i = rows.single(at);
-      const Acc g1 = widen<Acc>(through_relu<Acc>(dy[i], relu_y[i], relu));  // relu_y[i] is read only if relu
+      const Acc g1 = summed_gradient<kEpilogue, Acc>(dy[i], relu_y[i], relu);  // relu_y[i] is read only if relu
       sum_dy += g1;
       sum_dyx = mul_add(g1, load<Acc>(x, i) - m, sum_dyx);
       at.advance(rest);
@@ -1112,13 +1155,13 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The same sums for the rows family; layout as bn_stats_rows, epilogue as bn_grad_planar.
-template <typename T, typename Acc, int kRows>
+template <typename T, typename Acc, int kRows, bool kEpilogue>
 __global__ void __launch_bounds__(32 * kRows)
     bn_grad_rows(const T* __restrict__ dy, const T* __restrict__ x, long long outer, int channels,
                  long long per_block, Acc* __restrict__ part, unsigned int* __restrict__ tickets,
                  CUPYBN_GRAD_PARAMS, const T* __restrict__ relu_y, int epilogue) {
   using namespace cupybn;
-  const bool relu = (epilogue & kRelu) != 0;
+  const bool relu = kEpilogue && (epilogue & kRelu) != 0;  // a constant false without the epilogue
   __shared__ Acc shared_dy[kRows][32], shared_dyx[kRows][32];
   __shared__ double merged_dy[kRows][32], merged_dyx[kRows][32];
   const int c = blockIdx.x * 32 + threadIdx.x;
@@ -1139,18 +1182,20 @@ __global__ void __launch_bounds__(32 * kRows)
         const long long at = (row + i * kRows) * channels + c;
         g[i] = dy[at];
         v[i] = load<Acc>(x, at);
-        if (relu) y[i] = relu_y[at];
+        if constexpr (kEpilogue) {
+          if (relu) y[i] = relu_y[at];
+        }
       }
 #pragma unroll
       for (int i = 0; i < kRowsAtOnce; ++i) {
-        const Acc gi = widen<Acc>(through_relu<Acc>(g[i], y[i], relu));
+        const Acc gi = summed_gradient<kEpilogue, Acc>(g[i], y[i], relu);
         sum_dy += gi;
         sum_dyx = mul_add(gi, v[i] - m, sum_dyx);
       }
     }
     for (; row < end; row += kRows) {
       const long long i = row * channels + c;
-      const Acc g1 = widen<Acc>(through_relu<Acc>(dy[i], relu_y[i], relu));  // relu_y[i] is read only if relu
+      const Acc g1 = summed_gradient<kEpilogue, Acc>(dy[i], relu_y[i], relu);  // relu_y[i] is read only if relu
       sum_dy += g1;
       sum_dyx = mul_add(g1, load<Acc>(x, i) - m, sum_dyx);
     }
