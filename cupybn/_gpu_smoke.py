@@ -3,7 +3,9 @@
 Every kernel of the CuPy backend runs at least once: both reduction families
 (NCHW and channels-last), both passes of the statistics, packs (rows of whole
 packs, and rows with heads and tails) and single values, float16 and float32,
-the general path (a strided view), inference and both backward modes.  Exits 0 when every result is finite.
+the general path (a strided view), inference and both backward modes, then the
+same with the fused epilogue (a residual, ReLU, dz) and with a mask.  Exits 0
+when every result is finite.
 """
 from __future__ import annotations
 
@@ -34,7 +36,20 @@ def main() -> int:
             y_eval, saved_eval = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv,
                                                    training=False, axis=axis)
             dx_eval, _, _ = cupybn.batch_norm_backward(cp.ones_like(x), saved_eval)
-            for a in (y, dx, dgamma, dbeta, y_eval, dx_eval, rm, rv):
+            results = [y, dx, dgamma, dbeta, y_eval, dx_eval, rm, rv]
+            z = cp.ones_like(x)
+            for training in (True, False):  # the epilogue kernels, both modes
+                y_fused, saved_fused = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, axis=axis,
+                                                         training=training, residual=z, activation="relu")
+                results += [y_fused, *cupybn.batch_norm_backward(cp.ones_like(x), saved_fused)]
+            positions = [n for i, n in enumerate(x.shape) if i != axis % x.ndim]
+            mask = cp.asarray(rng.random(positions) < 0.7)
+            mask[(0,) * mask.ndim] = True
+            mask.ravel()[-1] = True
+            y_masked, saved_masked = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, axis=axis,
+                                                       mask=mask, residual=z, activation="relu")
+            results += [y_masked, *cupybn.batch_norm_backward(cp.ones_like(x), saved_masked)]
+            for a in results:
                 finite = finite and bool(cp.isfinite(a.astype(cp.float32)).all())
     cp.cuda.Device().synchronize()
     print("gpu smoke:", "every result finite" if finite else "NOT FINITE")
