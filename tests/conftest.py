@@ -188,6 +188,14 @@ def backend(request):
     return request.param()
 
 
+@pytest.fixture(scope="session", params=[p for p in BACKENDS if p.id.startswith("numpy")])
+def numpy_routes(request):
+    """The NumPy backend's routes alone, for properties of the maths that cost hundreds of calls
+    per example (finite differences): on the host harness that is minutes; the CuPy backend's
+    gradients are held to the NumPy backend's by the properties that take ``backend``."""
+    return request.param()
+
+
 @pytest.fixture(autouse=True)
 def _draw_only_dtypes_the_backend_supports(request):
     """Hypothesis draws in a test that takes ``backend`` use only that backend's dtypes."""

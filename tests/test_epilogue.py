@@ -136,12 +136,12 @@ SMALL_FLOAT64 = dict(dtype_names=("float64",), max_size=40, max_offset=10.0, sca
 
 @pytest.mark.parametrize("with_residual,activation", EPILOGUES, ids=["residual", "residual-relu", "relu"])
 @given(inputs=batch_norm_inputs(**SMALL_FLOAT64), training=st.booleans(), data=st.data())
-def test_gradients_match_finite_differences_of_the_fused_function(backend, with_residual, activation, inputs,
+def test_gradients_match_finite_differences_of_the_fused_function(numpy_routes, with_residual, activation, inputs,
                                                                   training, data):
     x, gamma, beta, axis, eps = inputs.x, inputs.gamma, inputs.beta, inputs.axis, inputs.eps
     running = running_stats(inputs)
     relu = activation == "relu"
-    y_bn, _, _ = call(inputs, backend, training, running)
+    y_bn, _, _ = call(inputs, numpy_routes, training, running)
     z = residual_like(inputs, data) if with_residual else np.zeros(x.shape)
     # Keep every pre-activation value away from ReLU's kink, where differences are
     # not derivatives (a step of h moves y by about 1e-4 at most).
@@ -156,12 +156,12 @@ def test_gradients_match_finite_differences_of_the_fused_function(backend, with_
     def loss(x_, gamma_, beta_, z_):
         rm, rv = (a.copy() for a in running)
         y, _ = cupybn.batch_norm(x_, gamma_, beta_, running_mean=rm, running_var=rv, training=training, axis=axis,
-                                 eps=eps, residual=z_, activation=activation, backend=backend)
+                                 eps=eps, residual=z_, activation=activation, backend=numpy_routes)
         return float(np.sum(w * y))
 
     rm, rv = (a.copy() for a in running)
     _, saved = cupybn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, training=training, axis=axis,
-                                 eps=eps, residual=z, activation=activation, backend=backend)
+                                 eps=eps, residual=z, activation=activation, backend=numpy_routes)
     grads = cupybn.batch_norm_backward(w, saved)
     # y varies on the scale of each channel's sqrt(var + eps) (test_gradients.py)
     ref = reference_forward(x, gamma, beta, axis=axis, eps=eps, training=training, running_mean=running[0],
