@@ -170,11 +170,20 @@ def test_every_kernel_runs_clean_under_the_sanitizers(sanitize, threads, shape, 
     # and the sanitized results are the real ones
     y0, _ = cupybn.batch_norm(x, gamma, beta, axis=axis)
     np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)
-    # the fused epilogue (residual, ReLU, the masked gradient and dz), bit for bit as unsanitized
-    fused = run_the_epilogue_paths(backend, view3(x, axis), gamma, beta, rm, rv)
-    plain = run_the_epilogue_paths(host_cupy_backend(threads=threads), view3(x, axis), gamma, beta, rm, rv)
-    for a, b in zip(fused, plain, strict=True):
-        np.testing.assert_array_equal(a, b)
+    # the fused epilogue (residual, ReLU, the masked gradient and dz), bit for bit as unsanitized;
+    # its module under the race check here, under AddressSanitizer for float16 below (EPILOGUE_SANITIZED)
+    if (sanitize, np.dtype(np.float32)) in EPILOGUE_SANITIZED:
+        fused = run_the_epilogue_paths(backend, view3(x, axis), gamma, beta, rm, rv)
+        plain = run_the_epilogue_paths(host_cupy_backend(threads=threads), view3(x, axis), gamma, beta, rm, rv)
+        for a, b in zip(fused, plain, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+# A sanitized build of a module costs about a minute of compiling on 2 cores (CI's budget): the
+# epilogue's own module (its `true` kernel variants, whose indexing does not depend on the dtype)
+# is sanitized for two of the six dtype and tool pairs; the masked kernels likewise
+# (test_cupy_mask_kernels.py).
+EPILOGUE_SANITIZED = {("race", np.dtype(np.float32)), ("address", np.dtype(np.float16))}
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
@@ -190,7 +199,8 @@ def test_half_and_double_kernels_run_clean_under_the_sanitizers(sanitize, thread
         cupybn.batch_norm_backward(np.ones_like(x), saved)
         y, saved = cupybn.batch_norm(x, running_mean=rm, running_var=rv, training=False, backend=backend)
         cupybn.batch_norm_backward(np.ones_like(x), saved)
-        run_the_epilogue_paths(backend, view3(x, 1), None, None, rm, rv)
+        if (sanitize, np.dtype(dtype)) in EPILOGUE_SANITIZED:
+            run_the_epilogue_paths(backend, view3(x, 1), None, None, rm, rv)
     # the general path (a strided view) too
     y, saved = cupybn.batch_norm(np.ones((4, 3, 5), dtype)[::2] * np.arange(3, dtype=dtype)[:, None], backend=backend)
     strided = np.random.default_rng(8).standard_normal((4, 3, 5)).astype(dtype)[::2]
