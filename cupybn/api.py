@@ -357,9 +357,6 @@ class _ForwardCall:
         return {"residual": self.residual, "activation": "relu", "y": y, "y_sample": _x_sample(y)}
 
 
-ACTIVATIONS = (None, "relu")
-
-
 def _check_activation(activation) -> bool:
     """Whether ``activation`` is ReLU (it must be None or "relu")."""
     if activation is None:

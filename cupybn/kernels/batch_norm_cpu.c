@@ -901,6 +901,23 @@ static int same_shape(const Arr3 *a, const Arr3 *x, const char *name)
     return 0;
 }
 
+/* An optional input shaped like x (None: absent): 0 with *held set when taken, or
+   -1 with an error set and nothing held. */
+static int get_input_like(PyObject *o, Py_buffer *b, Arr3 *a, const Arr3 *x, const char *name, int *held)
+{
+    *held = 0;
+    if (o == Py_None)
+        return 0;
+    if (get_arr3(o, b, a, 0, name) < 0)
+        return -1;
+    if (!same_shape(a, x, name)) {
+        PyBuffer_Release(b);
+        return -1;
+    }
+    *held = 1;
+    return 0;
+}
+
 /* The family of x and, where present, the array z shaped like it, or -1. */
 static int family_with(const Arr3 *x, const Arr3 *z)
 {
@@ -980,13 +997,8 @@ static int forward_acquire(PyObject *const *args, int running_writable, ForwardA
         get_vec(args[6], &f->rm, C, running_writable, "running_mean") < 0 ||
         get_vec(args[7], &f->rv, C, running_writable, "running_var") < 0)
         goto fail;
-    if (args[1] != Py_None) {
-        if (get_arr3(args[1], &f->bz, &f->z, 0, "residual") < 0)
-            goto fail;
-        f->has_z = 1;
-        if (!same_shape(&f->z, &f->x, "residual"))
-            goto fail;
-    }
+    if (get_input_like(args[1], &f->bz, &f->z, &f->x, "residual", &f->has_z) < 0)
+        goto fail;
     if (f->rm.present != f->rv.present) {
         PyErr_SetString(PyExc_ValueError, "running_mean and running_var go together");
         goto fail;
@@ -1253,13 +1265,8 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
         goto release;
     if (centre_acquire(args + 4, C, &v) < 0)
         goto release_vecs;
-    if (args[12] != Py_None) {
-        if (get_arr3(args[12], &by, &y, 0, "relu_y3") < 0)
-            goto release_vecs;
-        has_y = 1;
-        if (!same_shape(&y, &x, "relu_y3"))
-            goto release_vecs;
-    }
+    if (get_input_like(args[12], &by, &y, &x, "relu_y3", &has_y) < 0)
+        goto release_vecs;
     if (args[11] != Py_None) {
         if (get_arr3(args[11], &bz, &dz, 1, "dz3") < 0)
             goto release_vecs;
