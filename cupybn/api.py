@@ -368,13 +368,18 @@ def _check_activation(activation) -> bool:
     raise ValueError(f"activation must be None or 'relu', got {activation!r}")
 
 
+def _positions(x, axis) -> tuple:
+    """x's shape without the channel axis: what a mask broadcasts to."""
+    return tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
+
+
 def _check_mask(mask, x, axis):
     if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
         raise TypeError(f"mask must be a NumPy or CuPy array of booleans, got {type(mask).__name__}")
     _check_plain("mask", mask)
     if mask.dtype != np.bool_:
         raise TypeError(f"mask must have dtype bool (True where a position counts), got {mask.dtype}")
-    positions = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
+    positions = _positions(x, axis)
     try:
         fits = np.broadcast_shapes(tuple(mask.shape), positions) == positions
     except ValueError:
@@ -392,8 +397,7 @@ def _mask3(mask, x, axis, layout, be):
     if mask is None:
         return None, layout.count
     xp = be.xp
-    positions = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
-    full = xp.expand_dims(xp.broadcast_to(mask, positions), axis)
+    full = xp.expand_dims(xp.broadcast_to(mask, _positions(x, axis)), axis)
     count = int(xp.count_nonzero(full))
     if count == layout.count:
         return None, count
